@@ -1,0 +1,1 @@
+//! Frames: placeholder replaced below.

@@ -1,0 +1,19 @@
+//! The stockplane wire contract: what checkout services and the control plane send to the
+//! data plane, what it answers, and how both travel in frames.
+//!
+//! - [`message`]: requests, responses and their payload types (rkyv 0.8 archives);
+//! - [`Status`]: every outcome as a plain value with a stable number;
+//! - [`frame`]: the fixed frame header and validated, zero-copy decoding.
+//!
+//! This crate performs no I/O. Every byte that comes from a network is validated
+//! (bytecheck) before it is read; nothing here trusts its input.
+
+pub mod frame;
+pub mod message;
+mod status;
+
+pub use message::*;
+pub use status::{ArchivedStatus, Status};
+
+/// The protocol version that frames carry; a frame with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
