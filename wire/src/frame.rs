@@ -35,9 +35,7 @@ use rkyv::{
     Portable, Serialize,
 };
 
-use crate::{
-    ArchivedRequestBatch, ArchivedResponseBatch, RequestBatch, ResponseBatch, PROTOCOL_VERSION,
-};
+use crate::{ArchivedRequestBatch, ArchivedResponseBatch, RequestBatch, ResponseBatch, PROTOCOL_VERSION};
 
 /// The 16-byte aligned buffer that frames are encoded into, re-exported so that callers
 /// need not depend on rkyv (with the same features) to hold a frame.
@@ -133,10 +131,7 @@ impl Header {
     pub fn check_limits(&self, limits: &Limits) -> Result<(), FrameError> {
         let len = HEADER_LEN as u64 + u64::from(self.payload_len);
         if len > u64::from(limits.frame_bytes_max) {
-            return Err(FrameError::Oversized {
-                len,
-                max: limits.frame_bytes_max,
-            });
+            return Err(FrameError::Oversized { len, max: limits.frame_bytes_max });
         }
         Ok(())
     }
@@ -257,10 +252,7 @@ impl FrameError {
 /// future version may change the other fields.
 pub fn header_parse(bytes: &[u8]) -> Result<Header, FrameError> {
     let Some(header) = bytes.first_chunk::<HEADER_LEN>() else {
-        return Err(FrameError::TooShort {
-            needed: HEADER_LEN,
-            len: bytes.len(),
-        });
+        return Err(FrameError::TooShort { needed: HEADER_LEN, len: bytes.len() });
     };
     let field = |range: std::ops::Range<usize>| {
         let mut word = [0u8; 4];
@@ -283,10 +275,7 @@ pub fn header_parse(bytes: &[u8]) -> Result<Header, FrameError> {
     let Some(kind) = FrameKind::from_code(header[6]) else {
         return Err(FrameError::UnexpectedKind { found: header[6] });
     };
-    Ok(Header {
-        kind,
-        payload_len: field(8..12),
-    })
+    Ok(Header { kind, payload_len: field(8..12) })
 }
 
 /// Encodes `batch` as a request frame in a new buffer.
@@ -356,64 +345,42 @@ where
 ///
 /// `frame` must be exactly one frame and start on a 16-byte boundary (see [`FrameBuf`]
 /// for bytes that do not). Nothing is copied: the archived batch borrows `frame`.
-pub fn decode_requests<'a>(
-    frame: &'a [u8],
-    limits: &Limits,
-) -> Result<&'a ArchivedRequestBatch, FrameError> {
+pub fn decode_requests<'a>(frame: &'a [u8], limits: &Limits) -> Result<&'a ArchivedRequestBatch, FrameError> {
     let batch: &ArchivedRequestBatch = decode_payload(frame, limits, FrameKind::Requests)?;
     let count = batch.requests.len();
     if count > limits.requests_per_frame_max as usize {
-        return Err(FrameError::TooManyRequests {
-            count,
-            max: limits.requests_per_frame_max,
-        });
+        return Err(FrameError::TooManyRequests { count, max: limits.requests_per_frame_max });
     }
     Ok(batch)
 }
 
 /// Decodes a response frame in place, with the same checks as [`decode_requests`] except
 /// the request count: responses are matched to requests by id, not counted.
-pub fn decode_responses<'a>(
-    frame: &'a [u8],
-    limits: &Limits,
-) -> Result<&'a ArchivedResponseBatch, FrameError> {
+pub fn decode_responses<'a>(frame: &'a [u8], limits: &Limits) -> Result<&'a ArchivedResponseBatch, FrameError> {
     decode_payload(frame, limits, FrameKind::Responses)
 }
 
 /// The checks common to every frame kind, then bytecheck validation of the payload.
-fn decode_payload<'a, T>(
-    frame: &'a [u8],
-    limits: &Limits,
-    kind: FrameKind,
-) -> Result<&'a T, FrameError>
+fn decode_payload<'a, T>(frame: &'a [u8], limits: &Limits, kind: FrameKind) -> Result<&'a T, FrameError>
 where
     T: Portable + for<'v> CheckBytes<HighValidator<'v, rancor::Error>>,
 {
     let header = header_parse(frame)?;
     if header.kind != kind {
-        return Err(FrameError::UnexpectedKind {
-            found: header.kind.code(),
-        });
+        return Err(FrameError::UnexpectedKind { found: header.kind.code() });
     }
     header.check_limits(limits)?;
     let frame_len = header.frame_len();
     if frame.len() < frame_len {
-        return Err(FrameError::Truncated {
-            needed: frame_len,
-            len: frame.len(),
-        });
+        return Err(FrameError::Truncated { needed: frame_len, len: frame.len() });
     }
     if frame.len() > frame_len {
-        return Err(FrameError::TrailingBytes {
-            expected: frame_len,
-            len: frame.len(),
-        });
+        return Err(FrameError::TrailingBytes { expected: frame_len, len: frame.len() });
     }
     if frame.as_ptr().addr() & (FRAME_ALIGN - 1) != 0 {
         return Err(FrameError::Misaligned);
     }
-    rkyv::access::<T, rancor::Error>(&frame[HEADER_LEN..])
-        .map_err(|error| FrameError::Invalid(error.to_string()))
+    rkyv::access::<T, rancor::Error>(&frame[HEADER_LEN..]).map_err(|error| FrameError::Invalid(error.to_string()))
 }
 
 /// A reusable, 16-byte aligned buffer for frames that arrive in unaligned memory (a
@@ -435,9 +402,7 @@ impl FrameBuf {
     /// An empty buffer with room for `capacity` bytes, so that frames up to that size
     /// never allocate.
     pub fn with_capacity(capacity: usize) -> FrameBuf {
-        FrameBuf {
-            bytes: AlignedVec::with_capacity(capacity),
-        }
+        FrameBuf { bytes: AlignedVec::with_capacity(capacity) }
     }
 
     /// Replaces the contents with a copy of `bytes` and returns the aligned copy, ready
@@ -487,11 +452,7 @@ mod tests {
                     op: Op::Reserve {
                         hold: HoldId((u128::from(id) << 64) | 7),
                         ttl_ms: 60_000,
-                        lines: vec![CartLine {
-                            sku: 1000 + id,
-                            location: Some(3),
-                            qty: 2,
-                        }],
+                        lines: vec![CartLine { sku: 1000 + id, location: Some(3), qty: 2 }],
                     },
                 })
                 .collect(),
@@ -499,13 +460,7 @@ mod tests {
     }
 
     fn responses() -> ResponseBatch {
-        ResponseBatch {
-            responses: vec![Response {
-                id: 9,
-                status: Status::InsufficientStock,
-                body: Body::Empty,
-            }],
-        }
+        ResponseBatch { responses: vec![Response { id: 9, status: Status::InsufficientStock, body: Body::Empty }] }
     }
 
     /// A copy of `frame` at an address that is 16-byte aligned, with `f` applied.
@@ -560,10 +515,7 @@ mod tests {
         let batch = responses();
         let frame = encode_responses(&batch);
         let archived = decode_responses(&frame, &Limits::default()).expect("decode");
-        assert_eq!(
-            Status::from(archived.responses[0].status),
-            Status::InsufficientStock
-        );
+        assert_eq!(Status::from(archived.responses[0].status), Status::InsufficientStock);
         let back: ResponseBatch = rkyv::deserialize::<_, rancor::Error>(archived).expect("de");
         assert_eq!(back, batch);
     }
@@ -591,13 +543,7 @@ mod tests {
     fn too_short() {
         let frame = encode_requests(&requests(1));
         let error = header_parse(&frame[..HEADER_LEN - 1]).unwrap_err();
-        assert_eq!(
-            error,
-            FrameError::TooShort {
-                needed: 16,
-                len: 15
-            }
-        );
+        assert_eq!(error, FrameError::TooShort { needed: 16, len: 15 });
         let error = decode_err(&edited(&frame, |f| f.resize(3, 0)));
         assert_eq!(error, FrameError::TooShort { needed: 16, len: 3 });
     }
@@ -606,13 +552,7 @@ mod tests {
     fn truncated() {
         let frame = encode_requests(&requests(2));
         let error = decode_err(&edited(&frame, |f| f.resize(f.len() - 1, 0)));
-        assert_eq!(
-            error,
-            FrameError::Truncated {
-                needed: frame.len(),
-                len: frame.len() - 1
-            }
-        );
+        assert_eq!(error, FrameError::Truncated { needed: frame.len(), len: frame.len() - 1 });
     }
 
     #[test]
@@ -649,57 +589,28 @@ mod tests {
     fn reserved_bits_set() {
         let frame = encode_requests(&requests(1));
         let error = decode_err(&edited(&frame, |f| f[7] = 0x80));
-        assert_eq!(
-            error,
-            FrameError::ReservedBitsSet {
-                flags: 0x80,
-                reserved: 0
-            }
-        );
+        assert_eq!(error, FrameError::ReservedBitsSet { flags: 0x80, reserved: 0 });
         let error = decode_err(&edited(&frame, |f| f[15] = 1));
-        assert_eq!(
-            error,
-            FrameError::ReservedBitsSet {
-                flags: 0,
-                reserved: 1 << 24
-            }
-        );
+        assert_eq!(error, FrameError::ReservedBitsSet { flags: 0, reserved: 1 << 24 });
     }
 
     #[test]
     fn oversized_is_refused_on_the_header_alone() {
         let frame = encode_requests(&requests(1));
         // Only the header: the limit applies before the payload is there.
-        let header = edited(&frame[..HEADER_LEN], |f| {
-            f[8..12].copy_from_slice(&[0xff; 4])
-        });
+        let header = edited(&frame[..HEADER_LEN], |f| f[8..12].copy_from_slice(&[0xff; 4]));
         let parsed = header_parse(header.as_bytes()).expect("header");
         assert_eq!(
             parsed.check_limits(&Limits::default()),
-            Err(FrameError::Oversized {
-                len: 16 + u64::from(u32::MAX),
-                max: 1 << 20
-            })
+            Err(FrameError::Oversized { len: 16 + u64::from(u32::MAX), max: 1 << 20 })
         );
         let error = decode_err(&header);
         assert!(matches!(error, FrameError::Oversized { .. }), "{error:?}");
 
-        let limits = Limits {
-            frame_bytes_max: frame.len() as u32 - 1,
-            ..Limits::default()
-        };
+        let limits = Limits { frame_bytes_max: frame.len() as u32 - 1, ..Limits::default() };
         let error = decode_requests(&frame, &limits).unwrap_err();
-        assert_eq!(
-            error,
-            FrameError::Oversized {
-                len: frame.len() as u64,
-                max: frame.len() as u32 - 1
-            }
-        );
-        let limits = Limits {
-            frame_bytes_max: frame.len() as u32,
-            ..Limits::default()
-        };
+        assert_eq!(error, FrameError::Oversized { len: frame.len() as u64, max: frame.len() as u32 - 1 });
+        let limits = Limits { frame_bytes_max: frame.len() as u32, ..Limits::default() };
         assert!(decode_requests(&frame, &limits).is_ok());
     }
 
@@ -707,13 +618,7 @@ mod tests {
     fn trailing_bytes() {
         let frame = encode_requests(&requests(1));
         let error = decode_err(&edited(&frame, |f| f.push(0)));
-        assert_eq!(
-            error,
-            FrameError::TrailingBytes {
-                expected: frame.len(),
-                len: frame.len() + 1
-            }
-        );
+        assert_eq!(error, FrameError::TrailingBytes { expected: frame.len(), len: frame.len() + 1 });
     }
 
     #[test]
@@ -781,16 +686,10 @@ mod tests {
     #[test]
     fn too_many_requests() {
         let frame = encode_requests(&requests(5));
-        let limits = Limits {
-            requests_per_frame_max: 4,
-            ..Limits::default()
-        };
+        let limits = Limits { requests_per_frame_max: 4, ..Limits::default() };
         let error = decode_requests(&frame, &limits).unwrap_err();
         assert_eq!(error, FrameError::TooManyRequests { count: 5, max: 4 });
-        let limits = Limits {
-            requests_per_frame_max: 5,
-            ..Limits::default()
-        };
+        let limits = Limits { requests_per_frame_max: 5, ..Limits::default() };
         assert!(decode_requests(&frame, &limits).is_ok());
     }
 
@@ -802,15 +701,9 @@ mod tests {
             FrameError::BadMagic { found: [0; 4] },
             FrameError::UnsupportedVersion(0),
             FrameError::UnexpectedKind { found: 0 },
-            FrameError::ReservedBitsSet {
-                flags: 0,
-                reserved: 0,
-            },
+            FrameError::ReservedBitsSet { flags: 0, reserved: 0 },
             FrameError::Oversized { len: 0, max: 0 },
-            FrameError::TrailingBytes {
-                expected: 0,
-                len: 0,
-            },
+            FrameError::TrailingBytes { expected: 0, len: 0 },
             FrameError::Misaligned,
             FrameError::Invalid(String::new()),
             FrameError::TooManyRequests { count: 0, max: 0 },

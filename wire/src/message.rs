@@ -149,10 +149,7 @@ impl Op {
 impl ArchivedOp {
     /// True for operations that only the `control` role may perform.
     pub fn is_control_only(&self) -> bool {
-        matches!(
-            self,
-            ArchivedOp::UpsertSku { .. } | ArchivedOp::Adjust { .. } | ArchivedOp::Journal { .. }
-        )
+        matches!(self, ArchivedOp::UpsertSku { .. } | ArchivedOp::Adjust { .. } | ArchivedOp::Journal { .. })
     }
 }
 

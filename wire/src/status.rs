@@ -46,6 +46,8 @@ pub enum Status {
     InvalidArgument = 40,
     /// The caller's role may not perform this operation.
     Forbidden = 41,
+    /// The request reached a shard that does not own its SKU or hold: a routing bug.
+    WrongShard = 42,
 
     /// A bounded resource is full; retry later with the same ids.
     Busy = 60,
@@ -59,7 +61,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in number order; the list that `docs/wire.md` documents.
-    pub const ALL: [Status; 19] = [
+    pub const ALL: [Status; 20] = [
         Status::Ok,
         Status::Reserved,
         Status::Committed,
@@ -75,6 +77,7 @@ impl Status {
         Status::JournalTruncated,
         Status::InvalidArgument,
         Status::Forbidden,
+        Status::WrongShard,
         Status::Busy,
         Status::RateLimited,
         Status::Unavailable,

@@ -12,13 +12,7 @@ fn doc() -> String {
 fn rows(doc: &str) -> Vec<Vec<String>> {
     doc.lines()
         .filter(|line| line.trim_start().starts_with('|'))
-        .map(|line| {
-            line.trim()
-                .trim_matches('|')
-                .split('|')
-                .map(|cell| cell.trim().to_string())
-                .collect()
-        })
+        .map(|line| line.trim().trim_matches('|').split('|').map(|cell| cell.trim().to_string()).collect())
         .collect()
 }
 
@@ -32,9 +26,7 @@ fn row<'a>(rows: &'a [Vec<String>], name: &str) -> &'a [String] {
 
 /// The variant name of a value's `Debug` form: `Oversized { .. }` gives `Oversized`.
 fn variant_name(debug: &str) -> &str {
-    let end = debug
-        .find(|c: char| !c.is_ascii_alphanumeric())
-        .unwrap_or(debug.len());
+    let end = debug.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(debug.len());
     &debug[..end]
 }
 
@@ -49,11 +41,7 @@ fn every_status_is_documented_with_its_number_and_retry_class() {
         if status.is_success() {
             assert_eq!(retry, "—", "retry column of {status:?}");
         } else {
-            assert_eq!(
-                retry.starts_with("yes"),
-                status.is_retryable(),
-                "retry column of {status:?}"
-            );
+            assert_eq!(retry.starts_with("yes"), status.is_retryable(), "retry column of {status:?}");
         }
     }
 }
@@ -68,15 +56,9 @@ fn every_frame_error_is_documented_with_its_code() {
         FrameError::BadMagic { found: [0; 4] },
         FrameError::UnsupportedVersion(0),
         FrameError::UnexpectedKind { found: 0 },
-        FrameError::ReservedBitsSet {
-            flags: 0,
-            reserved: 0,
-        },
+        FrameError::ReservedBitsSet { flags: 0, reserved: 0 },
         FrameError::Oversized { len: 0, max: 0 },
-        FrameError::TrailingBytes {
-            expected: 0,
-            len: 0,
-        },
+        FrameError::TrailingBytes { expected: 0, len: 0 },
         FrameError::Misaligned,
         FrameError::Invalid(String::new()),
         FrameError::TooManyRequests { count: 0, max: 0 },
@@ -95,33 +77,15 @@ fn every_operation_is_documented_with_its_roles() {
     let rows = rows(&doc);
     let hold = HoldId(1);
     let ops = [
-        Op::Reserve {
-            hold,
-            ttl_ms: 1,
-            lines: Vec::new(),
-        },
+        Op::Reserve { hold, ttl_ms: 1, lines: Vec::new() },
         Op::Commit { hold, lines: None },
         Op::Release { hold },
         Op::Extend { hold, ttl_ms: 1 },
         Op::QueryStock { items: Vec::new() },
-        Op::QueryHolds {
-            of: HoldsOf::Hold(hold),
-        },
-        Op::UpsertSku {
-            sku: 1,
-            location: 1,
-            backorder_limit: 0,
-        },
-        Op::Adjust {
-            adjustment: 1,
-            sku: 1,
-            location: 1,
-            delta: 1,
-        },
-        Op::Journal {
-            from: 0,
-            max_entries: 1,
-        },
+        Op::QueryHolds { of: HoldsOf::Hold(hold) },
+        Op::UpsertSku { sku: 1, location: 1, backorder_limit: 0 },
+        Op::Adjust { adjustment: 1, sku: 1, location: 1, delta: 1 },
+        Op::Journal { from: 0, max_entries: 1 },
     ];
     for op in ops {
         let debug = format!("{op:?}");

@@ -7,11 +7,11 @@ use rkyv::{rancor, util::AlignedVec};
 
 use stockplane_wire::{
     frame::{
-        decode_requests, decode_responses, encode_requests, encode_requests_into, encode_responses,
-        header_parse, FrameBuf, FrameError, Limits, FRAME_ALIGN, HEADER_LEN,
+        decode_requests, decode_responses, encode_requests, encode_requests_into, encode_responses, header_parse,
+        FrameBuf, FrameError, Limits, FRAME_ALIGN, HEADER_LEN,
     },
-    Body, CartLine, HeldLine, HoldId, HoldInfo, HoldState, HoldsOf, JournalChange, JournalEntry,
-    Op, Request, RequestBatch, Response, ResponseBatch, SkuAt, Status, StockLevel,
+    Body, CartLine, HeldLine, HoldId, HoldInfo, HoldState, HoldsOf, JournalChange, JournalEntry, Op, Request,
+    RequestBatch, Response, ResponseBatch, SkuAt, Status, StockLevel,
 };
 
 // ---- strategies: one per message type -------------------------------------------------
@@ -21,8 +21,11 @@ fn hold_id() -> impl Strategy<Value = HoldId> {
 }
 
 fn cart_line() -> impl Strategy<Value = CartLine> {
-    (any::<u64>(), option::of(any::<u32>()), any::<u32>())
-        .prop_map(|(sku, location, qty)| CartLine { sku, location, qty })
+    (any::<u64>(), option::of(any::<u32>()), any::<u32>()).prop_map(|(sku, location, qty)| CartLine {
+        sku,
+        location,
+        qty,
+    })
 }
 
 fn sku_at() -> impl Strategy<Value = SkuAt> {
@@ -30,44 +33,23 @@ fn sku_at() -> impl Strategy<Value = SkuAt> {
 }
 
 fn holds_of() -> impl Strategy<Value = HoldsOf> {
-    prop_oneof![
-        any::<u64>().prop_map(HoldsOf::Sku),
-        hold_id().prop_map(HoldsOf::Hold)
-    ]
+    prop_oneof![any::<u64>().prop_map(HoldsOf::Sku), hold_id().prop_map(HoldsOf::Hold)]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (hold_id(), any::<u32>(), vec(cart_line(), 0..6)).prop_map(|(hold, ttl_ms, lines)| {
-            Op::Reserve {
-                hold,
-                ttl_ms,
-                lines,
-            }
-        }),
-        (hold_id(), option::of(vec(sku_at(), 0..4)))
-            .prop_map(|(hold, lines)| Op::Commit { hold, lines }),
+        (hold_id(), any::<u32>(), vec(cart_line(), 0..6))
+            .prop_map(|(hold, ttl_ms, lines)| { Op::Reserve { hold, ttl_ms, lines } }),
+        (hold_id(), option::of(vec(sku_at(), 0..4))).prop_map(|(hold, lines)| Op::Commit { hold, lines }),
         hold_id().prop_map(|hold| Op::Release { hold }),
         (hold_id(), any::<u32>()).prop_map(|(hold, ttl_ms)| Op::Extend { hold, ttl_ms }),
         vec(sku_at(), 0..6).prop_map(|items| Op::QueryStock { items }),
         holds_of().prop_map(|of| Op::QueryHolds { of }),
-        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(sku, location, backorder_limit)| {
-            Op::UpsertSku {
-                sku,
-                location,
-                backorder_limit,
-            }
-        }),
-        (any::<u128>(), any::<u64>(), any::<u32>(), any::<i64>()).prop_map(
-            |(adjustment, sku, location, delta)| Op::Adjust {
-                adjustment,
-                sku,
-                location,
-                delta
-            }
-        ),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(from, max_entries)| Op::Journal { from, max_entries }),
+        (any::<u64>(), any::<u32>(), any::<u32>())
+            .prop_map(|(sku, location, backorder_limit)| { Op::UpsertSku { sku, location, backorder_limit } }),
+        (any::<u128>(), any::<u64>(), any::<u32>(), any::<i64>())
+            .prop_map(|(adjustment, sku, location, delta)| Op::Adjust { adjustment, sku, location, delta }),
+        (any::<u64>(), any::<u32>()).prop_map(|(from, max_entries)| Op::Journal { from, max_entries }),
     ]
 }
 
@@ -84,75 +66,41 @@ fn status() -> impl Strategy<Value = Status> {
 }
 
 fn hold_state() -> impl Strategy<Value = HoldState> {
-    proptest::sample::select(vec![
-        HoldState::Held,
-        HoldState::Committed,
-        HoldState::Released,
-        HoldState::Expired,
-    ])
+    proptest::sample::select(vec![HoldState::Held, HoldState::Committed, HoldState::Released, HoldState::Expired])
 }
 
 fn held_line() -> impl Strategy<Value = HeldLine> {
-    (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(sku, location, qty)| HeldLine {
-        sku,
-        location,
-        qty,
-    })
+    (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(sku, location, qty)| HeldLine { sku, location, qty })
 }
 
 fn hold_info() -> impl Strategy<Value = HoldInfo> {
-    (
-        hold_id(),
-        hold_state(),
-        any::<u64>(),
-        vec(held_line(), 0..4),
-    )
-        .prop_map(|(hold, state, expires_at_ms, lines)| HoldInfo {
-            hold,
-            state,
-            expires_at_ms,
-            lines,
-        })
+    (hold_id(), hold_state(), any::<u64>(), vec(held_line(), 0..4))
+        .prop_map(|(hold, state, expires_at_ms, lines)| HoldInfo { hold, state, expires_at_ms, lines })
 }
 
 fn stock_level() -> impl Strategy<Value = StockLevel> {
-    (
-        any::<u64>(),
-        any::<u32>(),
-        any::<i64>(),
-        any::<i64>(),
-        any::<i64>(),
-        any::<u32>(),
+    (any::<u64>(), any::<u32>(), any::<i64>(), any::<i64>(), any::<i64>(), any::<u32>()).prop_map(
+        |(sku, location, on_hand, held, available, backorder_limit)| StockLevel {
+            sku,
+            location,
+            on_hand,
+            held,
+            available,
+            backorder_limit,
+        },
     )
-        .prop_map(
-            |(sku, location, on_hand, held, available, backorder_limit)| StockLevel {
-                sku,
-                location,
-                on_hand,
-                held,
-                available,
-                backorder_limit,
-            },
-        )
 }
 
 fn journal_change() -> impl Strategy<Value = JournalChange> {
     prop_oneof![
         (hold_id(), any::<u32>()).prop_map(|(hold, qty)| JournalChange::Sale { hold, qty }),
-        (any::<u128>(), any::<i64>())
-            .prop_map(|(adjustment, delta)| JournalChange::Adjustment { adjustment, delta }),
+        (any::<u128>(), any::<i64>()).prop_map(|(adjustment, delta)| JournalChange::Adjustment { adjustment, delta }),
     ]
 }
 
 fn journal_entry() -> impl Strategy<Value = JournalEntry> {
-    (any::<u64>(), any::<u64>(), any::<u32>(), journal_change()).prop_map(
-        |(position, sku, location, change)| JournalEntry {
-            position,
-            sku,
-            location,
-            change,
-        },
-    )
+    (any::<u64>(), any::<u64>(), any::<u32>(), journal_change())
+        .prop_map(|(position, sku, location, change)| JournalEntry { position, sku, location, change })
 }
 
 fn body() -> impl Strategy<Value = Body> {
@@ -161,8 +109,7 @@ fn body() -> impl Strategy<Value = Body> {
         hold_info().prop_map(Body::Hold),
         vec(stock_level(), 0..4).prop_map(Body::Stock),
         vec(hold_info(), 0..3).prop_map(Body::Holds),
-        (vec(journal_entry(), 0..4), any::<u64>())
-            .prop_map(|(entries, next)| Body::Journal { entries, next }),
+        (vec(journal_entry(), 0..4), any::<u64>()).prop_map(|(entries, next)| Body::Journal { entries, next }),
     ]
 }
 
@@ -237,15 +184,15 @@ fn decode_checked(bytes: &[u8]) -> bool {
     let _ = header_parse(frame);
     let mut accepted = false;
     if let Ok(archived) = decode_requests(frame, &limits) {
-        let batch: RequestBatch = rkyv::deserialize::<_, rancor::Error>(archived)
-            .expect("a validated archive deserializes");
+        let batch: RequestBatch =
+            rkyv::deserialize::<_, rancor::Error>(archived).expect("a validated archive deserializes");
         let again = encode_requests(&batch);
         assert!(decode_requests(&again, &limits).is_ok());
         accepted = true;
     }
     if let Ok(archived) = decode_responses(frame, &limits) {
-        let batch: ResponseBatch = rkyv::deserialize::<_, rancor::Error>(archived)
-            .expect("a validated archive deserializes");
+        let batch: ResponseBatch =
+            rkyv::deserialize::<_, rancor::Error>(archived).expect("a validated archive deserializes");
         for response in archived.responses.iter() {
             assert_eq!(Status::from(response.status).code(), response.status as u8);
         }
@@ -376,8 +323,5 @@ fn random_payloads_are_mostly_refused() {
             accepted += 1;
         }
     }
-    assert!(
-        accepted * 20 < trials,
-        "{accepted} of {trials} random payloads accepted"
-    );
+    assert!(accepted * 20 < trials, "{accepted} of {trials} random payloads accepted");
 }
