@@ -685,6 +685,16 @@ impl Shard {
         }))
     }
 
+    /// Copies the (row, qty) lines of hold `slot` into `rows`; returns how many.
+    fn hold_rows(&self, slot: u32, rows: &mut [(u32, u32); 64]) -> usize {
+        let mut count = 0;
+        for line in self.hold_lines(slot) {
+            rows[count] = line;
+            count += 1;
+        }
+        count
+    }
+
     fn hold_info(&self, slot: u32) -> HoldInfo {
         let record = &self.hold_slab[slot as usize];
         HoldInfo {
@@ -823,11 +833,13 @@ impl Shard {
         let record = self.hold_slab[slot as usize];
         let status = match record.phase {
             Phase::Held => {
-                let rows: Vec<(u64, u32)> = self
-                    .hold_lines(slot)
-                    .map(|(row, _)| (self.stock[row as usize].sku, self.stock[row as usize].location))
-                    .collect();
-                match commit_mask(&rows, subset) {
+                let mut keys = [(0u64, 0u32); 64];
+                let mut count = 0;
+                for (row, _) in self.hold_lines(slot) {
+                    keys[count] = (self.stock[row as usize].sku, self.stock[row as usize].location);
+                    count += 1;
+                }
+                match commit_mask(&keys[..count], subset) {
                     Ok(mask) => {
                         self.log(WalRecord::Committed { hold, mask });
                         Status::Committed
@@ -1215,9 +1227,9 @@ impl Shard {
             }
             WalRecord::Committed { hold, mask } => {
                 let slot = self.live_slot(hold)?;
-                let mut index = 0;
-                let lines: Vec<(u32, u32)> = self.hold_lines(slot).collect();
-                for (row, qty) in lines {
+                let mut rows = [(0u32, 0u32); 64];
+                let count = self.hold_rows(slot, &mut rows);
+                for (index, &(row, qty)) in rows[..count].iter().enumerate() {
                     let stock = &mut self.stock[row as usize];
                     stock.held -= i64::from(qty);
                     if mask & (1 << index) != 0 {
@@ -1225,7 +1237,6 @@ impl Shard {
                         let (sku, location) = (stock.sku, stock.location);
                         self.journal_push(sku, location, JournalChange::Sale { hold: HoldId(hold), qty });
                     }
-                    index += 1;
                 }
                 self.finish(slot, Phase::Committed);
                 Ok(())
@@ -1428,8 +1439,9 @@ impl Shard {
 
     fn apply_give_back(&mut self, hold: u128, phase: Phase) -> ApplyResult {
         let slot = self.live_slot(hold)?;
-        let lines: Vec<(u32, u32)> = self.hold_lines(slot).collect();
-        for (row, qty) in lines {
+        let mut rows = [(0u32, 0u32); 64];
+        let count = self.hold_rows(slot, &mut rows);
+        for &(row, qty) in &rows[..count] {
             self.stock[row as usize].held -= i64::from(qty);
         }
         self.finish(slot, phase);

@@ -572,7 +572,7 @@ mod tests {
 
     use super::*;
 
-    fn line_strategy() -> impl Strategy<Value = WalLine> {
+    fn line_strategy() -> impl Strategy<Value = WalLine> + Clone {
         (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(sku, location, qty)| WalLine { sku, location, qty })
     }
 
