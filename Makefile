@@ -1,0 +1,77 @@
+# stockplane: every command a newcomer, CI or an SRE runs. `make help` lists them.
+#
+# Nothing here assumes a server the project did not start. Until the data plane server,
+# durability and control plane issues land, the main job (`make run`) is the seeded
+# simulation of a multi-shard data plane.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+SEED ?=
+SEEDS ?= 20
+OPS ?= 200000
+SHARDS ?= 4
+LONG_OPS ?= 100000000
+FUZZ_SECONDS ?= 60
+# Benchmarks run pinned to one core; the other core is left for the OS and the build.
+BENCH_CORE ?= 1
+REPORT_DIR := perf-reports
+
+.PHONY: help run test lint unit sim sim-long fuzz bench memory check-toolchain
+
+help:
+	@echo "make run        run the seeded multi-shard simulation (the main job until the server lands)"
+	@echo "make test       fmt, clippy -D warnings, every test (what CI runs)"
+	@echo "make sim SEED=n replay one simulation seed"
+	@echo "make sim-long   100,000,000 simulated operations with faults"
+	@echo "make fuzz       fuzz frame decoding for FUZZ_SECONDS (installs cargo-fuzz)"
+	@echo "make bench      criterion benchmarks pinned to core BENCH_CORE, report in perf-reports/"
+	@echo "make memory     bytes per SKU-location and per live hold, report in perf-reports/"
+
+check-toolchain:
+	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+run: check-toolchain
+	$(CARGO) run --release -p stockplane-sim -- --seeds $(SEEDS) --ops $(OPS) --shards $(SHARDS)
+
+test: check-toolchain lint unit
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --exclude stockplane-sim
+	# The simulation runs optimised: at least a million operations with faults.
+	$(CARGO) test --release -p stockplane-sim
+
+sim: check-toolchain
+	@test -n "$(SEED)" || { echo "usage: make sim SEED=<u64>" >&2; exit 2; }
+	$(CARGO) run --release -p stockplane-sim -- --seed $(SEED) --ops $(OPS) --shards $(SHARDS)
+
+sim-long: check-toolchain
+	$(CARGO) run --release -p stockplane-sim -- --seeds 1000 --ops $$(( $(LONG_OPS) / 1000 )) --shards $(SHARDS)
+
+fuzz: check-toolchain
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decode -- -max_total_time=$(FUZZ_SECONDS)
+
+# Writes the benchmark output as printed, headed by the machine, the date and the command.
+bench: check-toolchain
+	@mkdir -p $(REPORT_DIR)
+	@report=$(REPORT_DIR)/bench-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
+	{ echo "# stockplane criterion benchmarks"; \
+	  echo "date: $$(date -u +%Y-%m-%dT%H:%M:%SZ)"; \
+	  echo "machine: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $$(nproc) cores, $$(free -g | awk '/Mem:/{print $$2}') GiB"; \
+	  echo "commit: $$(git rev-parse --short HEAD 2>/dev/null)"; \
+	  echo "command: taskset -c $(BENCH_CORE) $(CARGO) bench -p stockplane-benches"; echo; } > $$report; \
+	taskset -c $(BENCH_CORE) $(CARGO) bench -p stockplane-benches 2>&1 | tee -a $$report; \
+	echo "report: $$report"
+
+memory: check-toolchain
+	@mkdir -p $(REPORT_DIR)
+	@report=$(REPORT_DIR)/memory-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
+	{ echo "command: $(CARGO) run --release -p stockplane-benches --bin memory"; echo; } > $$report; \
+	$(CARGO) run --release -p stockplane-benches --bin memory 2>&1 | tee -a $$report; \
+	echo "report: $$report"
