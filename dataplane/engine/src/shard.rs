@@ -258,7 +258,7 @@ impl Shard {
             extra_free: Vec::new(),
             participations: fixed_map(0),
             live_holds: 0,
-            expiry: Wheel::new(hold_slots, now),
+            expiry: Wheel::new(now),
             finished: VecDeque::with_capacity(config.holds_finished_max as usize + 1),
             carts: fixed_map(0),
             cart_deadlines: Default::default(),
@@ -351,8 +351,15 @@ impl Shard {
             for request in chunk {
                 self.prefetch_buckets(&request.op);
             }
+            // Finishing a hold evicts the oldest finished one: fetch those records too.
+            for &slot in self.finished.iter().take(chunk.len()) {
+                prefetch(&self.hold_slab[slot as usize]);
+            }
             for request in chunk {
                 self.prefetch_rows(&request.op);
+            }
+            for &slot in self.finished.iter().take(chunk.len()) {
+                self.holds.prefetch(self.hold_slab[slot as usize].id());
             }
             for request in chunk {
                 self.handle_request(now, origin, request);
@@ -579,7 +586,12 @@ impl Shard {
             fired.clear();
             self.expiry.advance(now, |slot| fired.push(slot));
             for &slot in &fired {
+                // Entries are never removed from the wheel: fire only a hold that is
+                // still armed and due (not finished, pinned or extended meanwhile).
                 let hold = &mut self.hold_slab[slot as usize];
+                if !hold.armed || hold.expires_at > now {
+                    continue;
+                }
                 hold.armed = false;
                 debug_assert!(matches!(hold.phase, Phase::Held | Phase::Prepared));
                 let id = hold.id();
@@ -1185,10 +1197,7 @@ impl Shard {
 
     fn disarm(&mut self, hold: u128) {
         if let Some(slot) = self.holds.find(hold) {
-            if self.hold_slab[slot as usize].armed {
-                self.expiry.remove(slot);
-                self.hold_slab[slot as usize].armed = false;
-            }
+            self.hold_slab[slot as usize].armed = false;
         }
     }
 
@@ -1247,7 +1256,7 @@ impl Shard {
                 let slot = self.live_slot(hold)?;
                 self.hold_slab[slot as usize].expires_at = expires_at_ms;
                 if self.hold_slab[slot as usize].armed {
-                    self.expiry.remove(slot);
+                    // The old entry stays in the wheel and is ignored when it fires.
                     self.expiry.insert(slot, expires_at_ms);
                 }
                 Ok(())
@@ -1258,10 +1267,7 @@ impl Shard {
                 part.pin_txn = txn;
                 let record = &mut self.hold_slab[slot as usize];
                 record.phase = Phase::Pinned;
-                if record.armed {
-                    record.armed = false;
-                    self.expiry.remove(slot);
-                }
+                record.armed = false;
                 Ok(())
             }
             WalRecord::Unpinned { hold } => {
@@ -1452,10 +1458,7 @@ impl Shard {
         let record = &mut self.hold_slab[slot as usize];
         debug_assert!(record.phase.is_live());
         record.phase = phase;
-        if record.armed {
-            record.armed = false;
-            self.expiry.remove(slot);
-        }
+        record.armed = false;
         self.live_holds -= 1;
         self.finished.push_back(slot);
         if self.finished.len() > self.config.holds_finished_max as usize {
@@ -1590,7 +1593,10 @@ impl Shard {
             }
         }
         assert_eq!(live, self.live_holds, "live hold count drifted");
-        assert_eq!(self.expiry.len(), self.hold_slab.iter().filter(|h| h.armed).count(), "wheel drifted");
+        for record in self.hold_slab.iter().filter(|h| h.armed) {
+            // An expired hold stops counting at once: after any call, none is overdue.
+            assert!(record.expires_at > self.now, "hold {:#x} is overdue but still holds stock", record.id());
+        }
         for (slot, row) in self.stock.iter().enumerate() {
             assert_eq!(row.held, held[slot], "held of sku {} at {} drifted", row.sku, row.location);
             assert!(
