@@ -7,10 +7,13 @@
 //! addresses for prefetching. These tables are also fixed in size (every capacity is
 //! bounded by `ShardConfig`), so they never rehash on the hot path.
 //!
-//! Both tables use linear probing with a power-of-two bucket count at most 3/4 full.
-//! Deletion (holds only) shifts later entries back instead of leaving tombstones.
+//! Both tables use linear probing over exactly `4/3` buckets per entry (at most 3/4
+//! full), mapping a hash onto the buckets by multiply-shift rather than a power-of-two
+//! mask, so that no table is up to twice the size it needs (the memory bounds are 64
+//! bytes per SKU-location and 128 per live hold). Deletion (holds only) shifts later
+//! entries back instead of leaving tombstones.
 
-use crate::route::mix64;
+use crate::route::{mix64, reduce};
 
 const EMPTY: u32 = u32::MAX;
 
@@ -29,7 +32,19 @@ pub(crate) fn prefetch<T>(value: &T) {
 }
 
 fn buckets_for(entries_max: usize) -> usize {
-    (entries_max.max(1) * 4).div_ceil(3).next_power_of_two().max(8)
+    let buckets = (entries_max.max(1) * 4).div_ceil(3).max(8);
+    assert!(buckets < u32::MAX as usize, "an index of {entries_max} entries is too large");
+    buckets
+}
+
+/// The bucket after `bucket`, wrapping around a table of `buckets`.
+#[inline]
+fn next_bucket(bucket: usize, buckets: usize) -> usize {
+    if bucket + 1 == buckets {
+        0
+    } else {
+        bucket + 1
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -43,7 +58,6 @@ struct SkuEntry {
 /// Maps a SKU id to the slot of its first location in the stock slab. Never shrinks.
 pub(crate) struct SkuIndex {
     entries: Vec<SkuEntry>,
-    mask: usize,
     len: usize,
     len_max: usize,
 }
@@ -52,17 +66,12 @@ impl SkuIndex {
     /// An index with room for `len_max` SKUs.
     pub(crate) fn new(len_max: usize) -> SkuIndex {
         let buckets = buckets_for(len_max);
-        SkuIndex {
-            entries: vec![SkuEntry { sku: 0, slot: EMPTY, _pad: 0 }; buckets],
-            mask: buckets - 1,
-            len: 0,
-            len_max,
-        }
+        SkuIndex { entries: vec![SkuEntry { sku: 0, slot: EMPTY, _pad: 0 }; buckets], len: 0, len_max }
     }
 
     #[inline]
     fn bucket(&self, sku: u64) -> usize {
-        mix64(sku) as usize & self.mask
+        reduce(mix64(sku), self.entries.len() as u32) as usize
     }
 
     /// Hints that `sku` will be looked up soon.
@@ -83,7 +92,7 @@ impl SkuIndex {
             if entry.sku == sku {
                 return Some(entry.slot);
             }
-            bucket = (bucket + 1) & self.mask;
+            bucket = next_bucket(bucket, self.entries.len());
         }
     }
 
@@ -95,7 +104,7 @@ impl SkuIndex {
         }
         let mut bucket = self.bucket(sku);
         while self.entries[bucket].slot != EMPTY {
-            bucket = (bucket + 1) & self.mask;
+            bucket = next_bucket(bucket, self.entries.len());
         }
         self.entries[bucket] = SkuEntry { sku, slot, _pad: 0 };
         self.len += 1;
@@ -120,7 +129,6 @@ struct HoldEntry {
 /// Maps a 128-bit hold id to its slot in the hold slab; supports removal.
 pub(crate) struct HoldIndex {
     entries: Vec<HoldEntry>,
-    mask: usize,
     len: usize,
     len_max: usize,
 }
@@ -129,17 +137,12 @@ impl HoldIndex {
     /// An index with room for `len_max` holds.
     pub(crate) fn new(len_max: usize) -> HoldIndex {
         let buckets = buckets_for(len_max);
-        HoldIndex {
-            entries: vec![HoldEntry { id_lo: 0, id_hi: 0, slot: EMPTY, _pad: 0 }; buckets],
-            mask: buckets - 1,
-            len: 0,
-            len_max,
-        }
+        HoldIndex { entries: vec![HoldEntry { id_lo: 0, id_hi: 0, slot: EMPTY, _pad: 0 }; buckets], len: 0, len_max }
     }
 
     #[inline]
     fn bucket_of(&self, id: u128) -> usize {
-        mix64((id as u64) ^ mix64((id >> 64) as u64)) as usize & self.mask
+        reduce(mix64((id as u64) ^ mix64((id >> 64) as u64)), self.entries.len() as u32) as usize
     }
 
     /// Hints that `id` will be looked up soon.
@@ -161,7 +164,7 @@ impl HoldIndex {
             if entry.id_lo == lo && entry.id_hi == hi {
                 return Some(entry.slot);
             }
-            bucket = (bucket + 1) & self.mask;
+            bucket = next_bucket(bucket, self.entries.len());
         }
     }
 
@@ -173,7 +176,7 @@ impl HoldIndex {
         }
         let mut bucket = self.bucket_of(id);
         while self.entries[bucket].slot != EMPTY {
-            bucket = (bucket + 1) & self.mask;
+            bucket = next_bucket(bucket, self.entries.len());
         }
         self.entries[bucket] = HoldEntry { id_lo: id as u64, id_hi: (id >> 64) as u64, slot, _pad: 0 };
         self.len += 1;
@@ -192,10 +195,11 @@ impl HoldIndex {
             if entry.id_lo == lo && entry.id_hi == hi {
                 break;
             }
-            hole = (hole + 1) & self.mask;
+            hole = next_bucket(hole, self.entries.len());
         }
         let removed = self.entries[hole].slot;
-        let mut next = (hole + 1) & self.mask;
+        let buckets = self.entries.len();
+        let mut next = next_bucket(hole, buckets);
         loop {
             let entry = self.entries[next];
             if entry.slot == EMPTY {
@@ -203,13 +207,13 @@ impl HoldIndex {
             }
             let home = self.bucket_of(u128::from(entry.id_lo) | (u128::from(entry.id_hi) << 64));
             // Move `entry` into the hole unless its home lies cyclically in (hole, next].
-            let distance_home = next.wrapping_sub(home) & self.mask;
-            let distance_hole = next.wrapping_sub(hole) & self.mask;
+            let distance_home = (next + buckets - home) % buckets;
+            let distance_hole = (next + buckets - hole) % buckets;
             if distance_home >= distance_hole {
                 self.entries[hole] = entry;
                 hole = next;
             }
-            next = (next + 1) & self.mask;
+            next = next_bucket(next, buckets);
         }
         self.entries[hole].slot = EMPTY;
         self.len -= 1;
