@@ -122,9 +122,8 @@ impl Model {
             Step::Reserve { hold, ttl_ms, ref lines } => {
                 let duplicate =
                     lines.iter().enumerate().any(|(i, a)| lines[..i].iter().any(|b| (a.0, a.1) == (b.0, b.1)));
-                if ttl_ms < TTL_MIN || ttl_ms > TTL_MAX || lines.is_empty() || duplicate {
-                    Status::InvalidArgument
-                } else if lines.iter().any(|l| l.2 == 0 || l.2 > QTY_MAX) {
+                let bad_qty = lines.iter().any(|l| l.2 == 0 || l.2 > QTY_MAX);
+                if !(TTL_MIN..=TTL_MAX).contains(&ttl_ms) || lines.is_empty() || duplicate || bad_qty {
                     Status::InvalidArgument
                 } else if let Some(existing) = self.holds.get(&hold) {
                     if existing.lines == *lines && existing.ttl_ms == ttl_ms {
