@@ -37,11 +37,7 @@ impl Xorshift {
 fn cart_line(rng: &mut Xorshift) -> CartLine {
     CartLine {
         sku: 1_000_000 + rng.below(200_000),
-        location: if rng.below(4) == 0 {
-            Some(rng.below(8) as u32)
-        } else {
-            None
-        },
+        location: if rng.below(4) == 0 { Some(rng.below(8) as u32) } else { None },
         qty: 1 + rng.below(3) as u32,
     }
 }
@@ -55,23 +51,14 @@ fn batch_realistic(requests: usize) -> RequestBatch {
     let requests = (0..requests as u64)
         .map(|id| {
             let op = match rng.below(10) {
-                0..=4 => Op::Reserve {
-                    hold: hold(&mut rng),
-                    ttl_ms: 600_000,
-                    lines: vec![cart_line(&mut rng)],
-                },
+                0..=4 => Op::Reserve { hold: hold(&mut rng), ttl_ms: 600_000, lines: vec![cart_line(&mut rng)] },
                 5 | 6 => Op::Reserve {
                     hold: hold(&mut rng),
                     ttl_ms: 600_000,
                     lines: (0..3).map(|_| cart_line(&mut rng)).collect(),
                 },
-                7 | 8 => Op::Commit {
-                    hold: hold(&mut rng),
-                    lines: None,
-                },
-                _ => Op::Release {
-                    hold: hold(&mut rng),
-                },
+                7 | 8 => Op::Commit { hold: hold(&mut rng), lines: None },
+                _ => Op::Release { hold: hold(&mut rng) },
             };
             Request { id, op }
         })
@@ -83,10 +70,7 @@ fn frame(c: &mut Criterion) {
     let batch = batch_realistic(BATCH_REQUESTS);
     let frame = encode_requests(&batch);
     let limits = Limits::default();
-    assert_eq!(
-        decode_requests(&frame, &limits).map(|b| b.requests.len()),
-        Ok(BATCH_REQUESTS)
-    );
+    assert_eq!(decode_requests(&frame, &limits).map(|b| b.requests.len()), Ok(BATCH_REQUESTS));
 
     let mut group = c.benchmark_group("frame");
     group.throughput(Throughput::Elements(BATCH_REQUESTS as u64));

@@ -13,13 +13,10 @@ use libfuzzer_sys::fuzz_target;
 use rkyv::{rancor, vec::ArchivedVec};
 
 use stockplane_wire::{
-    frame::{
-        decode_requests, decode_responses, encode_requests, encode_responses, header_parse,
-        FrameBuf, Limits,
-    },
-    ArchivedBody, ArchivedCartLine, ArchivedHoldId, ArchivedHoldInfo, ArchivedHoldState,
-    ArchivedHoldsOf, ArchivedJournalChange, ArchivedOp, ArchivedRequestBatch,
-    ArchivedResponseBatch, ArchivedSkuAt, RequestBatch, ResponseBatch, Status,
+    frame::{decode_requests, decode_responses, encode_requests, encode_responses, header_parse, FrameBuf, Limits},
+    ArchivedBody, ArchivedCartLine, ArchivedHoldId, ArchivedHoldInfo, ArchivedHoldState, ArchivedHoldsOf,
+    ArchivedJournalChange, ArchivedOp, ArchivedRequestBatch, ArchivedResponseBatch, ArchivedSkuAt, RequestBatch,
+    ResponseBatch, Status,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -30,12 +27,11 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(batch) = decode_requests(frame, &limits) {
         black_box(requests_walk(batch));
-        let value: RequestBatch =
-            rkyv::deserialize::<_, rancor::Error>(batch).expect("validated requests deserialize");
+        let value: RequestBatch = rkyv::deserialize::<_, rancor::Error>(batch).expect("validated requests deserialize");
         let again = encode_requests(&value);
         let archived = decode_requests(&again, &limits).expect("re-encoded requests decode");
-        let back: RequestBatch = rkyv::deserialize::<_, rancor::Error>(archived)
-            .expect("re-encoded requests deserialize");
+        let back: RequestBatch =
+            rkyv::deserialize::<_, rancor::Error>(archived).expect("re-encoded requests deserialize");
         assert_eq!(back, value);
     }
 
@@ -45,8 +41,8 @@ fuzz_target!(|data: &[u8]| {
             rkyv::deserialize::<_, rancor::Error>(batch).expect("validated responses deserialize");
         let again = encode_responses(&value);
         let archived = decode_responses(&again, &limits).expect("re-encoded responses decode");
-        let back: ResponseBatch = rkyv::deserialize::<_, rancor::Error>(archived)
-            .expect("re-encoded responses deserialize");
+        let back: ResponseBatch =
+            rkyv::deserialize::<_, rancor::Error>(archived).expect("re-encoded responses deserialize");
         assert_eq!(back, value);
     }
 });
@@ -58,14 +54,10 @@ fn requests_walk(batch: &ArchivedRequestBatch) -> u64 {
         sum = sum.wrapping_add(request.id.to_native());
         sum = sum.wrapping_add(u64::from(request.op.is_control_only()));
         sum = sum.wrapping_add(match &request.op {
-            ArchivedOp::Reserve {
-                hold,
-                ttl_ms,
-                lines,
-            } => hold_walk(hold) ^ u64::from(ttl_ms.to_native()) ^ cart_lines_walk(lines),
-            ArchivedOp::Commit { hold, lines } => {
-                hold_walk(hold) ^ lines.as_ref().map_or(1, sku_ats_walk)
+            ArchivedOp::Reserve { hold, ttl_ms, lines } => {
+                hold_walk(hold) ^ u64::from(ttl_ms.to_native()) ^ cart_lines_walk(lines)
             }
+            ArchivedOp::Commit { hold, lines } => hold_walk(hold) ^ lines.as_ref().map_or(1, sku_ats_walk),
             ArchivedOp::Release { hold } => hold_walk(hold),
             ArchivedOp::Extend { hold, ttl_ms } => hold_walk(hold) ^ u64::from(ttl_ms.to_native()),
             ArchivedOp::QueryStock { items } => sku_ats_walk(items),
@@ -73,29 +65,16 @@ fn requests_walk(batch: &ArchivedRequestBatch) -> u64 {
                 ArchivedHoldsOf::Sku(sku) => sku.to_native(),
                 ArchivedHoldsOf::Hold(hold) => hold_walk(hold),
             },
-            ArchivedOp::UpsertSku {
-                sku,
-                location,
-                backorder_limit,
-            } => {
-                sku.to_native()
-                    ^ u64::from(location.to_native())
-                    ^ u64::from(backorder_limit.to_native())
+            ArchivedOp::UpsertSku { sku, location, backorder_limit } => {
+                sku.to_native() ^ u64::from(location.to_native()) ^ u64::from(backorder_limit.to_native())
             }
-            ArchivedOp::Adjust {
-                adjustment,
-                sku,
-                location,
-                delta,
-            } => {
+            ArchivedOp::Adjust { adjustment, sku, location, delta } => {
                 fold_u128(adjustment.to_native())
                     ^ sku.to_native()
                     ^ u64::from(location.to_native())
                     ^ delta.to_native() as u64
             }
-            ArchivedOp::Journal { from, max_entries } => {
-                from.to_native() ^ u64::from(max_entries.to_native())
-            }
+            ArchivedOp::Journal { from, max_entries } => from.to_native() ^ u64::from(max_entries.to_native()),
         });
     }
     sum
@@ -118,39 +97,30 @@ fn responses_walk(batch: &ArchivedResponseBatch) -> u64 {
                     ^ level.available.to_native() as u64
                     ^ u64::from(level.backorder_limit.to_native())
             }),
-            ArchivedBody::Holds(holds) => {
-                holds.iter().fold(0, |sum, info| sum ^ hold_info_walk(info))
-            }
-            ArchivedBody::Journal { entries, next } => {
-                entries.iter().fold(next.to_native(), |sum, entry| {
-                    let change = match &entry.change {
-                        ArchivedJournalChange::Sale { hold, qty } => {
-                            hold_walk(hold) ^ u64::from(qty.to_native())
-                        }
-                        ArchivedJournalChange::Adjustment { adjustment, delta } => {
-                            fold_u128(adjustment.to_native()) ^ delta.to_native() as u64
-                        }
-                    };
-                    sum ^ entry.position.to_native()
-                        ^ entry.sku.to_native()
-                        ^ u64::from(entry.location.to_native())
-                        ^ change
-                })
-            }
+            ArchivedBody::Holds(holds) => holds.iter().fold(0, |sum, info| sum ^ hold_info_walk(info)),
+            ArchivedBody::Journal { entries, next } => entries.iter().fold(next.to_native(), |sum, entry| {
+                let change = match &entry.change {
+                    ArchivedJournalChange::Sale { hold, qty } => hold_walk(hold) ^ u64::from(qty.to_native()),
+                    ArchivedJournalChange::Adjustment { adjustment, delta } => {
+                        fold_u128(adjustment.to_native()) ^ delta.to_native() as u64
+                    }
+                };
+                sum ^ entry.position.to_native()
+                    ^ entry.sku.to_native()
+                    ^ u64::from(entry.location.to_native())
+                    ^ change
+            }),
         });
     }
     sum
 }
 
 fn hold_info_walk(info: &ArchivedHoldInfo) -> u64 {
-    info.lines.iter().fold(
-        hold_walk(&info.hold) ^ hold_state_walk(&info.state) ^ info.expires_at_ms.to_native(),
-        |sum, line| {
-            sum ^ line.sku.to_native()
-                ^ u64::from(line.location.to_native())
-                ^ u64::from(line.qty.to_native())
-        },
-    )
+    info.lines
+        .iter()
+        .fold(hold_walk(&info.hold) ^ hold_state_walk(&info.state) ^ info.expires_at_ms.to_native(), |sum, line| {
+            sum ^ line.sku.to_native() ^ u64::from(line.location.to_native()) ^ u64::from(line.qty.to_native())
+        })
 }
 
 fn hold_state_walk(state: &ArchivedHoldState) -> u64 {
@@ -165,21 +135,14 @@ fn hold_state_walk(state: &ArchivedHoldState) -> u64 {
 fn cart_lines_walk(lines: &ArchivedVec<ArchivedCartLine>) -> u64 {
     lines.iter().fold(0, |sum, line| {
         sum ^ line.sku.to_native()
-            ^ line
-                .location
-                .as_ref()
-                .map_or(1 << 40, |at| u64::from(at.to_native()))
+            ^ line.location.as_ref().map_or(1 << 40, |at| u64::from(at.to_native()))
             ^ u64::from(line.qty.to_native())
     })
 }
 
 fn sku_ats_walk(items: &ArchivedVec<ArchivedSkuAt>) -> u64 {
     items.iter().fold(0, |sum, item| {
-        sum ^ item.sku.to_native()
-            ^ item
-                .location
-                .as_ref()
-                .map_or(1 << 40, |at| u64::from(at.to_native()))
+        sum ^ item.sku.to_native() ^ item.location.as_ref().map_or(1 << 40, |at| u64::from(at.to_native()))
     })
 }
 

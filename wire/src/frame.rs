@@ -442,7 +442,7 @@ impl FrameBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Body, CartLine, HoldId, Op, Request, Response, Status};
+    use crate::{ArchivedOp, Body, CartLine, HoldId, Op, Request, Response, Status};
 
     fn requests(count: usize) -> RequestBatch {
         RequestBatch {
@@ -657,7 +657,7 @@ mod tests {
 
     #[test]
     fn invalid_payload() {
-        let frame = encode_requests(&requests(1));
+        let frame = encode_requests(&requests(3));
         // The root (the Vec's offset and length) is the payload's last 8 bytes: a huge
         // length points far outside the payload.
         let error = decode_err(&edited(&frame, |f| {
@@ -668,19 +668,23 @@ mod tests {
         // An empty payload holds no root at all.
         let error = decode_err(&edited(&frame[..HEADER_LEN], |f| f[8..12].fill(0)));
         assert!(matches!(error, FrameError::Invalid(_)), "{error:?}");
-        // An enum tag out of range: the Op tag is the first byte after the request id.
-        let error = decode_err(&edited(&frame, |f| {
-            let at = frame_op_tag_offset(f);
-            f[at] = 0xee;
-        }));
-        assert!(matches!(error, FrameError::Invalid(_)), "{error:?}");
+        // Enum tags out of range, deep in the last request: every element is checked,
+        // not only the first. Tags are the first byte of an archived enum.
+        let (op_tag, option_tag) = {
+            let archived = decode_requests(&frame, &Limits::default()).expect("decode");
+            let last = &archived.requests[2];
+            let ArchivedOp::Reserve { lines, .. } = &last.op else { panic!("a reserve") };
+            (frame_offset(&frame, &last.op), frame_offset(&frame, &lines[0].location))
+        };
+        for at in [op_tag, option_tag] {
+            let error = decode_err(&edited(&frame, |f| f[at] = 0xee));
+            assert!(matches!(error, FrameError::Invalid(_)), "{error:?}");
+        }
     }
 
-    /// The offset in `frame` of the first request's `Op` tag, found by archiving.
-    fn frame_op_tag_offset(frame: &[u8]) -> usize {
-        let archived = decode_requests(frame, &Limits::default()).expect("decode");
-        let op = &archived.requests[0].op as *const _ as usize;
-        op - frame.as_ptr() as usize
+    /// The offset of `field` (which lies inside `frame`) from the frame's start.
+    fn frame_offset<T>(frame: &[u8], field: &T) -> usize {
+        field as *const T as usize - frame.as_ptr() as usize
     }
 
     #[test]
