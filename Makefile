@@ -54,8 +54,9 @@ sim-long: check-toolchain
 	$(CARGO) run --release -p stockplane-sim -- --seeds 1000 --ops $$(( $(LONG_OPS) / 1000 )) --shards $(SHARDS)
 
 fuzz: check-toolchain
-	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decode -- -max_total_time=$(FUZZ_SECONDS)
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p fuzz/corpus/frame_decode
+	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decode fuzz/corpus/frame_decode fuzz/seeds/frame_decode -- -max_total_time=$(FUZZ_SECONDS)
 
 # Writes the benchmark output as printed, headed by the machine, the date and the command.
 bench: check-toolchain
