@@ -1,0 +1,299 @@
+//! Shared setup for stockplane's benchmarks and memory report: building a catalog in a
+//! shard, generating a steady reserve-then-finish workload, archiving batches, and
+//! draining a shard after each batch the way a driver does.
+//!
+//! Everything here runs outside the measured loops: the benchmarks call it to prepare
+//! archived batches, then time only [`Driver::apply`] (`Shard::handle_batch` and the
+//! drain). Workloads are deterministic: a seed fixes every SKU and hold id.
+//!
+//! This crate is never published and nothing in the data plane depends on it.
+
+use rkyv::rancor::Error as RkyvError;
+use rkyv::util::AlignedVec;
+use stockplane_engine::{Origin, Shard, ShardConfig, Tick};
+use stockplane_loadgen::{KeyStream, Popularity};
+use stockplane_wire::{ArchivedRequestBatch, CartLine, HoldId, Op, Request, RequestBatch, Role, Status};
+
+/// SKU ids are `SKU_BASE + index`, so they look nothing like slab slots.
+pub const SKU_BASE: u64 = 1 << 32;
+/// Units of stock each SKU starts with: enough that no benchmark ever runs out.
+pub const STOCK_PER_SKU: i64 = 1 << 40;
+/// The TTL of every benchmark hold: the longest the default configuration accepts, so
+/// that no hold expires during a run unless a benchmark moves time on purpose.
+pub const HOLD_TTL_MS: u32 = 3_600_000;
+/// Requests per archived batch when filling a catalog.
+pub const CATALOG_BATCH_REQUESTS: usize = 4_096;
+
+/// The checkout client every benchmark reserve and commit comes from.
+pub const CHECKOUT: Origin = Origin { client: 1, role: Role::Checkout };
+/// The control-plane client that creates the catalog.
+pub const CONTROL: Origin = Origin { client: 2, role: Role::Control };
+
+/// The SKU id of catalog entry `index`.
+pub fn sku_id(index: u32) -> u64 {
+    SKU_BASE + u64::from(index)
+}
+
+/// The hold id of the `serial`-th hold a workload creates: unique per serial, with both
+/// halves busy like a client's random 128-bit id.
+pub fn hold_id(serial: u64) -> HoldId {
+    HoldId((u128::from(splitmix64(serial)) << 64) | u128::from(serial))
+}
+
+/// SplitMix64's finaliser: a fixed bijection on `u64` that scatters nearby inputs.
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A single-shard configuration with room for `skus` SKUs of one location each; every
+/// other bound keeps its default.
+pub fn catalog_config(skus: u32) -> ShardConfig {
+    let mut config = ShardConfig::new(0, 1);
+    config.skus_max = skus;
+    config.sku_locations_max = skus;
+    config
+}
+
+/// Archives `batch` into `buffer` (cleared first, capacity kept) and returns it.
+pub fn archive_into(batch: &RequestBatch, mut buffer: AlignedVec) -> AlignedVec {
+    buffer.clear();
+    rkyv::api::high::to_bytes_in::<_, RkyvError>(batch, buffer).expect("archiving to memory cannot fail")
+}
+
+/// Validates archived bytes as a request batch, as the data plane does for every frame.
+pub fn access(bytes: &[u8]) -> &ArchivedRequestBatch {
+    rkyv::access::<ArchivedRequestBatch, RkyvError>(bytes).expect("a batch just archived is valid")
+}
+
+/// How the replies drained so far turned out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Replies drained.
+    pub replies: u64,
+    /// Replies with a success status (`Ok`, `Reserved`, `Committed`, ...).
+    pub succeeded: u64,
+    /// The first non-success status seen, if any.
+    pub first_failure: Option<Status>,
+}
+
+/// Plays the driver's part around a shard: hands it a batch, then drains the WAL
+/// output (reporting it durable at once, as if the write had completed), the replies,
+/// the peer messages and the next timeout, reusing one WAL buffer throughout.
+#[derive(Debug, Default)]
+pub struct Driver {
+    wal: Vec<u8>,
+    /// How the replies drained so far turned out.
+    pub outcomes: Outcomes,
+    /// WAL bytes drained so far.
+    pub wal_bytes: u64,
+}
+
+impl Driver {
+    /// A driver with an empty WAL buffer.
+    pub fn new() -> Driver {
+        Driver::default()
+    }
+
+    /// Hands `batch` to the shard and drains everything it produced.
+    #[inline]
+    pub fn apply(&mut self, shard: &mut Shard, now: Tick, origin: Origin, batch: &ArchivedRequestBatch) {
+        shard.handle_batch(now, origin, batch);
+        self.drain(shard);
+    }
+
+    /// Drains the shard in the order its docs prescribe: WAL, durability, replies, peer
+    /// messages, timeout.
+    #[inline]
+    pub fn drain(&mut self, shard: &mut Shard) {
+        if let Some(position) = shard.poll_wal_append(&mut self.wal) {
+            self.wal_bytes += self.wal.len() as u64;
+            shard.handle_durable(position);
+        }
+        while let Some(reply) = shard.poll_reply() {
+            self.outcomes.replies += 1;
+            if reply.status.code() < 20 {
+                self.outcomes.succeeded += 1;
+            } else if self.outcomes.first_failure.is_none() {
+                self.outcomes.first_failure = Some(reply.status);
+            }
+        }
+        while shard.poll_peer().is_some() {}
+        std::hint::black_box(shard.poll_timeout());
+    }
+}
+
+/// Creates SKUs `0..skus` (ids from [`sku_id`]) at location 0, each with
+/// [`STOCK_PER_SKU`] units, through archived `UpsertSku` and `Adjust` batches from the
+/// control role. Panics if any request fails.
+pub fn fill_catalog(shard: &mut Shard, driver: &mut Driver, now: Tick, skus: u32) {
+    let mut requests = Vec::with_capacity(CATALOG_BATCH_REQUESTS);
+    let mut buffer = AlignedVec::new();
+    let before = driver.outcomes;
+    let mut index = 0u32;
+    while index < skus {
+        requests.clear();
+        while index < skus && requests.len() + 2 <= CATALOG_BATCH_REQUESTS {
+            let sku = sku_id(index);
+            let id = u64::from(index) * 2;
+            requests.push(Request { id, op: Op::UpsertSku { sku, location: 0, backorder_limit: 0 } });
+            let op = Op::Adjust { adjustment: u128::from(sku), sku, location: 0, delta: STOCK_PER_SKU };
+            requests.push(Request { id: id + 1, op });
+            index += 1;
+        }
+        let batch = RequestBatch { requests: std::mem::take(&mut requests) };
+        buffer = archive_into(&batch, buffer);
+        requests = batch.requests;
+        driver.apply(shard, now, CONTROL, access(&buffer));
+    }
+    let outcomes = driver.outcomes;
+    assert_eq!(outcomes.first_failure, before.first_failure, "catalog request failed: {outcomes:?}");
+    assert_eq!(outcomes.succeeded - before.succeeded, u64::from(skus) * 2, "catalog replies missing");
+}
+
+/// How a workload finishes each hold it reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The cart was paid: commit every line.
+    Commit,
+    /// The cart was abandoned: release it.
+    Release,
+}
+
+/// A steady checkout workload: each *pair* reserves a new hold and finishes (commits or
+/// releases) the oldest live one, so the number of live holds stays at `live`.
+///
+/// SKUs are drawn by popularity rank from a seeded [`KeyStream`]; ranks map to catalog
+/// entries through a fixed random permutation, so the hot SKUs are scattered over the
+/// stock slab as in a real catalog rather than packed into its first cache lines.
+pub struct Workload {
+    keys: KeyStream,
+    scatter: Vec<u32>,
+    lines: usize,
+    finish: Finish,
+    live: u64,
+    next_hold: u64,
+    next_request: u64,
+}
+
+impl Workload {
+    /// A workload over catalog entries `0..skus` with carts of `lines` distinct SKUs,
+    /// keeping `live` holds open; `seed` fixes every draw.
+    pub fn new(popularity: Popularity, skus: u32, lines: usize, finish: Finish, live: u64, seed: u64) -> Workload {
+        assert!(lines >= 1 && lines <= skus as usize, "a cart needs 1..=skus distinct lines");
+        let keys = KeyStream::new(popularity, u64::from(skus), seed).expect("valid popularity");
+        // Fisher-Yates with the same seed's SplitMix stream: deterministic and cheap.
+        let mut scatter: Vec<u32> = (0..skus).collect();
+        let mut state = seed ^ 0x5ca7_7e45_ca77_e45a;
+        for i in (1..scatter.len()).rev() {
+            state = splitmix64(state);
+            let j = ((u128::from(state) * (i as u128 + 1)) >> 64) as usize;
+            scatter.swap(i, j);
+        }
+        Workload { keys, scatter, lines, finish, live, next_hold: 0, next_request: 0 }
+    }
+
+    /// Live holds the workload keeps once [`Workload::prefill`] has run.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+
+    /// Holds reserved so far.
+    pub fn holds_reserved(&self) -> u64 {
+        self.next_hold
+    }
+
+    fn request_id(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
+    }
+
+    fn cart(&mut self) -> Vec<CartLine> {
+        let mut lines: Vec<CartLine> = Vec::with_capacity(self.lines);
+        while lines.len() < self.lines {
+            let sku = sku_id(self.scatter[self.keys.next_rank() as usize]);
+            // A SKU appears once per cart; a popular one drawn twice is drawn again.
+            if lines.iter().all(|line| line.sku != sku) {
+                lines.push(CartLine { sku, location: None, qty: 1 });
+            }
+        }
+        lines
+    }
+
+    /// A reserve of the next new hold.
+    pub fn reserve(&mut self) -> Request {
+        let hold = hold_id(self.next_hold);
+        self.next_hold += 1;
+        let lines = self.cart();
+        Request { id: self.request_id(), op: Op::Reserve { hold, ttl_ms: HOLD_TTL_MS, lines } }
+    }
+
+    /// Requests that open the first `live` holds, split into batches of at most `per_batch`.
+    pub fn prefill(&mut self, per_batch: usize) -> Vec<RequestBatch> {
+        assert_eq!(self.next_hold, 0, "prefill runs first");
+        let mut batches = Vec::new();
+        while self.next_hold < self.live {
+            let count = (self.live - self.next_hold).min(per_batch as u64);
+            let requests = (0..count).map(|_| self.reserve()).collect();
+            batches.push(RequestBatch { requests });
+        }
+        batches
+    }
+
+    /// Replaces `batch`'s requests with `pairs` pairs: reserve a new hold, then finish
+    /// the oldest live one. Run [`Workload::prefill`] (and apply it) first.
+    pub fn pairs(&mut self, pairs: usize, batch: &mut RequestBatch) {
+        assert!(self.next_hold >= self.live, "prefill first");
+        batch.requests.clear();
+        for _ in 0..pairs {
+            let oldest = hold_id(self.next_hold - self.live);
+            let reserve = self.reserve();
+            batch.requests.push(reserve);
+            let op = match self.finish {
+                Finish::Commit => Op::Commit { hold: oldest, lines: None },
+                Finish::Release => Op::Release { hold: oldest },
+            };
+            let id = self.request_id();
+            batch.requests.push(Request { id, op });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small end-to-end run: the workload keeps its live holds and every request
+    /// succeeds, for commits, releases and multi-line carts.
+    #[test]
+    fn workload_keeps_live_holds_and_succeeds() {
+        for (lines, finish) in [(1, Finish::Commit), (1, Finish::Release), (5, Finish::Commit)] {
+            let skus = 1_000;
+            let mut shard = Shard::new(&catalog_config(skus), 0).expect("valid config");
+            let mut driver = Driver::new();
+            fill_catalog(&mut shard, &mut driver, 0, skus);
+            let mut workload = Workload::new(Popularity::zipf(), skus, lines, finish, 100, 9);
+            for batch in workload.prefill(64) {
+                driver.apply(&mut shard, 1, CHECKOUT, access(&archive_into(&batch, AlignedVec::new())));
+            }
+            assert_eq!(shard.live_holds(), 100);
+            let mut batch = RequestBatch::default();
+            for now in 2..50 {
+                workload.pairs(128, &mut batch);
+                driver.apply(&mut shard, now, CHECKOUT, access(&archive_into(&batch, AlignedVec::new())));
+                assert_eq!(shard.live_holds(), 100);
+            }
+            assert_eq!(driver.outcomes.first_failure, None, "{driver:?}");
+            assert_eq!(driver.outcomes.replies, driver.outcomes.succeeded);
+            shard.check_invariants();
+        }
+    }
+
+    #[test]
+    fn hold_ids_are_distinct() {
+        let ids: std::collections::BTreeSet<HoldId> = (0..10_000).map(hold_id).collect();
+        assert_eq!(ids.len(), 10_000);
+    }
+}
