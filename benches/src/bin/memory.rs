@@ -87,7 +87,7 @@ fn shard_new(config: &ShardConfig) -> (Shard, i64) {
     retained(|| Shard::new(config, 1).expect("valid configuration"))
 }
 
-const MB: f64 = 1024.0 * 1024.0;
+const MIB: f64 = 1024.0 * 1024.0;
 
 struct Report {
     rows: Vec<[String; 4]>,
@@ -96,7 +96,12 @@ struct Report {
 impl Report {
     fn row(&mut self, what: &str, bytes: i64, count: u64, note: &str) {
         let per = bytes as f64 / count as f64;
-        self.rows.push([what.to_owned(), format!("{:.1} MB", bytes as f64 / MB), format!("{per:.1}"), note.to_owned()]);
+        self.rows.push([
+            what.to_owned(),
+            format!("{:.1} MiB", bytes as f64 / MIB),
+            format!("{per:.1}"),
+            note.to_owned(),
+        ]);
     }
 }
 
@@ -174,8 +179,10 @@ fn holds(report: &mut Report, finished_max: u32, label: &str) {
 
 /// What the hot path allocates in steady state.
 struct HotPath {
-    /// Allocator calls (alloc, realloc) per request.
-    calls: f64,
+    /// Requests measured.
+    requests: u64,
+    /// Allocator calls (alloc, realloc) in all.
+    calls: u64,
     /// Bytes requested from the allocator per request.
     bytes: f64,
     /// Growth of live heap bytes per reserve + finish pair: what stays allocated.
@@ -219,10 +226,47 @@ fn hot_path(lines: usize, finish: Finish) -> HotPath {
     assert_eq!(driver.outcomes.first_failure, None, "{:?}", driver.outcomes);
     let requests_f = requests as f64;
     HotPath {
-        calls: calls_hot as f64 / requests_f,
+        requests,
+        calls: calls_hot,
         bytes: bytes_hot as f64 / requests_f,
         growth_per_pair: growth as f64 / (requests_f / 2.0),
     }
+}
+
+/// Live heap bytes of a shard in steady state (10,000 live holds, 1-line reserve +
+/// commit, uniform over 100,000 SKUs, 1 ms per batch) after each of `checkpoints` pairs:
+/// with a constant number of live holds, anything that grows here grows without bound
+/// until the hold TTL (one hour here) lets it go.
+fn steady_growth(checkpoints: &[u64]) -> Vec<(u64, i64)> {
+    const SKUS: u32 = 100_000;
+    let mut shard = Shard::new(&catalog_config(SKUS), 1).expect("valid configuration");
+    let mut driver = Driver::new();
+    fill_catalog(&mut shard, &mut driver, 1, SKUS);
+    let mut workload = Workload::new(Popularity::Uniform, SKUS, 1, Finish::Commit, 10_000, 11);
+    let mut buffer = AlignedVec::new();
+    for batch in workload.prefill(256) {
+        buffer = archive_into(&batch, buffer);
+        driver.apply(&mut shard, 2, CHECKOUT, access(&buffer));
+    }
+    let mut batch = RequestBatch::default();
+    let (mut pairs, mut now, mut heap) = (0u64, 3u64, 0i64);
+    let mut samples = Vec::new();
+    for &checkpoint in checkpoints {
+        while pairs < checkpoint {
+            workload.pairs(128, &mut batch);
+            buffer = archive_into(&batch, buffer);
+            let archived = access(&buffer);
+            let live_before = live_bytes();
+            driver.apply(&mut shard, now, CHECKOUT, archived);
+            heap += live_bytes() - live_before;
+            pairs += 128;
+            now += 1;
+        }
+        samples.push((pairs, heap));
+    }
+    assert_eq!(shard.live_holds(), 10_000);
+    assert_eq!(driver.outcomes.first_failure, None, "{:?}", driver.outcomes);
+    samples
 }
 
 fn cpu_model() -> String {
@@ -280,14 +324,24 @@ fn main() {
          100,000 SKUs, 1 ms per 256-request batch):"
     );
     println!();
-    println!("| workload | allocator calls per request | bytes allocated per request | live heap growth per pair |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| workload | requests measured | allocator calls | bytes allocated per request | live heap growth per pair |"
+    );
+    println!("|---|---:|---:|---:|---:|");
     for (name, lines, finish) in [
         ("1-line reserve + commit", 1, Finish::Commit),
         ("1-line reserve + release", 1, Finish::Release),
         ("5-line reserve + commit", 5, Finish::Commit),
     ] {
         let hot = hot_path(lines, finish);
-        println!("| {name} | {:.3} | {:.1} | {:.1} |", hot.calls, hot.bytes, hot.growth_per_pair);
+        println!("| {name} | {} | {} | {:.1} | {:.1} |", hot.requests, hot.calls, hot.bytes, hot.growth_per_pair);
+    }
+    println!();
+    println!("Shard heap growth with a constant 10,000 live holds (1-line reserve + commit, 1 h TTL):");
+    println!();
+    println!("| pairs applied | shard heap growth | per pair |");
+    println!("|---:|---:|---:|");
+    for (pairs, heap) in steady_growth(&[1 << 20, 1 << 21, 1 << 22]) {
+        println!("| {pairs} | {:.1} MiB | {:.1} B |", heap as f64 / MIB, heap as f64 / pairs as f64);
     }
 }
