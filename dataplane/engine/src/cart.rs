@@ -104,7 +104,6 @@ impl Cart {
             CartState::Extending => 4,
             CartState::Finished(state) => 10 + state as u64,
         };
-        let push = self.push.map_or(0, |(push, txn)| (push as u64 + 1) ^ (txn << 8));
         parts.extend([
             u64::from(self.fingerprint),
             self.expires_at,
@@ -114,7 +113,6 @@ impl Cart {
             u64::from(self.reserve_failed),
             self.mask,
             self.new_expires_at,
-            push,
         ]);
         for line in &self.lines {
             parts.extend([line.sku, u64::from(line.location), u64::from(line.qty)]);
