@@ -1622,8 +1622,13 @@ fn tail_is_torn(rest: &[u8]) -> bool {
         return true;
     }
     let len = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
-    // The record claims more bytes than remain: the write of the tail was cut short.
-    len > rest.len() && len % 8 == 0 && len >= wal::HEADER_BYTES
+    if len % 8 != 0 || len < wal::HEADER_BYTES {
+        return false;
+    }
+    // The record claims more bytes than remain: the write of the tail was cut short. Or
+    // only zeros follow it: its write was torn inside space the file had but that was
+    // never written (a preallocated segment), so its own bytes end in zeros too.
+    len > rest.len() || rest[len..].iter().all(|b| *b == 0)
 }
 
 /// A digest of a reserve request: its TTL and lines as asked (before locations are
