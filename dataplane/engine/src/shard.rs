@@ -1141,7 +1141,9 @@ impl Shard {
     fn participant_pin(&mut self, from: ShardId, hold: u128, txn: u64) {
         let status = match self.participant_of(hold) {
             Some((_, record, part)) if record.phase == Phase::Pinned && part.pin_txn == txn => Status::Ok,
-            Some((_, record, part)) if record.phase.is_live() && txn > part.reserve_txn => {
+            // Only a newer commit attempt may pin: a late `Pin` of an abandoned attempt must
+            // not take the pin from the attempt its coordinator may have decided to commit.
+            Some((_, record, part)) if record.phase.is_live() && txn > part.reserve_txn && txn > part.pin_txn => {
                 if record.phase != Phase::Pinned && record.expires_at <= self.now {
                     Status::HoldExpired
                 } else {

@@ -36,3 +36,16 @@ fn state_hash_ignores_the_pending_push_that_acks_clear() {
 fn recovery_cuts_a_torn_tail_that_ends_in_zeros() {
     replay(102, 5_000);
 }
+
+/// Half a cart was sold. A commit attempt (txn A) timed out and was abandoned (Unpin);
+/// the client retried, attempt B pinned every participant and the coordinator decided
+/// Commit. Then A's `Pin`, delayed in the network, reached a participant: it was live
+/// and A was above the reserve txn, so the participant pinned again for A, overwriting
+/// B. B's `Commit` then did not match the pin and was ignored, yet acknowledged; A's
+/// late vote drew `Unpin` from the coordinator, and the participant's lines expired.
+/// The client had heard "committed", one shard sold its lines, the other gave them back.
+/// A participant now pins only for an attempt newer than the one it is pinned for.
+#[test]
+fn a_late_pin_cannot_take_the_pin_of_a_committed_attempt() {
+    replay(405, 5_000);
+}
