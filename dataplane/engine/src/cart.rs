@@ -506,7 +506,7 @@ impl Shard {
                         deadline: None,
                     },
                 );
-                self.next_txn = self.next_txn.max(txn + 1);
+                self.next_txn = self.next_txn.max(txn.checked_add(1).ok_or("transaction numbers exhausted")?);
                 Ok(())
             }
             WalRecord::CartStarted { hold, txn, phase } => {
@@ -529,7 +529,7 @@ impl Shard {
                         cart.new_expires_at = expires_at_ms;
                     }
                 }
-                self.next_txn = self.next_txn.max(txn + 1);
+                self.next_txn = self.next_txn.max(txn.checked_add(1).ok_or("transaction numbers exhausted")?);
                 Ok(())
             }
             WalRecord::CartDecided { hold, txn, outcome, .. } => {
@@ -558,7 +558,7 @@ impl Shard {
                 for participant in &mut cart.participants {
                     participant.acked = push.is_none();
                 }
-                self.next_txn = self.next_txn.max(txn + 1);
+                self.next_txn = self.next_txn.max(txn.checked_add(1).ok_or("transaction numbers exhausted")?);
                 Ok(())
             }
             WalRecord::CartForgotten { hold } => {

@@ -1213,7 +1213,8 @@ impl Shard {
             }
             WalRecord::Adjusted { adjustment, sku, location, delta } => {
                 let slot = self.find_row(sku, location).ok_or("adjustment of an unknown row")?;
-                self.stock[slot as usize].on_hand += delta;
+                let row = &mut self.stock[slot as usize];
+                row.on_hand = row.on_hand.checked_add(delta).ok_or("an adjustment overflows on_hand")?;
                 self.check_row(slot)?;
                 self.adjustments.insert(adjustment, Adjustment { sku, location, delta });
                 self.adjustment_order.push_back(adjustment);

@@ -20,12 +20,14 @@ use std::mem;
 
 const LEVELS: usize = 7;
 const SLOTS: usize = 64;
-/// Deadlines further than this from `elapsed` are clamped to it (about 139 years).
-const HORIZON_MS: u64 = (1 << (6 * LEVELS as u64)) - 1;
+/// The span of the whole wheel (2^42 ms, about 139 years); entries due after the wheel's
+/// current rotation wait in an overflow list until the rotation ends.
+const ROTATION_MASK: u64 = (1 << (6 * LEVELS as u64)) - 1;
 
 /// A timer wheel of `(deadline, id)` entries.
 pub(crate) struct Wheel {
     buckets: Vec<Vec<(u64, u32)>>,
+    overflow: Vec<(u64, u32)>,
     occupied: [u64; LEVELS],
     elapsed: u64,
     len: usize,
@@ -34,7 +36,13 @@ pub(crate) struct Wheel {
 impl Wheel {
     /// An empty wheel with time starting at `now`.
     pub(crate) fn new(now: u64) -> Wheel {
-        Wheel { buckets: vec![Vec::new(); LEVELS * SLOTS], occupied: [0; LEVELS], elapsed: now, len: 0 }
+        Wheel {
+            buckets: vec![Vec::new(); LEVELS * SLOTS],
+            overflow: Vec::new(),
+            occupied: [0; LEVELS],
+            elapsed: now,
+            len: 0,
+        }
     }
 
     /// Entries waiting to fire, stale ones included.
@@ -52,16 +60,30 @@ impl Wheel {
 
     /// Arms a timer for `id` at `deadline` (a time already past fires at the next advance).
     pub(crate) fn insert(&mut self, id: u32, deadline: u64) {
-        let deadline = deadline.clamp(self.elapsed, self.elapsed.saturating_add(HORIZON_MS));
+        let deadline = deadline.max(self.elapsed);
+        self.len += 1;
+        if (deadline ^ self.elapsed) > ROTATION_MASK {
+            self.overflow.push((deadline, id));
+            return;
+        }
         let (level, slot) = self.level_slot(deadline);
         self.buckets[level * SLOTS + slot].push((deadline, id));
         self.occupied[level] |= 1 << slot;
-        self.len += 1;
+    }
+
+    /// When the current rotation ends and overflow entries must be placed again.
+    fn rotation_end(&self) -> Option<u64> {
+        if self.overflow.is_empty() {
+            return None;
+        }
+        (self.elapsed | ROTATION_MASK).checked_add(1)
     }
 
     /// The earliest time at which `advance` may fire or move an entry, if any is armed.
     pub(crate) fn next_deadline(&self) -> Option<u64> {
-        let level = (0..LEVELS).find(|level| self.occupied[*level] != 0)?;
+        let Some(level) = (0..LEVELS).find(|level| self.occupied[*level] != 0) else {
+            return self.rotation_end();
+        };
         let shift = level * 6;
         let current = ((self.elapsed >> shift) as usize) % SLOTS;
         // Buckets before `current` at this level belong to the next rotation, which a
@@ -80,7 +102,15 @@ impl Wheel {
                 break;
             }
             self.elapsed = at;
-            let level = (0..LEVELS).find(|level| self.occupied[*level] != 0).expect("an occupied level");
+            let Some(level) = (0..LEVELS).find(|level| self.occupied[*level] != 0) else {
+                // A new rotation: overflow entries now due within it move into the wheel.
+                let overflow = mem::take(&mut self.overflow);
+                self.len -= overflow.len();
+                for (deadline, id) in overflow {
+                    self.insert(id, deadline);
+                }
+                continue;
+            };
             let slot = ((at >> (level * 6)) as usize) % SLOTS;
             let index = level * SLOTS + slot;
             let mut entries = mem::take(&mut self.buckets[index]);
@@ -128,6 +158,22 @@ mod tests {
         assert_eq!(fired, vec![0, 1]);
         assert_eq!(wheel.len(), 0);
         assert_eq!(wheel.next_deadline(), None);
+    }
+
+    #[test]
+    fn far_deadlines_wait_for_their_rotation() {
+        let start = 1_000;
+        let mut wheel = Wheel::new(start);
+        let far = start + (1 << 46);
+        wheel.insert(7, far);
+        wheel.insert(8, u64::MAX);
+        let mut fired = Vec::new();
+        wheel.advance(far - 1, |id| fired.push(id));
+        assert!(fired.is_empty());
+        assert_eq!(wheel.len(), 2);
+        wheel.advance(far, |id| fired.push(id));
+        assert_eq!(fired, vec![7]);
+        assert_eq!(wheel.len(), 1);
     }
 
     proptest! {
