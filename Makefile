@@ -23,7 +23,7 @@ help:
 	@echo "make test       fmt, clippy -D warnings, every test (what CI runs)"
 	@echo "make sim SEED=n replay one simulation seed"
 	@echo "make sim-long   100,000,000 simulated operations with faults"
-	@echo "make fuzz       fuzz frame decoding for FUZZ_SECONDS (installs cargo-fuzz)"
+	@echo "make fuzz       fuzz frame decoding and WAL recovery, FUZZ_SECONDS each (installs cargo-fuzz)"
 	@echo "make bench      criterion benchmarks pinned to core BENCH_CORE, report in perf-reports/"
 	@echo "make memory     bytes per SKU-location and per live hold, report in perf-reports/"
 
@@ -55,8 +55,11 @@ sim-long: check-toolchain
 
 fuzz: check-toolchain
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	mkdir -p fuzz/corpus/frame_decode
-	RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decode fuzz/corpus/frame_decode fuzz/seeds/frame_decode -- -max_total_time=$(FUZZ_SECONDS)
+	for target in frame_decode wal_recover; do \
+	  mkdir -p fuzz/corpus/$$target && \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target fuzz/corpus/$$target fuzz/seeds/$$target -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=5 || exit 1; \
+	done
 
 # Writes the benchmark output as printed, headed by the machine, the date and the command.
 bench: check-toolchain
