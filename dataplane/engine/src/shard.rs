@@ -218,6 +218,12 @@ pub struct Shard {
     extra_lines: Vec<ExtraLine>,
     extra_free: Vec<u32>,
     participations: FixedMap<u32, Participation>,
+    /// Participant shares forgotten (evicted after they finished): their reserve txn and
+    /// expiry, so that a duplicated `Prepare` cannot hold their lines again before the
+    /// cart's expiry, when late messages could then sell them twice. Oldest first in
+    /// `forgotten_order`; at most `holds_max + holds_finished_max` are remembered.
+    forgotten_shares: FixedMap<u128, (u64, Tick)>,
+    forgotten_order: VecDeque<u128>,
     live_holds: u32,
     expiry: Wheel,
     finished: VecDeque<u32>,
@@ -257,6 +263,8 @@ impl Shard {
             extra_lines: Vec::with_capacity(config.hold_extra_lines_max as usize),
             extra_free: Vec::new(),
             participations: fixed_map(0),
+            forgotten_shares: fixed_map(0),
+            forgotten_order: VecDeque::new(),
             live_holds: 0,
             expiry: Wheel::new(now),
             finished: VecDeque::with_capacity(config.holds_finished_max as usize + 1),
@@ -1091,6 +1099,13 @@ impl Shard {
                 None => {}
             }
         }
+        if let Some(&(reserve_txn, expires_at)) = self.forgotten_shares.get(&hold) {
+            if txn <= reserve_txn && self.now < expires_at {
+                // A duplicate of the Prepare of a share this shard finished and forgot.
+                let status = if txn == reserve_txn { Status::HoldExpired } else { Status::Conflict };
+                return self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
+            }
+        }
         let status = self.participant_try_hold(from, hold, txn, expires_at_ms, lines);
         self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
     }
@@ -1476,10 +1491,22 @@ impl Shard {
         if self.holds.find(record.id()) == Some(slot) {
             self.holds.remove(record.id());
         }
-        self.participations.remove(&slot);
+        if let Some(part) = self.participations.remove(&slot) {
+            self.remember_forgotten_share(record.id(), part.reserve_txn, record.expires_at);
+        }
         self.free_extra(record.extra);
         self.hold_slab[slot as usize].phase = Phase::Free;
         self.hold_free.push(slot);
+    }
+
+    fn remember_forgotten_share(&mut self, hold: u128, reserve_txn: u64, expires_at: Tick) {
+        if self.forgotten_shares.insert(hold, (reserve_txn, expires_at)).is_none() {
+            self.forgotten_order.push_back(hold);
+        }
+        while self.forgotten_order.len() > (self.config.holds_max + self.config.holds_finished_max) as usize {
+            let oldest = self.forgotten_order.pop_front().expect("not empty");
+            self.forgotten_shares.remove(&oldest);
+        }
     }
 
     fn journal_push(&mut self, sku: u64, location: u32, change: JournalChange) {

@@ -49,3 +49,16 @@ fn recovery_cuts_a_torn_tail_that_ends_in_zeros() {
 fn a_late_pin_cannot_take_the_pin_of_a_committed_attempt() {
     replay(405, 5_000);
 }
+
+/// A cart's share was sold twice. The cart committed and its participant sold its lines,
+/// then forgot the finished share (evicted from the bounded finished-holds table). A
+/// duplicated `Prepare` of the cart, late in the network, then found no record and held
+/// the lines again (a phantom share); the coordinator answered its vote with `Keep`, a
+/// late duplicate `Pin` of the commit attempt pinned it, and a late duplicate `Commit`
+/// sold it: on_hand fell twice for one cart. A participant now remembers the shares it
+/// forgot (reserve txn and expiry, bounded) and votes no on a `Prepare` it already
+/// answered, until the cart's expiry, after which any `Prepare` is refused anyway.
+#[test]
+fn a_duplicated_prepare_cannot_hold_a_forgotten_share_again() {
+    replay(10_528, 8_000);
+}
