@@ -14,7 +14,7 @@
 //! The model must not look inside the engine (it has no access to its private state)
 //! and must not forget anything during a run: it is small, and memory per seed is cheap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use stockplane_engine::wal::{CartOutcome, CartPhase, WalLine, WalRecord, ANY_LOCATION};
 use stockplane_engine::{shard_for, ShardId};
@@ -179,6 +179,9 @@ pub struct Model {
     pub journal: Vec<(u64, u32, ModelChange)>,
     /// Holds whose lines are live.
     pub live_holds: u32,
+    /// The ids of those holds, so that comparing live lines costs what is live, not
+    /// every hold the seed ever made.
+    live: BTreeSet<u128>,
 }
 
 impl Model {
@@ -194,6 +197,7 @@ impl Model {
             adjustments: BTreeMap::new(),
             journal: Vec::new(),
             live_holds: 0,
+            live: BTreeSet::new(),
         }
     }
 
@@ -239,6 +243,7 @@ impl Model {
                 let phase = if prepared_for.is_some() { HoldPhase::Prepared } else { HoldPhase::Held };
                 self.holds.insert(hold, ModelHold { lines, phase, prepared_for, pin_txn: 0, expires_at_ms });
                 self.live_holds += 1;
+                self.live.insert(hold);
                 Ok(())
             }
             WalRecord::Kept { hold } => {
@@ -397,15 +402,15 @@ impl Model {
     fn finish(&mut self, hold: u128, phase: HoldPhase) {
         self.holds.get_mut(&hold).expect("hold exists").phase = phase;
         self.live_holds -= 1;
+        self.live.remove(&hold);
     }
 
     /// The lines of live holds, sorted: (hold, sku, location, qty).
     pub fn live_lines(&self) -> Vec<(u128, u64, u32, u32)> {
         let mut lines = Vec::new();
-        for (hold, h) in &self.holds {
-            if h.phase.is_live() {
-                lines.extend(h.lines.iter().map(|&(sku, location, qty)| (*hold, sku, location, qty)));
-            }
+        for hold in &self.live {
+            let h = &self.holds[hold];
+            lines.extend(h.lines.iter().map(|&(sku, location, qty)| (*hold, sku, location, qty)));
         }
         lines
     }
