@@ -3,9 +3,11 @@
 //! `--seed N` replays seed N exactly; `--seeds K` runs K seeds from a base (given with
 //! `--seed`, or taken from the wall clock: the only clock read, outside any seed).
 //! Every seed is printed before it runs, so a crash of the process still names it.
+//! `--jobs N` runs N seeds at once on N threads (for long runs such as `make sim-long`).
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
@@ -24,6 +26,9 @@ struct Cli {
     /// Client operations (requests sent, retries included) per seed.
     #[arg(long, default_value_t = 20_000)]
     ops: u64,
+    /// Seeds run at once, one per thread (each seed stays deterministic).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
     /// Shards per seed (default: drawn from the seed).
     #[arg(long)]
     shards: Option<u32>,
@@ -42,36 +47,52 @@ fn main() -> ExitCode {
         (nanos as u64) ^ ((nanos >> 64) as u64)
     });
     let started = Instant::now();
-    let (mut ops, mut steps) = (0u64, 0u64);
-    for index in 0..cli.seeds {
-        let seed = base.wrapping_add(index);
-        println!("seed {seed}");
-        let _ = std::io::stdout().flush();
-        let outcome = std::panic::catch_unwind(|| {
-            let mut sim = Sim::new(seed, cli.ops, cli.shards);
-            if let Some(hold) = cli.trace {
-                sim.trace(hold);
-            }
-            sim.run()
-        });
-        match outcome {
-            Ok(summary) => {
-                ops += summary.ops;
-                steps += summary.steps;
-                if cli.verbose {
-                    println!("  {summary:?}");
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let ops = AtomicU64::new(0);
+    let steps = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..cli.jobs.max(1) {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= cli.seeds || failed.load(Ordering::Relaxed) {
+                    return;
                 }
-            }
-            Err(_) => {
-                let shards = cli.shards.map(|n| format!(" --shards {n}")).unwrap_or_default();
-                println!(
-                    "FAILED seed {seed}; replay: cargo run -p stockplane-sim --release -- --seed {seed} --ops {}{shards}",
-                    cli.ops
-                );
-                return ExitCode::FAILURE;
-            }
+                let seed = base.wrapping_add(index);
+                println!("seed {seed}");
+                let _ = std::io::stdout().flush();
+                let outcome = std::panic::catch_unwind(|| {
+                    let mut sim = Sim::new(seed, cli.ops, cli.shards);
+                    if let Some(hold) = cli.trace {
+                        sim.trace(hold);
+                    }
+                    sim.run()
+                });
+                match outcome {
+                    Ok(summary) => {
+                        ops.fetch_add(summary.ops, Ordering::Relaxed);
+                        steps.fetch_add(summary.steps, Ordering::Relaxed);
+                        if cli.verbose {
+                            println!("  seed {seed}: {summary:?}");
+                        }
+                    }
+                    Err(_) => {
+                        failed.store(true, Ordering::Relaxed);
+                        let shards = cli.shards.map(|n| format!(" --shards {n}")).unwrap_or_default();
+                        println!(
+                            "FAILED seed {seed}; replay: cargo run -p stockplane-sim --release -- --seed {seed} --ops {}{shards}",
+                            cli.ops
+                        );
+                        return;
+                    }
+                }
+            });
         }
+    });
+    if failed.load(Ordering::Relaxed) {
+        return ExitCode::FAILURE;
     }
+    let (ops, steps) = (ops.into_inner(), steps.into_inner());
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{} seeds passed: {ops} ops, {steps} steps in {secs:.1} s ({:.0} ops/s, {:.0} steps/s)",
