@@ -226,6 +226,10 @@ pub struct Shard {
     forgotten_order: VecDeque<u128>,
     live_holds: u32,
     expiry: Wheel,
+    /// Per hold slot: bumped whenever the slot's timer is armed or disarmed, so that the
+    /// wheel's stale entries (of finished, pinned or extended holds) can be told apart
+    /// without touching the hold records.
+    arm_generation: Vec<u8>,
     finished: VecDeque<u32>,
     pub(crate) carts: FixedMap<u128, Cart>,
     pub(crate) cart_deadlines: std::collections::BTreeSet<(Tick, u128)>,
@@ -267,6 +271,7 @@ impl Shard {
             forgotten_order: VecDeque::new(),
             live_holds: 0,
             expiry: Wheel::new(now),
+            arm_generation: vec![0; hold_slots],
             finished: VecDeque::with_capacity(config.holds_finished_max as usize + 1),
             carts: fixed_map(0),
             cart_deadlines: Default::default(),
@@ -335,6 +340,11 @@ impl Shard {
     /// Holds that currently hold stock on this shard.
     pub fn live_holds(&self) -> u32 {
         self.live_holds
+    }
+
+    /// Entries in the expiry wheel, stale ones included: at most about two per live hold.
+    pub fn expiry_timers(&self) -> usize {
+        self.expiry.len()
     }
 
     /// The position of the last WAL record produced (durable or not).
@@ -592,17 +602,21 @@ impl Shard {
         if self.expiry.len() > 0 && self.expiry.next_deadline().is_some_and(|at| at <= now) {
             let mut fired = mem::take(&mut self.scratch_ids);
             fired.clear();
-            self.expiry.advance(now, |slot| fired.push(slot));
+            let generations = &self.arm_generation;
+            self.expiry.advance(now, |slot, generation| {
+                if u32::from(generations[slot as usize]) == generation {
+                    fired.push(slot);
+                }
+            });
             for &slot in &fired {
-                // Entries are never removed from the wheel: fire only a hold that is
-                // still armed and due (not finished, pinned or extended meanwhile).
-                let hold = &mut self.hold_slab[slot as usize];
+                // Fire only a hold that is still armed and due.
+                let hold = &self.hold_slab[slot as usize];
                 if !hold.armed || hold.expires_at > now {
                     continue;
                 }
-                hold.armed = false;
                 debug_assert!(matches!(hold.phase, Phase::Held | Phase::Prepared));
                 let id = hold.id();
+                self.disarm_slot(slot);
                 self.stats.expired += 1;
                 self.log(WalRecord::Expired { hold: id });
             }
@@ -1214,7 +1228,7 @@ impl Shard {
 
     fn disarm(&mut self, hold: u128) {
         if let Some(slot) = self.holds.find(hold) {
-            self.hold_slab[slot as usize].armed = false;
+            self.disarm_slot(slot);
         }
     }
 
@@ -1274,8 +1288,8 @@ impl Shard {
                 let slot = self.live_slot(hold)?;
                 self.hold_slab[slot as usize].expires_at = expires_at_ms;
                 if self.hold_slab[slot as usize].armed {
-                    // The old entry stays in the wheel and is ignored when it fires.
-                    self.expiry.insert(slot, expires_at_ms);
+                    // The old entry goes stale: a new generation is armed at the new time.
+                    self.arm(slot, expires_at_ms);
                 }
                 Ok(())
             }
@@ -1285,7 +1299,7 @@ impl Shard {
                 part.pin_txn = txn;
                 let record = &mut self.hold_slab[slot as usize];
                 record.phase = Phase::Pinned;
-                record.armed = false;
+                self.disarm_slot(slot);
                 Ok(())
             }
             WalRecord::Unpinned { hold } => {
@@ -1295,9 +1309,8 @@ impl Shard {
                     return Err("unpin of a hold that is not pinned");
                 }
                 record.phase = Phase::Held;
-                record.armed = true;
                 let expires_at = record.expires_at;
-                self.expiry.insert(slot, expires_at);
+                self.arm(slot, expires_at);
                 Ok(())
             }
             WalRecord::CartOpened { .. }
@@ -1449,9 +1462,34 @@ impl Shard {
         }
         let inserted = self.holds.insert(hold, slot);
         assert!(inserted, "hold index sized for every slot");
-        self.expiry.insert(slot, expires_at);
         self.live_holds += 1;
+        self.arm(slot, expires_at);
         Ok(())
+    }
+
+    /// Arms hold `slot`'s expiry at `deadline`; any earlier timer of the slot goes stale.
+    fn arm(&mut self, slot: u32, deadline: Tick) {
+        let generation = &mut self.arm_generation[slot as usize];
+        *generation = generation.wrapping_add(1);
+        let generation = u32::from(*generation);
+        self.hold_slab[slot as usize].armed = true;
+        self.expiry.insert(slot, generation, deadline);
+        // Stale entries stay until they fire; once they outnumber the live ones, drop
+        // them, so the wheel holds at most about two entries per live hold.
+        if self.expiry.len() > 2 * self.live_holds as usize + 1024 {
+            let generations = &self.arm_generation;
+            let slab = &self.hold_slab;
+            self.expiry.retain(|slot, generation| {
+                u32::from(generations[slot as usize]) == generation && slab[slot as usize].armed
+            });
+        }
+    }
+
+    /// Disarms hold `slot`'s expiry: its wheel entry goes stale.
+    fn disarm_slot(&mut self, slot: u32) {
+        let generation = &mut self.arm_generation[slot as usize];
+        *generation = generation.wrapping_add(1);
+        self.hold_slab[slot as usize].armed = false;
     }
 
     fn free_extra(&mut self, mut extra: u32) {
@@ -1476,7 +1514,7 @@ impl Shard {
         let record = &mut self.hold_slab[slot as usize];
         debug_assert!(record.phase.is_live());
         record.phase = phase;
-        record.armed = false;
+        self.disarm_slot(slot);
         self.live_holds -= 1;
         self.finished.push_back(slot);
         if self.finished.len() > self.config.holds_finished_max as usize {

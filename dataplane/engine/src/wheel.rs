@@ -2,10 +2,12 @@
 //!
 //! Why our own: holds are armed and disarmed millions of times a second, and a linked
 //! wheel would touch two random neighbours on every disarm (cache misses on the hot
-//! path). This wheel never disarms: an entry is `(deadline, id)` pushed onto the bucket
-//! of its deadline (consecutive holds with the same TTL land in the same, hot, bucket),
-//! and when it fires the caller checks whether the timer is still wanted (the hold is
-//! still live and due). Time is only ever an argument, which the general-purpose wheels
+//! path). This wheel never disarms: an entry is `(deadline, id, generation)` pushed onto
+//! the bucket of its deadline (consecutive holds with the same TTL land in the same, hot,
+//! bucket), and when it fires the caller checks whether the timer is still wanted (the
+//! generation is still the id's current one, and the hold is live and due). Stale entries
+//! are dropped when they fire or by [`Wheel::retain`], which the caller runs once stale
+//! entries outnumber live ones, so memory stays proportional to live timers. Time is only ever an argument, which the general-purpose wheels
 //! in the ecosystem (tokio's, for one) do not offer standalone.
 //!
 //! Layout: `LEVELS` levels of 64 buckets; level `l` buckets span `64^l` ms. An entry sits
@@ -13,8 +15,7 @@
 //! moves down a level each time time reaches its bucket, firing at level 0.
 //! Invariants: every entry's deadline is `>= elapsed` until it fires; `next_deadline`
 //! never exceeds the earliest deadline; an entry fires exactly once, at or after its
-//! deadline and never before. Stale entries (timers the caller no longer wants) stay
-//! until they fire; callers bound them by bounding how often a timer is re-armed.
+//! deadline and never before, unless `retain` drops it.
 
 use std::mem;
 
@@ -24,10 +25,18 @@ const SLOTS: usize = 64;
 /// current rotation wait in an overflow list until the rotation ends.
 const ROTATION_MASK: u64 = (1 << (6 * LEVELS as u64)) - 1;
 
-/// A timer wheel of `(deadline, id)` entries.
+/// An armed timer: its deadline, the id it belongs to, and the id's arming generation.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    deadline: u64,
+    id: u32,
+    generation: u32,
+}
+
+/// A timer wheel of `(deadline, id, generation)` entries.
 pub(crate) struct Wheel {
-    buckets: Vec<Vec<(u64, u32)>>,
-    overflow: Vec<(u64, u32)>,
+    buckets: Vec<Vec<Entry>>,
+    overflow: Vec<Entry>,
     occupied: [u64; LEVELS],
     elapsed: u64,
     len: usize,
@@ -59,15 +68,18 @@ impl Wheel {
     }
 
     /// Arms a timer for `id` at `deadline` (a time already past fires at the next advance).
-    pub(crate) fn insert(&mut self, id: u32, deadline: u64) {
-        let deadline = deadline.max(self.elapsed);
+    pub(crate) fn insert(&mut self, id: u32, generation: u32, deadline: u64) {
+        self.place(Entry { deadline: deadline.max(self.elapsed), id, generation });
+    }
+
+    fn place(&mut self, entry: Entry) {
         self.len += 1;
-        if (deadline ^ self.elapsed) > ROTATION_MASK {
-            self.overflow.push((deadline, id));
+        if (entry.deadline ^ self.elapsed) > ROTATION_MASK {
+            self.overflow.push(entry);
             return;
         }
-        let (level, slot) = self.level_slot(deadline);
-        self.buckets[level * SLOTS + slot].push((deadline, id));
+        let (level, slot) = self.level_slot(entry.deadline);
+        self.buckets[level * SLOTS + slot].push(entry);
         self.occupied[level] |= 1 << slot;
     }
 
@@ -95,8 +107,30 @@ impl Wheel {
         Some((base + ((slot as u64) << shift)).max(self.elapsed))
     }
 
-    /// Advances time to `now`, calling `fire` for every entry whose deadline is `<= now`.
-    pub(crate) fn advance(&mut self, now: u64, mut fire: impl FnMut(u32)) {
+    /// Drops every entry for which `keep(id, generation)` is false.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(u32, u32) -> bool) {
+        for level in 0..LEVELS {
+            for slot in 0..SLOTS {
+                let bucket = &mut self.buckets[level * SLOTS + slot];
+                if bucket.is_empty() {
+                    continue;
+                }
+                self.len -= bucket.len();
+                bucket.retain(|entry| keep(entry.id, entry.generation));
+                self.len += bucket.len();
+                if bucket.is_empty() {
+                    self.occupied[level] &= !(1 << slot);
+                }
+            }
+        }
+        self.len -= self.overflow.len();
+        self.overflow.retain(|entry| keep(entry.id, entry.generation));
+        self.len += self.overflow.len();
+    }
+
+    /// Advances time to `now`, calling `fire(id, generation)` for every entry whose
+    /// deadline is `<= now`.
+    pub(crate) fn advance(&mut self, now: u64, mut fire: impl FnMut(u32, u32)) {
         while let Some(at) = self.next_deadline() {
             if at > now {
                 break;
@@ -106,8 +140,8 @@ impl Wheel {
                 // A new rotation: overflow entries now due within it move into the wheel.
                 let overflow = mem::take(&mut self.overflow);
                 self.len -= overflow.len();
-                for (deadline, id) in overflow {
-                    self.insert(id, deadline);
+                for entry in overflow {
+                    self.place(entry);
                 }
                 continue;
             };
@@ -116,11 +150,11 @@ impl Wheel {
             let mut entries = mem::take(&mut self.buckets[index]);
             self.occupied[level] &= !(1 << slot);
             self.len -= entries.len();
-            for &(deadline, id) in &entries {
-                if deadline <= at {
-                    fire(id);
+            for &entry in &entries {
+                if entry.deadline <= at {
+                    fire(entry.id, entry.generation);
                 } else {
-                    self.insert(id, deadline);
+                    self.place(entry);
                 }
             }
             // Give the bucket its allocation back, so steady traffic allocates nothing.
@@ -144,17 +178,17 @@ mod tests {
     #[test]
     fn fires_at_deadline_not_before() {
         let mut wheel = Wheel::new(1_000);
-        wheel.insert(0, 1_005);
-        wheel.insert(1, 1_000 + 70_000);
+        wheel.insert(0, 0, 1_005);
+        wheel.insert(1, 0, 1_000 + 70_000);
         let mut fired = Vec::new();
-        wheel.advance(1_004, |id| fired.push(id));
+        wheel.advance(1_004, |id, _| fired.push(id));
         assert!(fired.is_empty());
         assert!(wheel.next_deadline().unwrap() <= 1_005);
-        wheel.advance(1_005, |id| fired.push(id));
+        wheel.advance(1_005, |id, _| fired.push(id));
         assert_eq!(fired, vec![0]);
-        wheel.advance(71_000 - 1, |id| fired.push(id));
+        wheel.advance(71_000 - 1, |id, _| fired.push(id));
         assert_eq!(fired, vec![0]);
-        wheel.advance(71_000, |id| fired.push(id));
+        wheel.advance(71_000, |id, _| fired.push(id));
         assert_eq!(fired, vec![0, 1]);
         assert_eq!(wheel.len(), 0);
         assert_eq!(wheel.next_deadline(), None);
@@ -165,13 +199,13 @@ mod tests {
         let start = 1_000;
         let mut wheel = Wheel::new(start);
         let far = start + (1 << 46);
-        wheel.insert(7, far);
-        wheel.insert(8, u64::MAX);
+        wheel.insert(7, 0, far);
+        wheel.insert(8, 0, u64::MAX);
         let mut fired = Vec::new();
-        wheel.advance(far - 1, |id| fired.push(id));
+        wheel.advance(far - 1, |id, _| fired.push(id));
         assert!(fired.is_empty());
         assert_eq!(wheel.len(), 2);
-        wheel.advance(far, |id| fired.push(id));
+        wheel.advance(far, |id, _| fired.push(id));
         assert_eq!(fired, vec![7]);
         assert_eq!(wheel.len(), 1);
     }
@@ -189,15 +223,19 @@ mod tests {
             let mut now = start;
             for (step, (insert, id, amount)) in ops.into_iter().enumerate() {
                 if insert {
-                    wheel.insert(id, now + amount);
+                    wheel.insert(id, step as u32, now + amount);
                     model.insert((now + amount, id, step));
+                } else if amount % 7 == 0 {
+                    // Drop the entries of odd steps, as a caller drops stale timers.
+                    wheel.retain(|_, generation| generation % 2 == 0);
+                    model.retain(|entry| entry.2 % 2 == 0);
                 } else {
                     now += amount % 5_000;
                     if let Some(next) = wheel.next_deadline() {
                         prop_assert!(next <= model.iter().next().unwrap().0);
                     }
                     let mut fired = Vec::new();
-                    wheel.advance(now, |id| fired.push(id));
+                    wheel.advance(now, |id, _| fired.push(id));
                     let mut expected = Vec::new();
                     while let Some(&entry) = model.iter().next() {
                         if entry.0 > now { break; }

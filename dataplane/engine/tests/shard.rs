@@ -402,3 +402,20 @@ fn wal_fuzz_seeds_recover() {
         assert_eq!(valid, stored.len());
     }
 }
+
+/// Committed holds leave stale timers in the wheel until their expiry; the shard drops
+/// them once they outnumber the live ones, so a long run with long TTLs stays bounded.
+#[test]
+fn stale_expiry_timers_stay_bounded() {
+    let mut c = Cluster::new(1, |config| config.holds_finished_max = 16);
+    c.stock(1, 1, 1_000_000, 0);
+    for hold in 0..20_000u128 {
+        assert_eq!(c.status(CHECKOUT, reserve(hold, 3_600_000, &[(1, None, 1)])), Status::Reserved);
+        if hold >= 10 {
+            assert_eq!(c.status(CHECKOUT, commit(hold - 10)), Status::Committed);
+        }
+        assert!(c.shards[0].expiry_timers() <= 2 * 11 + 1024, "{} timers", c.shards[0].expiry_timers());
+    }
+    assert_eq!(c.shards[0].live_holds(), 10);
+    c.check();
+}
