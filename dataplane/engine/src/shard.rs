@@ -410,7 +410,7 @@ impl Shard {
                 }
             }
             ArchivedOp::Commit { hold, .. } | ArchivedOp::Release { hold } => {
-                if let Some(slot) = self.holds.find(hold.0.to_native()) {
+                if let Some(slot) = self.find_hold(hold.0.to_native()) {
                     let record = &self.hold_slab[slot as usize];
                     prefetch(record);
                     if let Some(row) = self.stock.get(record.line0_slot as usize) {
@@ -783,7 +783,7 @@ impl Shard {
         if self.carts.contains_key(&hold) {
             return self.cart_reserve_retry(origin, id, hold, fingerprint);
         }
-        if let Some(slot) = self.holds.find(hold) {
+        if let Some(slot) = self.find_hold(hold) {
             let record = self.hold_slab[slot as usize];
             if !record.participant {
                 let status = if record.fingerprint == fingerprint { Status::Reserved } else { Status::Conflict };
@@ -819,9 +819,16 @@ impl Shard {
             lines: Lines::Slice(&resolved),
         });
         self.scratch_lines = resolved;
-        let slot = self.holds.find(hold).expect("hold just applied");
+        let slot = self.find_hold(hold).expect("hold just applied");
         let body = self.hold_body(slot);
         self.reply_after_log(origin.client, id, Status::Reserved, body);
+    }
+
+    /// The slot of hold `id`, if this shard has a record of it.
+    #[inline]
+    fn find_hold(&self, id: u128) -> Option<u32> {
+        let id_hi = (id >> 64) as u64;
+        self.holds.find(id, |slot| self.hold_slab[slot as usize].id_hi == id_hi)
     }
 
     pub(crate) fn validate_lines(
@@ -890,7 +897,7 @@ impl Shard {
     }
 
     fn local_hold(&self, hold: u128) -> Option<u32> {
-        self.holds.find(hold).filter(|slot| !self.hold_slab[*slot as usize].participant)
+        self.find_hold(hold).filter(|slot| !self.hold_slab[*slot as usize].participant)
     }
 
     fn release(&mut self, origin: Origin, id: u64, hold: u128) {
@@ -1000,7 +1007,7 @@ impl Shard {
     }
 
     fn query_hold(&mut self, origin: Origin, id: u64, hold: u128) {
-        let info = match (self.carts.get(&hold), self.holds.find(hold)) {
+        let info = match (self.carts.get(&hold), self.find_hold(hold)) {
             (Some(cart), _) => Some(cart.info(hold)),
             (None, Some(slot)) => Some(self.hold_info(slot)),
             (None, None) => None,
@@ -1088,7 +1095,7 @@ impl Shard {
     // ---------------------------------------------------------------- participant side
 
     fn participant_prepare(&mut self, from: ShardId, hold: u128, txn: u64, expires_at_ms: Tick, lines: &[PeerLine]) {
-        if let Some(slot) = self.holds.find(hold) {
+        if let Some(slot) = self.find_hold(hold) {
             let record = self.hold_slab[slot as usize];
             let part = self.participations.get(&slot).copied();
             match part {
@@ -1162,7 +1169,7 @@ impl Shard {
     }
 
     fn participant_of(&self, hold: u128) -> Option<(u32, Hold, Participation)> {
-        let slot = self.holds.find(hold)?;
+        let slot = self.find_hold(hold)?;
         let part = *self.participations.get(&slot)?;
         Some((slot, self.hold_slab[slot as usize], part))
     }
@@ -1227,7 +1234,7 @@ impl Shard {
     }
 
     fn disarm(&mut self, hold: u128) {
-        if let Some(slot) = self.holds.find(hold) {
+        if let Some(slot) = self.find_hold(hold) {
             self.disarm_slot(slot);
         }
     }
@@ -1258,7 +1265,7 @@ impl Shard {
                 self.apply_held(hold, expires_at_ms, fingerprint, prepared_for, &lines)
             }
             WalRecord::Kept { hold } => {
-                let slot = self.holds.find(hold).ok_or("keep of an unknown hold")?;
+                let slot = self.find_hold(hold).ok_or("keep of an unknown hold")?;
                 let record = &mut self.hold_slab[slot as usize];
                 if record.phase != Phase::Prepared {
                     return Err("keep of a hold that is not prepared");
@@ -1329,7 +1336,7 @@ impl Shard {
     }
 
     fn live_slot(&self, hold: u128) -> Result<u32, &'static str> {
-        let slot = self.holds.find(hold).ok_or("record for an unknown hold")?;
+        let slot = self.find_hold(hold).ok_or("record for an unknown hold")?;
         if !self.hold_slab[slot as usize].phase.is_live() {
             return Err("record for a hold that is over");
         }
@@ -1373,12 +1380,12 @@ impl Shard {
         if lines.is_empty() || lines.len() > 64 {
             return Err("a hold needs 1 to 64 lines");
         }
-        if let Some(previous) = self.holds.find(hold) {
+        if let Some(previous) = self.find_hold(hold) {
             if self.hold_slab[previous as usize].phase.is_live() {
                 return Err("a hold with this id is live");
             }
             // A finished hold of the same id gives way; its slot leaves with `finished`.
-            self.holds.remove(hold);
+            self.holds.remove(hold, previous);
         }
         if self.live_holds >= self.config.holds_max {
             return Err("more live holds than holds_max");
@@ -1526,9 +1533,8 @@ impl Shard {
     fn evict_finished(&mut self) {
         let Some(slot) = self.finished.pop_front() else { return };
         let record = self.hold_slab[slot as usize];
-        if self.holds.find(record.id()) == Some(slot) {
-            self.holds.remove(record.id());
-        }
+        // Unless a newer hold of the same id took its place in the index.
+        self.holds.remove(record.id(), slot);
         if let Some(part) = self.participations.remove(&slot) {
             self.remember_forgotten_share(record.id(), part.reserve_txn, record.expires_at);
         }
@@ -1638,7 +1644,7 @@ impl Shard {
 
     /// The state of hold `hold`'s lines on this shard (for carts: this shard's part).
     pub fn hold_state(&self, hold: HoldId) -> Option<HoldState> {
-        self.holds.find(hold.0).map(|slot| self.hold_slab[slot as usize].phase.hold_state())
+        self.find_hold(hold.0).map(|slot| self.hold_slab[slot as usize].phase.hold_state())
     }
 
     /// The journal's next position (one past the last entry).
