@@ -34,6 +34,8 @@ use crate::wheel::Wheel;
 use crate::Tick;
 
 pub(crate) const NONE: u32 = u32::MAX;
+/// The cursor of a hold's first line in `Shard::hold_line` walks.
+const FIRST_LINE: u32 = u32::MAX - 1;
 const PREFETCH_CHUNK: usize = 16;
 
 pub(crate) type FixedMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
@@ -225,6 +227,8 @@ pub struct Shard {
     forgotten_shares: FixedMap<u128, (u64, Tick)>,
     forgotten_order: VecDeque<u128>,
     live_holds: u32,
+    /// Extra lines (beyond the first) that finished holds kept in `finished` still own.
+    finished_extra_lines: usize,
     expiry: Wheel,
     /// Per hold slot: bumped whenever the slot's timer is armed or disarmed, so that the
     /// wheel's stale entries (of finished, pinned or extended holds) can be told apart
@@ -270,6 +274,7 @@ impl Shard {
             forgotten_shares: fixed_map(0),
             forgotten_order: VecDeque::new(),
             live_holds: 0,
+            finished_extra_lines: 0,
             expiry: Wheel::new(now),
             arm_generation: vec![0; hold_slots],
             finished: VecDeque::with_capacity(config.holds_finished_max as usize + 1),
@@ -279,7 +284,7 @@ impl Shard {
             next_txn: 1,
             adjustments: fixed_map(0),
             adjustment_order: VecDeque::new(),
-            journal: VecDeque::new(),
+            journal: VecDeque::with_capacity(config.journal_entries_max as usize + 1),
             journal_next: 1,
             wal_out: Vec::new(),
             wal_head: 0,
@@ -365,6 +370,8 @@ impl Shard {
     /// are prefetched, then the stock rows and hold records, then the requests applied,
     /// so that the chunk's cache misses overlap instead of following each other.
     pub fn handle_batch(&mut self, now: Tick, origin: Origin, batch: &ArchivedRequestBatch) {
+        // One clock reading for the whole batch: expiries are applied once, up front.
+        self.advance(now);
         for chunk in batch.requests.as_slice().chunks(PREFETCH_CHUNK) {
             for request in chunk {
                 self.prefetch_buckets(&request.op);
@@ -374,17 +381,21 @@ impl Shard {
                 prefetch(&self.hold_slab[slot as usize]);
             }
             for request in chunk {
-                self.prefetch_rows(&request.op);
+                self.prefetch_records(&request.op);
             }
             for &slot in self.finished.iter().take(chunk.len()) {
                 self.holds.prefetch(self.hold_slab[slot as usize].id());
             }
             for request in chunk {
-                self.handle_request(now, origin, request);
+                self.prefetch_hold_rows(&request.op);
+            }
+            for request in chunk {
+                self.handle_current(origin, request);
             }
         }
     }
 
+    /// First prefetch pass: the index buckets a request will probe.
     fn prefetch_buckets(&self, op: &ArchivedOp) {
         match op {
             ArchivedOp::Reserve { hold, lines, .. } => {
@@ -400,7 +411,8 @@ impl Shard {
         }
     }
 
-    fn prefetch_rows(&self, op: &ArchivedOp) {
+    /// Second pass: the stock rows a reserve names and the hold records others name.
+    fn prefetch_records(&self, op: &ArchivedOp) {
         match op {
             ArchivedOp::Reserve { lines, .. } => {
                 for line in lines.iter() {
@@ -410,21 +422,33 @@ impl Shard {
                 }
             }
             ArchivedOp::Commit { hold, .. } | ArchivedOp::Release { hold } => {
-                if let Some(slot) = self.find_hold(hold.0.to_native()) {
-                    let record = &self.hold_slab[slot as usize];
-                    prefetch(record);
-                    if let Some(row) = self.stock.get(record.line0_slot as usize) {
-                        prefetch(row);
-                    }
+                if let Some(slot) = self.find_hold_unverified(hold.0.to_native()) {
+                    prefetch(&self.hold_slab[slot as usize]);
                 }
             }
             _ => {}
         }
     }
 
+    /// Third pass: the stock row of a named hold's first line.
+    fn prefetch_hold_rows(&self, op: &ArchivedOp) {
+        if let ArchivedOp::Commit { hold, .. } | ArchivedOp::Release { hold } = op {
+            if let Some(slot) = self.find_hold(hold.0.to_native()) {
+                if let Some(row) = self.stock.get(self.hold_slab[slot as usize].line0_slot as usize) {
+                    prefetch(row);
+                }
+            }
+        }
+    }
+
     /// Handles one request. Its reply comes out of [`Shard::poll_reply`] once durable.
     pub fn handle_request(&mut self, now: Tick, origin: Origin, request: &ArchivedRequest) {
         self.advance(now);
+        self.handle_current(origin, request);
+    }
+
+    /// Handles one request at the current time (`advance` has run).
+    fn handle_current(&mut self, origin: Origin, request: &ArchivedRequest) {
         self.stats.requests += 1;
         let id = request.id.to_native();
         let op = &request.op;
@@ -434,7 +458,6 @@ impl Shard {
         let changes_state =
             !matches!(op, ArchivedOp::QueryStock { .. } | ArchivedOp::QueryHolds { .. } | ArchivedOp::Journal { .. });
         if changes_state && self.outbox_len() >= self.config.outbox_max as usize {
-            self.stats.busy += 1;
             return self.reply_now(origin, id, Status::Busy, Body::Empty);
         }
         match op {
@@ -719,14 +742,17 @@ impl Shard {
         }))
     }
 
-    /// Copies the (row, qty) lines of hold `slot` into `rows`; returns how many.
-    fn hold_rows(&self, slot: u32, rows: &mut [(u32, u32); 64]) -> usize {
-        let mut count = 0;
-        for line in self.hold_lines(slot) {
-            rows[count] = line;
-            count += 1;
+    /// One step of a walk over hold `slot`'s lines that borrows nothing between steps:
+    /// `(row, qty, next)` for `cursor`. Start at `FIRST_LINE`; `NONE` ends the walk.
+    #[inline]
+    fn hold_line(&self, slot: u32, cursor: u32) -> (u32, u32, u32) {
+        if cursor == FIRST_LINE {
+            let record = &self.hold_slab[slot as usize];
+            (record.line0_slot, record.line0_qty, record.extra)
+        } else {
+            let line = &self.extra_lines[cursor as usize];
+            (line.slot, line.qty, line.next)
         }
-        count
     }
 
     fn hold_info(&self, slot: u32) -> HoldInfo {
@@ -819,9 +845,16 @@ impl Shard {
             lines: Lines::Slice(&resolved),
         });
         self.scratch_lines = resolved;
-        let slot = self.find_hold(hold).expect("hold just applied");
-        let body = self.hold_body(slot);
+        let body =
+            Body::Hold(HoldInfo { hold: HoldId(hold), state: HoldState::Held, expires_at_ms, lines: Vec::new() });
         self.reply_after_log(origin.client, id, Status::Reserved, body);
+    }
+
+    /// The slot that hold `id` probably has (96 bits of the id match): for prefetching,
+    /// which must not touch the record it is about to fetch.
+    #[inline]
+    fn find_hold_unverified(&self, id: u128) -> Option<u32> {
+        self.holds.find(id, |_| true)
     }
 
     /// The slot of hold `id`, if this shard has a record of it.
@@ -851,10 +884,15 @@ impl Shard {
         Ok(())
     }
 
+    fn extra_lines_free(&self) -> usize {
+        (self.extra_lines.capacity() - self.extra_lines.len()) + self.extra_free.len()
+    }
+
     fn hold_capacity(&self, lines: usize) -> Result<(), Status> {
         let slots_free =
             self.hold_slab.len() < self.hold_slab.capacity() || !self.hold_free.is_empty() || !self.finished.is_empty();
-        let extra_free = (self.extra_lines.capacity() - self.extra_lines.len()) + self.extra_free.len();
+        // Lines of finished holds can be reclaimed by forgetting those holds.
+        let extra_free = self.extra_lines_free() + self.finished_extra_lines;
         if self.live_holds >= self.config.holds_max || !slots_free || lines.saturating_sub(1) > extra_free {
             return Err(Status::Busy);
         }
@@ -874,13 +912,17 @@ impl Shard {
         let record = self.hold_slab[slot as usize];
         let status = match record.phase {
             Phase::Held => {
-                let mut keys = [(0u64, 0u32); 64];
-                let mut count = 0;
-                for (row, _) in self.hold_lines(slot) {
-                    keys[count] = (self.stock[row as usize].sku, self.stock[row as usize].location);
-                    count += 1;
-                }
-                match commit_mask(&keys[..count], subset) {
+                let mask = match subset {
+                    None => all_lines(usize::from(record.lines)),
+                    Some(_) => {
+                        let keys: Vec<(u64, u32)> = self
+                            .hold_lines(slot)
+                            .map(|(row, _)| (self.stock[row as usize].sku, self.stock[row as usize].location))
+                            .collect();
+                        commit_mask(&keys, subset)
+                    }
+                };
+                match mask {
                     Ok(mask) => {
                         self.log(WalRecord::Committed { hold, mask });
                         Status::Committed
@@ -1275,9 +1317,9 @@ impl Shard {
             }
             WalRecord::Committed { hold, mask } => {
                 let slot = self.live_slot(hold)?;
-                let mut rows = [(0u32, 0u32); 64];
-                let count = self.hold_rows(slot, &mut rows);
-                for (index, &(row, qty)) in rows[..count].iter().enumerate() {
+                let (mut cursor, mut index) = (FIRST_LINE, 0);
+                while cursor != NONE {
+                    let (row, qty, next) = self.hold_line(slot, cursor);
                     let stock = &mut self.stock[row as usize];
                     stock.held -= i64::from(qty);
                     if mask & (1 << index) != 0 {
@@ -1285,6 +1327,7 @@ impl Shard {
                         let (sku, location) = (stock.sku, stock.location);
                         self.journal_push(sku, location, JournalChange::Sale { hold: HoldId(hold), qty });
                     }
+                    (cursor, index) = (next, index + 1);
                 }
                 self.finish(slot, Phase::Committed);
                 Ok(())
@@ -1380,12 +1423,9 @@ impl Shard {
         if lines.is_empty() || lines.len() > 64 {
             return Err("a hold needs 1 to 64 lines");
         }
-        if let Some(previous) = self.find_hold(hold) {
-            if self.hold_slab[previous as usize].phase.is_live() {
-                return Err("a hold with this id is live");
-            }
-            // A finished hold of the same id gives way; its slot leaves with `finished`.
-            self.holds.remove(hold, previous);
+        let previous = self.find_hold(hold);
+        if previous.is_some_and(|previous| self.hold_slab[previous as usize].phase.is_live()) {
+            return Err("a hold with this id is live");
         }
         if self.live_holds >= self.config.holds_max {
             return Err("more live holds than holds_max");
@@ -1413,19 +1453,75 @@ impl Shard {
                 self.hold_free.pop().ok_or("no hold slot is free")?
             }
         };
-        let mut rows = [(0u32, 0u32); 64];
-        for (index, line) in lines.iter().enumerate() {
-            let row = self.find_row(line.sku, line.location).ok_or("hold of an unknown row")?;
-            rows[index] = (row, line.qty);
+        let mut rows = mem::take(&mut self.scratch_slots);
+        rows.clear();
+        let outcome = self.apply_held_lines(lines, &mut rows);
+        let extra = match outcome {
+            Ok(extra) => extra,
+            Err(reason) => {
+                self.scratch_slots = rows;
+                self.hold_free.push(slot);
+                return Err(reason);
+            }
+        };
+        let count = rows.len();
+        let (line0_slot, line0_qty) = rows[0];
+        self.scratch_slots = rows;
+        self.hold_slab[slot as usize] = Hold {
+            id_lo: hold as u64,
+            id_hi: (hold >> 64) as u64,
+            expires_at,
+            line0_slot,
+            line0_qty,
+            extra,
+            fingerprint,
+            phase: if prepared_for.is_some() { Phase::Prepared } else { Phase::Held },
+            lines: count as u8,
+            armed: true,
+            participant: prepared_for.is_some(),
+        };
+        if let Some((coordinator, txn)) = prepared_for {
+            self.participations.insert(slot, Participation { coordinator, reserve_txn: txn, pin_txn: 0 });
         }
-        let count = lines.len();
-        let extra_free = (self.extra_lines.capacity() - self.extra_lines.len()) + self.extra_free.len();
-        if count - 1 > extra_free {
-            self.hold_free.push(slot);
+        if let Some(previous) = previous {
+            // A finished hold of the same id gives way; its slot leaves with `finished`.
+            self.holds.remove(hold, previous);
+        }
+        let inserted = self.holds.insert(hold, slot);
+        assert!(inserted, "hold index sized for every slot");
+        self.live_holds += 1;
+        self.arm(slot, expires_at);
+        Ok(())
+    }
+
+    /// Resolves a `Held` record's lines into `rows`, holds their stock and links the lines
+    /// after the first into the extra-line slab; returns the first extra line. Changes
+    /// nothing when it fails.
+    fn apply_held_lines(&mut self, lines: &Lines<'_>, rows: &mut Vec<(u32, u32)>) -> Result<u32, &'static str> {
+        for line in lines.iter() {
+            let row = self.find_row(line.sku, line.location).ok_or("hold of an unknown row")?;
+            rows.push((row, line.qty));
+        }
+        // Finished holds keep their lines for retries; make room by forgetting the oldest.
+        while rows.len() - 1 > self.extra_lines_free() && !self.finished.is_empty() {
+            self.evict_finished();
+        }
+        if rows.len() - 1 > self.extra_lines_free() {
             return Err("more hold lines than hold_extra_lines_max");
         }
+        for &(row, qty) in rows.iter() {
+            self.stock[row as usize].held += i64::from(qty);
+        }
+        for &(row, _) in rows.iter() {
+            if let Err(reason) = self.check_row(row) {
+                for &(row, qty) in rows.iter() {
+                    self.stock[row as usize].held -= i64::from(qty);
+                }
+                return Err(reason);
+            }
+        }
         let mut extra = NONE;
-        for &(row, qty) in rows[1..count].iter().rev() {
+        for &(row, qty) in rows[1..].iter().rev() {
             let line = ExtraLine { slot: row, qty, next: extra };
             extra = match self.extra_free.pop() {
                 Some(index) => {
@@ -1438,40 +1534,7 @@ impl Shard {
                 }
             };
         }
-        for &(row, qty) in &rows[..count] {
-            self.stock[row as usize].held += i64::from(qty);
-        }
-        for &(row, _) in &rows[..count] {
-            if let Err(reason) = self.check_row(row) {
-                for &(row, qty) in &rows[..count] {
-                    self.stock[row as usize].held -= i64::from(qty);
-                }
-                self.free_extra(extra);
-                self.hold_free.push(slot);
-                return Err(reason);
-            }
-        }
-        self.hold_slab[slot as usize] = Hold {
-            id_lo: hold as u64,
-            id_hi: (hold >> 64) as u64,
-            expires_at,
-            line0_slot: rows[0].0,
-            line0_qty: rows[0].1,
-            extra,
-            fingerprint,
-            phase: if prepared_for.is_some() { Phase::Prepared } else { Phase::Held },
-            lines: count as u8,
-            armed: true,
-            participant: prepared_for.is_some(),
-        };
-        if let Some((coordinator, txn)) = prepared_for {
-            self.participations.insert(slot, Participation { coordinator, reserve_txn: txn, pin_txn: 0 });
-        }
-        let inserted = self.holds.insert(hold, slot);
-        assert!(inserted, "hold index sized for every slot");
-        self.live_holds += 1;
-        self.arm(slot, expires_at);
-        Ok(())
+        Ok(extra)
     }
 
     /// Arms hold `slot`'s expiry at `deadline`; any earlier timer of the slot goes stale.
@@ -1508,10 +1571,11 @@ impl Shard {
 
     fn apply_give_back(&mut self, hold: u128, phase: Phase) -> ApplyResult {
         let slot = self.live_slot(hold)?;
-        let mut rows = [(0u32, 0u32); 64];
-        let count = self.hold_rows(slot, &mut rows);
-        for &(row, qty) in &rows[..count] {
+        let mut cursor = FIRST_LINE;
+        while cursor != NONE {
+            let (row, qty, next) = self.hold_line(slot, cursor);
             self.stock[row as usize].held -= i64::from(qty);
+            cursor = next;
         }
         self.finish(slot, phase);
         Ok(())
@@ -1523,6 +1587,7 @@ impl Shard {
         record.phase = phase;
         self.disarm_slot(slot);
         self.live_holds -= 1;
+        self.finished_extra_lines += usize::from(self.hold_slab[slot as usize].lines.saturating_sub(1));
         self.finished.push_back(slot);
         if self.finished.len() > self.config.holds_finished_max as usize {
             self.evict_finished();
@@ -1533,9 +1598,10 @@ impl Shard {
     fn evict_finished(&mut self) {
         let Some(slot) = self.finished.pop_front() else { return };
         let record = self.hold_slab[slot as usize];
+        self.finished_extra_lines -= usize::from(record.lines.saturating_sub(1));
         // Unless a newer hold of the same id took its place in the index.
         self.holds.remove(record.id(), slot);
-        if let Some(part) = self.participations.remove(&slot) {
+        if let Some(part) = record.participant.then(|| self.participations.remove(&slot)).flatten() {
             self.remember_forgotten_share(record.id(), part.reserve_txn, record.expires_at);
         }
         self.free_extra(record.extra);
@@ -1716,11 +1782,15 @@ pub(crate) fn fingerprint(ttl_ms: u32, lines: impl Iterator<Item = (u64, Option<
     (h ^ (h >> 32)) as u32
 }
 
+/// The mask that names every one of `count` lines.
+pub(crate) fn all_lines(count: usize) -> Result<u64, Status> {
+    Ok(if count >= 64 { u64::MAX } else { (1u64 << count) - 1 })
+}
+
 /// The commit mask of a hold's lines `(sku, location)` for a commit naming `subset`
 /// (`None`: every line). A named line that the hold lacks is an invalid argument.
 pub(crate) fn commit_mask(lines: &[(u64, u32)], subset: Option<&[(u64, Option<u32>)]>) -> Result<u64, Status> {
-    let all = if lines.len() == 64 { u64::MAX } else { (1u64 << lines.len()) - 1 };
-    let Some(subset) = subset else { return Ok(all) };
+    let Some(subset) = subset else { return all_lines(lines.len()) };
     let mut mask = 0u64;
     for &(sku, location) in subset {
         let found = lines.iter().position(|&(s, l)| s == sku && location.is_none_or(|want| want == l));

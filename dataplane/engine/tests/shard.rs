@@ -419,3 +419,26 @@ fn stale_expiry_timers_stay_bounded() {
     assert_eq!(c.shards[0].live_holds(), 10);
     c.check();
 }
+
+/// Finished holds keep their lines for retries, but a new hold may take those lines
+/// back: with room for exactly the live holds' extra lines, carts never run out.
+#[test]
+fn finished_holds_give_their_lines_back() {
+    let mut c = Cluster::new(1, |config| {
+        config.holds_max = 4;
+        config.holds_finished_max = 8;
+        config.hold_extra_lines_max = 4 * 4;
+    });
+    for sku in 1..=5 {
+        c.stock(sku, 1, 1_000, 0);
+    }
+    let cart: Vec<(u64, Option<u32>, u32)> = (1..=5).map(|sku| (sku, None, 1)).collect();
+    for hold in 0..100u128 {
+        assert_eq!(c.status(CHECKOUT, reserve(hold, 60_000, &cart)), Status::Reserved, "cart {hold}");
+        if hold >= 3 {
+            assert_eq!(c.status(CHECKOUT, commit(hold - 3)), Status::Committed);
+        }
+    }
+    assert_eq!(c.level(1, 1), (1_000 - 97, 3));
+    c.check();
+}
