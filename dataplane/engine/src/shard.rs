@@ -220,10 +220,10 @@ pub struct Shard {
     extra_lines: Vec<ExtraLine>,
     extra_free: Vec<u32>,
     participations: FixedMap<u32, Participation>,
-    /// Participant shares forgotten (evicted after they finished): their reserve txn and
-    /// expiry, so that a duplicated `Prepare` cannot hold their lines again before the
-    /// cart's expiry, when late messages could then sell them twice. Oldest first in
-    /// `forgotten_order`; at most `holds_max + holds_finished_max` are remembered.
+    /// Participant shares forgotten (evicted after they finished) before their cart's
+    /// expiry: their reserve txn and expiry, so that a duplicated `Prepare` cannot hold
+    /// their lines again while late messages could still sell them. Kept until expiry;
+    /// when `holds_max + holds_finished_max` are remembered, new shares are refused.
     forgotten_shares: FixedMap<u128, (u64, Tick)>,
     forgotten_order: VecDeque<u128>,
     live_holds: u32,
@@ -1169,7 +1169,11 @@ impl Shard {
                 return self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
             }
         }
-        let status = self.participant_try_hold(from, hold, txn, expires_at_ms, lines);
+        let status = if self.forgotten_shares_room() {
+            self.participant_try_hold(from, hold, txn, expires_at_ms, lines)
+        } else {
+            Status::Busy
+        };
         self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
     }
 
@@ -1610,13 +1614,30 @@ impl Shard {
     }
 
     fn remember_forgotten_share(&mut self, hold: u128, reserve_txn: u64, expires_at: Tick) {
+        if expires_at <= self.now {
+            // Past its expiry, any message about the share is refused anyway.
+            return;
+        }
         if self.forgotten_shares.insert(hold, (reserve_txn, expires_at)).is_none() {
             self.forgotten_order.push_back(hold);
         }
-        while self.forgotten_order.len() > (self.config.holds_max + self.config.holds_finished_max) as usize {
-            let oldest = self.forgotten_order.pop_front().expect("not empty");
-            self.forgotten_shares.remove(&oldest);
+    }
+
+    /// Drops remembered shares whose cart has expired (oldest first); true while the
+    /// memory of forgotten shares still has room for more. A full memory is never cut
+    /// short: a share forgotten before its expiry could be held, and sold, a second time
+    /// by a duplicated message, so new shares wait (`busy`) until old ones expire.
+    fn forgotten_shares_room(&mut self) -> bool {
+        while let Some(&oldest) = self.forgotten_order.front() {
+            match self.forgotten_shares.get(&oldest) {
+                Some(&(_, expires_at)) if expires_at > self.now => break,
+                _ => {
+                    self.forgotten_order.pop_front();
+                    self.forgotten_shares.remove(&oldest);
+                }
+            }
         }
+        self.forgotten_order.len() < (self.config.holds_max + self.config.holds_finished_max) as usize
     }
 
     fn journal_push(&mut self, sku: u64, location: u32, change: JournalChange) {

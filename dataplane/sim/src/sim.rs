@@ -56,7 +56,7 @@ pub struct Summary {
     /// Messages between shards that the network dropped.
     pub peer_dropped: u64,
     /// Participant lines held again for a duplicated `Prepare` after their cart was
-    /// sold, then given back (bounded by the cart's expiry).
+    /// sold (a violation: always 0 in a passing run).
     pub phantom_shares: u64,
     /// Journal entries the control client read and checked.
     pub journal_entries: u64,
@@ -649,11 +649,10 @@ impl Sim {
             Effect::ShareGivenBack { hold, coordinator } => {
                 if self.shares_sold.contains(&(hold, shard)) {
                     // Lines held again for a duplicated Prepare after the share was sold
-                    // and forgotten (the participant cannot tell it from a first one; the
-                    // lines expire with the cart, or go at once when the coordinator
-                    // answers the vote): giving them back is the cure, not a half commit.
+                    // and forgotten: participants remember forgotten shares until their
+                    // cart expires, so this must not happen.
                     self.summary.phantom_shares += 1;
-                    return;
+                    violation!(self, "shard {shard} held its sold share of cart {hold:#x} again");
                 }
                 let committed = self.nodes[coordinator as usize].durable.carts.get(&hold).is_some_and(|c| c.committed);
                 let live_committed =
