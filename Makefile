@@ -7,10 +7,14 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 SEED ?=
-SEEDS ?= 20
-OPS ?= 200000
-SHARDS ?= 4
+SEEDS ?= 100
+# Client operations per seed: what `make test` runs, so a seed it prints replays as is.
+OPS ?= 10000
+# Shards per seed: drawn from the seed unless set.
+SHARDS ?=
+JOBS ?= 2
 LONG_OPS ?= 100000000
+SHARDS_FLAG := $(if $(SHARDS),--shards $(SHARDS),)
 FUZZ_SECONDS ?= 60
 # Benchmarks run pinned to one core; the other core is left for the OS and the build.
 BENCH_CORE ?= 1
@@ -21,7 +25,7 @@ REPORT_DIR := perf-reports
 help:
 	@echo "make run        run the seeded multi-shard simulation (the main job until the server lands)"
 	@echo "make test       fmt, clippy -D warnings, every test (what CI runs)"
-	@echo "make sim SEED=n replay one simulation seed"
+	@echo "make sim SEED=n replay one simulation seed (OPS=m if it ran with other than 10000)"
 	@echo "make sim-long   100,000,000 simulated operations with faults"
 	@echo "make fuzz       fuzz frame decoding and WAL recovery, FUZZ_SECONDS each (installs cargo-fuzz)"
 	@echo "make bench      criterion benchmarks pinned to core BENCH_CORE, report in perf-reports/"
@@ -33,7 +37,7 @@ check-toolchain:
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 run: check-toolchain
-	$(CARGO) run --release -p stockplane-sim -- --seeds $(SEEDS) --ops $(OPS) --shards $(SHARDS)
+	$(CARGO) run --release -p stockplane-sim -- --seeds $(SEEDS) --ops $(OPS) --jobs $(JOBS) -v $(SHARDS_FLAG)
 
 test: check-toolchain lint unit
 
@@ -48,10 +52,10 @@ unit:
 
 sim: check-toolchain
 	@test -n "$(SEED)" || { echo "usage: make sim SEED=<u64>" >&2; exit 2; }
-	$(CARGO) run --release -p stockplane-sim -- --seed $(SEED) --ops $(OPS) --shards $(SHARDS)
+	$(CARGO) run --release -p stockplane-sim -- --seed $(SEED) --ops $(OPS) -v $(SHARDS_FLAG)
 
 sim-long: check-toolchain
-	$(CARGO) run --release -p stockplane-sim -- --seeds 1000 --ops $$(( $(LONG_OPS) / 1000 )) --shards $(SHARDS)
+	$(CARGO) run --release -p stockplane-sim -- --seeds $$(( $(LONG_OPS) / $(OPS) )) --ops $(OPS) --jobs $(JOBS) $(SHARDS_FLAG)
 
 fuzz: check-toolchain
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
