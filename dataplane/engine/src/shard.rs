@@ -556,7 +556,17 @@ impl Shard {
         }
         match self.replies_gated.front() {
             Some((position, _)) if *position <= self.durable => self.replies_gated.pop_front().map(|(_, r)| r),
-            _ => None,
+            _ => {
+                // Drained: start the rings over at their beginning, whose cache lines are
+                // warm, instead of walking the whole capacity.
+                if self.replies_gated.is_empty() {
+                    self.replies_gated.clear();
+                }
+                if self.replies_ready.is_empty() {
+                    self.replies_ready.clear();
+                }
+                None
+            }
         }
     }
 
