@@ -26,6 +26,9 @@ pub fn reduce(hash: u64, n: u32) -> u32 {
 /// The shard that owns `sku` (every location of it) among `shards` shards.
 pub fn shard_for(sku: u64, shards: u32) -> ShardId {
     debug_assert!(shards > 0);
+    if shards == 1 {
+        return 0;
+    }
     reduce(mix64(sku ^ 0x5bd1_e995_6a09_e667), shards)
 }
 
@@ -35,6 +38,9 @@ pub fn shard_for(sku: u64, shards: u32) -> ShardId {
 /// retry reaches the shard that knows the first answer, whichever connection carries it.
 pub fn home_for(hold: HoldId, shards: u32) -> ShardId {
     debug_assert!(shards > 0);
+    if shards == 1 {
+        return 0;
+    }
     let folded = (hold.0 as u64) ^ mix64((hold.0 >> 64) as u64);
     reduce(mix64(folded ^ 0x3c6e_f372_fe94_f82b), shards)
 }

@@ -215,6 +215,8 @@ pub struct Shard {
     skus: SkuIndex,
     stock: Vec<Stock>,
     holds: HoldIndex,
+    /// The last hold found or indexed, and its slot (`NONE`: nothing remembered).
+    hold_memo: std::cell::Cell<(u128, u32)>,
     hold_slab: Vec<Hold>,
     hold_free: Vec<u32>,
     extra_lines: Vec<ExtraLine>,
@@ -266,6 +268,7 @@ impl Shard {
             skus: SkuIndex::new(config.skus_max as usize),
             stock: Vec::with_capacity(config.sku_locations_max as usize),
             holds: HoldIndex::new(hold_slots),
+            hold_memo: std::cell::Cell::new((0, NONE)),
             hold_slab: Vec::with_capacity(hold_slots),
             hold_free: Vec::new(),
             extra_lines: Vec::with_capacity(config.hold_extra_lines_max as usize),
@@ -816,7 +819,7 @@ impl Shard {
             return self.reply_now(origin, id, status, Body::Empty);
         }
         let fingerprint = fingerprint(ttl_ms, lines.iter().map(line_of));
-        if self.carts.contains_key(&hold) {
+        if self.is_cart(hold) {
             return self.cart_reserve_retry(origin, id, hold, fingerprint);
         }
         if let Some(slot) = self.find_hold(hold) {
@@ -868,10 +871,35 @@ impl Shard {
     }
 
     /// The slot of hold `id`, if this shard has a record of it.
+    ///
+    /// A request touches its hold several times (prefetch passes, the decision, the
+    /// record's apply); the last answer is remembered so that those cost one probe.
     #[inline]
     fn find_hold(&self, id: u128) -> Option<u32> {
+        let (memo_id, memo_slot) = self.hold_memo.get();
+        if memo_id == id && memo_slot != NONE {
+            return Some(memo_slot);
+        }
         let id_hi = (id >> 64) as u64;
-        self.holds.find(id, |slot| self.hold_slab[slot as usize].id_hi == id_hi)
+        let found = self.holds.find(id, |slot| self.hold_slab[slot as usize].id_hi == id_hi);
+        if let Some(slot) = found {
+            self.hold_memo.set((id, slot));
+        }
+        found
+    }
+
+    /// Removes hold `id`'s index entry at `slot`, forgetting it in the lookup memo too.
+    fn unindex_hold(&mut self, id: u128, slot: u32) {
+        if self.hold_memo.get().0 == id {
+            self.hold_memo.set((0, NONE));
+        }
+        self.holds.remove(id, slot);
+    }
+
+    /// True when this shard coordinates hold `id` as a cross-shard cart.
+    #[inline]
+    fn is_cart(&self, id: u128) -> bool {
+        !self.carts.is_empty() && self.carts.contains_key(&id)
     }
 
     pub(crate) fn validate_lines(
@@ -913,7 +941,7 @@ impl Shard {
         if home_for(HoldId(hold), self.config.shards) != self.config.shard {
             return self.reply_now(origin, id, Status::WrongShard, Body::Empty);
         }
-        if self.carts.contains_key(&hold) {
+        if self.is_cart(hold) {
             return self.cart_commit(origin, id, hold, subset);
         }
         let Some(slot) = self.local_hold(hold) else {
@@ -956,7 +984,7 @@ impl Shard {
         if home_for(HoldId(hold), self.config.shards) != self.config.shard {
             return self.reply_now(origin, id, Status::WrongShard, Body::Empty);
         }
-        if self.carts.contains_key(&hold) {
+        if self.is_cart(hold) {
             return self.cart_release(origin, id, hold);
         }
         let Some(slot) = self.local_hold(hold) else {
@@ -982,7 +1010,7 @@ impl Shard {
         if let Err(status) = self.validate_ttl(ttl_ms) {
             return self.reply_now(origin, id, status, Body::Empty);
         }
-        if self.carts.contains_key(&hold) {
+        if self.is_cart(hold) {
             return self.cart_extend(origin, id, hold, ttl_ms);
         }
         let Some(slot) = self.local_hold(hold) else {
@@ -1499,9 +1527,10 @@ impl Shard {
         }
         if let Some(previous) = previous {
             // A finished hold of the same id gives way; its slot leaves with `finished`.
-            self.holds.remove(hold, previous);
+            self.unindex_hold(hold, previous);
         }
         let inserted = self.holds.insert(hold, slot);
+        self.hold_memo.set((hold, slot));
         assert!(inserted, "hold index sized for every slot");
         self.live_holds += 1;
         self.arm(slot, expires_at);
@@ -1614,7 +1643,7 @@ impl Shard {
         let record = self.hold_slab[slot as usize];
         self.finished_extra_lines -= usize::from(record.lines.saturating_sub(1));
         // Unless a newer hold of the same id took its place in the index.
-        self.holds.remove(record.id(), slot);
+        self.unindex_hold(record.id(), slot);
         if let Some(part) = record.participant.then(|| self.participations.remove(&slot)).flatten() {
             self.remember_forgotten_share(record.id(), part.reserve_txn, record.expires_at);
         }
