@@ -80,6 +80,7 @@ bench: check-toolchain
 memory: check-toolchain
 	@mkdir -p $(REPORT_DIR)
 	@report=$(REPORT_DIR)/memory-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
-	{ echo "command: $(CARGO) run --release -p stockplane-benches --bin memory"; echo; } > $$report; \
+	{ echo "commit: $$(git rev-parse --short HEAD 2>/dev/null)"; \
+	  echo "command: $(CARGO) run --release -p stockplane-benches --bin memory"; echo; } > $$report; \
 	$(CARGO) run --release -p stockplane-benches --bin memory 2>&1 | tee -a $$report; \
 	echo "report: $$report"
