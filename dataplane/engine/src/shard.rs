@@ -36,7 +36,7 @@ use crate::Tick;
 pub(crate) const NONE: u32 = u32::MAX;
 /// The cursor of a hold's first line in `Shard::hold_line` walks.
 const FIRST_LINE: u32 = u32::MAX - 1;
-const PREFETCH_CHUNK: usize = 16;
+const PREFETCH_CHUNK: usize = 32;
 
 pub(crate) type FixedMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 
