@@ -252,7 +252,10 @@ pub struct Shard {
     replies_gated: VecDeque<(u64, Reply)>,
     peers_gated: VecDeque<(u64, ShardId, PeerMessage)>,
     scratch_lines: Vec<WalLine>,
+    /// The rows (and quantities) `resolve_lines` picked: a hint for the `Held` record's
+    /// apply that follows, checked against the record before it is used.
     scratch_slots: Vec<(u32, u32)>,
+    scratch_rows: Vec<(u32, u32)>,
     scratch_ids: Vec<u32>,
     pub(crate) stats: ShardStats,
 }
@@ -297,6 +300,7 @@ impl Shard {
             peers_gated: VecDeque::new(),
             scratch_lines: Vec::with_capacity(64),
             scratch_slots: Vec::with_capacity(64),
+            scratch_rows: Vec::with_capacity(64),
             scratch_ids: Vec::new(),
             stats: ShardStats::default(),
         })
@@ -1495,20 +1499,20 @@ impl Shard {
                 self.hold_free.pop().ok_or("no hold slot is free")?
             }
         };
-        let mut rows = mem::take(&mut self.scratch_slots);
+        let mut rows = mem::take(&mut self.scratch_rows);
         rows.clear();
         let outcome = self.apply_held_lines(lines, &mut rows);
         let extra = match outcome {
             Ok(extra) => extra,
             Err(reason) => {
-                self.scratch_slots = rows;
+                self.scratch_rows = rows;
                 self.hold_free.push(slot);
                 return Err(reason);
             }
         };
         let count = rows.len();
         let (line0_slot, line0_qty) = rows[0];
-        self.scratch_slots = rows;
+        self.scratch_rows = rows;
         self.hold_slab[slot as usize] = Hold {
             id_lo: hold as u64,
             id_hi: (hold >> 64) as u64,
@@ -1541,8 +1545,15 @@ impl Shard {
     /// after the first into the extra-line slab; returns the first extra line. Changes
     /// nothing when it fails.
     fn apply_held_lines(&mut self, lines: &Lines<'_>, rows: &mut Vec<(u32, u32)>) -> Result<u32, &'static str> {
-        for line in lines.iter() {
-            let row = self.find_row(line.sku, line.location).ok_or("hold of an unknown row")?;
+        for (index, line) in lines.iter().enumerate() {
+            // On the live path the rows were just resolved; recovery looks them up.
+            let hinted = self.scratch_slots.get(index).map(|&(row, _)| row).filter(|&row| {
+                self.stock.get(row as usize).is_some_and(|r| r.sku == line.sku && r.location == line.location)
+            });
+            let row = match hinted {
+                Some(row) => row,
+                None => self.find_row(line.sku, line.location).ok_or("hold of an unknown row")?,
+            };
             rows.push((row, line.qty));
         }
         // Finished holds keep their lines for retries; make room by forgetting the oldest.
