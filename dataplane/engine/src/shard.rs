@@ -8,9 +8,11 @@
 //!
 //! Layout, chosen so that a batch of requests on a million SKUs stays cheap: stock rows
 //! live in one dense slab (40 bytes a row), found through a fixed open-addressing index;
-//! holds live in a second slab (48 bytes, the first line inline); expiry is an intrusive
-//! timer wheel over hold slots. A batch is applied in three passes (prefetch the index
-//! buckets, prefetch the rows, apply), so its cache misses overlap.
+//! holds live in a second slab (48 bytes, the first line inline); expiry is a timer wheel
+//! of (deadline, slot, generation) entries that are never unlinked, only ignored once
+//! stale. A batch is applied in chunks of 32 requests, each in four passes (prefetch the
+//! index buckets, prefetch the rows and hold records, prefetch the rows of named holds,
+//! apply), so that the chunk's cache misses overlap.
 //!
 //! This module must not read a clock, perform I/O, or grow a table past its bound.
 
