@@ -135,6 +135,17 @@ impl Cart {
 impl Shard {
     // ---------------------------------------------------------------- client requests
 
+    /// Forgets cart `hold` if its reserve failed and every participant has acknowledged
+    /// the abort, so that the hold id can be reserved afresh; true if it did.
+    pub(crate) fn cart_forget_failed(&mut self, hold: u128) -> bool {
+        let cart = &self.carts[&hold];
+        if !(cart.reserve_failed && cart.push.is_none()) {
+            return false;
+        }
+        self.log(WalRecord::CartForgotten { hold });
+        true
+    }
+
     pub(crate) fn cart_reserve_retry(&mut self, origin: Origin, id: u64, hold: u128, fingerprint: u32) {
         let cart = &self.carts[&hold];
         if cart.fingerprint != fingerprint {
@@ -143,6 +154,7 @@ impl Shard {
         }
         match cart.state {
             CartState::Preparing => self.carts.get_mut(&hold).expect("cart").waiters.push((origin.client, id)),
+            // The abort is still reaching participants: the id is free once they have it.
             CartState::Finished(_) if cart.reserve_failed => {
                 self.reply_after_log(origin.client, id, Status::Busy, Body::Empty)
             }
@@ -430,13 +442,16 @@ impl Shard {
         }
         if cart.participants.iter().all(|p| p.acked) {
             cart.push = None;
-            if matches!(cart.state, CartState::Finished(_)) {
+            let finished = matches!(cart.state, CartState::Finished(_));
+            self.cart_schedule(hold);
+            if finished {
+                // Forgetting may take this very cart (its id can stand in the ring twice
+                // when a failed reserve was retried), so it comes after the schedule.
                 self.carts_finished.push_back(hold);
                 while self.carts_finished.len() > self.config.carts_finished_max as usize {
                     self.cart_forget_oldest();
                 }
             }
-            self.cart_schedule(hold);
         }
     }
 

@@ -826,7 +826,9 @@ impl Shard {
         }
         let fingerprint = fingerprint(ttl_ms, lines.iter().map(line_of));
         if self.is_cart(hold) {
-            return self.cart_reserve_retry(origin, id, hold, fingerprint);
+            if !self.cart_forget_failed(hold) {
+                return self.cart_reserve_retry(origin, id, hold, fingerprint);
+            }
         }
         if let Some(slot) = self.find_hold(hold) {
             let record = self.hold_slab[slot as usize];

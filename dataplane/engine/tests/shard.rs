@@ -442,3 +442,19 @@ fn finished_holds_give_their_lines_back() {
     assert_eq!(c.level(1, 1), (1_000 - 97, 3));
     c.check();
 }
+
+/// A cart that could not be reserved leaves its hold id free: once the abort reached
+/// every participant, a retry (after a restock, say) reserves afresh.
+#[test]
+fn a_failed_cart_can_be_reserved_again() {
+    let (mut c, a, b) = two_shards();
+    let hold = hold_homed_at(0, 2, 12);
+    let cart = [(a, None, 2), (b, None, 11)];
+    assert_eq!(c.status(CHECKOUT, reserve(hold, 60_000, &cart)), Status::InsufficientStock);
+    let restock = Op::Adjust { adjustment: 999, sku: b, location: 1, delta: 5 };
+    assert_eq!(c.status(CONTROL, restock), Status::Ok);
+    assert_eq!(c.status(CHECKOUT, reserve(hold, 60_000, &cart)), Status::Reserved);
+    assert_eq!(c.status(CHECKOUT, commit(hold)), Status::Committed);
+    assert_eq!(c.level(a, 1), (8, 0));
+    c.check();
+}
