@@ -825,10 +825,8 @@ impl Shard {
             return self.reply_now(origin, id, status, Body::Empty);
         }
         let fingerprint = fingerprint(ttl_ms, lines.iter().map(line_of));
-        if self.is_cart(hold) {
-            if !self.cart_forget_failed(hold) {
-                return self.cart_reserve_retry(origin, id, hold, fingerprint);
-            }
+        if self.is_cart(hold) && !self.cart_forget_failed(hold) {
+            return self.cart_reserve_retry(origin, id, hold, fingerprint);
         }
         if let Some(slot) = self.find_hold(hold) {
             let record = self.hold_slab[slot as usize];
