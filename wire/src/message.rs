@@ -86,6 +86,7 @@ pub enum Op {
         /// The hold to commit.
         hold: HoldId,
         /// `None` commits every line; `Some` commits the named lines and releases the others.
+        /// Name a line by its SKU alone, or by its SKU and the location the reserve named.
         lines: Option<Vec<SkuAt>>,
     },
     /// Give the held stock back.
