@@ -47,8 +47,9 @@ lint:
 
 unit:
 	$(CARGO) test --workspace --exclude stockplane-sim
-	# The simulation runs optimised: at least a million operations with faults.
-	$(CARGO) test --release -p stockplane-sim
+	# The simulation runs optimised: two million operations with faults, every seed
+	# printed before it runs (a failure names the command that replays it).
+	$(CARGO) test --release -p stockplane-sim -- --nocapture
 
 sim: check-toolchain
 	@test -n "$(SEED)" || { echo "usage: make sim SEED=<u64>" >&2; exit 2; }
