@@ -28,44 +28,46 @@ impl Shard {
         expires_at_ms: Tick,
         lines: &[PeerLine],
     ) {
+        let status = self.participant_prepare_vote(from, hold, txn, expires_at_ms, lines);
+        self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
+    }
+
+    /// Holds the share for reserve `txn` unless this shard knows better; returns the vote.
+    fn participant_prepare_vote(
+        &mut self,
+        from: ShardId,
+        hold: u128,
+        txn: u64,
+        expires_at_ms: Tick,
+        lines: &[PeerLine],
+    ) -> Status {
         if let Some(slot) = self.find_hold(hold) {
-            let record = self.hold_slab[slot as usize];
-            let part = self.participations.get(&slot).copied();
-            match part {
+            let live = self.hold_slab[slot as usize].phase.is_live();
+            match self.participations.get(&slot).copied() {
+                // A duplicate: vote again as before.
                 Some(part) if part.reserve_txn == txn => {
-                    let status = if record.phase.is_live() { Status::Ok } else { Status::HoldExpired };
-                    return self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
+                    return if live { Status::Ok } else { Status::HoldExpired };
                 }
-                Some(part) if part.reserve_txn > txn => {
-                    let status = Status::Conflict;
-                    return self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
-                }
-                Some(_) if record.phase.is_live() => {
-                    // An older reserve of this cart that its coordinator abandoned.
-                    self.log(WalRecord::Released { hold });
-                }
+                // A late Prepare of a reserve the coordinator has since replaced.
+                Some(part) if part.reserve_txn > txn => return Status::Conflict,
+                // An older reserve of this cart that its coordinator abandoned.
+                Some(_) if live => self.log(WalRecord::Released { hold }),
                 Some(_) => {}
-                None if record.phase.is_live() => {
-                    // A single-shard hold of the same id lives here: the ids collide.
-                    let status = Status::Conflict;
-                    return self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
-                }
+                // A single-shard hold of the same id lives here: the ids collide.
+                None if live => return Status::Conflict,
                 None => {}
             }
         }
         if let Some(&(reserve_txn, expires_at)) = self.forgotten_shares.get(&hold) {
             if txn <= reserve_txn && self.now < expires_at {
                 // A duplicate of the Prepare of a share this shard finished and forgot.
-                let status = if txn == reserve_txn { Status::HoldExpired } else { Status::Conflict };
-                return self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
+                return if txn == reserve_txn { Status::HoldExpired } else { Status::Conflict };
             }
         }
-        let status = if self.forgotten_shares_room() {
-            self.participant_try_hold(from, hold, txn, expires_at_ms, lines)
-        } else {
-            Status::Busy
-        };
-        self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
+        if !self.forgotten_shares_room() {
+            return Status::Busy;
+        }
+        self.participant_try_hold(from, hold, txn, expires_at_ms, lines)
     }
 
     fn participant_try_hold(
