@@ -521,18 +521,21 @@ impl Shard {
     /// Handles a message from shard `from` (possibly this shard) about a cart.
     pub fn handle_peer(&mut self, now: Tick, from: ShardId, message: PeerMessage) {
         self.advance(now);
-        match message {
+        // A participant answers Prepare, Pin and Extend with a vote, sent (once its
+        // records are durable) from here.
+        let (hold, txn, status) = match message {
             PeerMessage::Prepare { hold, txn, expires_at_ms, lines } => {
-                self.participant_prepare(from, hold.0, txn, expires_at_ms, &lines)
+                (hold, txn, self.participant_prepare(from, hold.0, txn, expires_at_ms, &lines))
             }
-            PeerMessage::Pin { hold, txn } => self.participant_pin(from, hold.0, txn),
+            PeerMessage::Pin { hold, txn } => (hold, txn, self.participant_pin(hold.0, txn)),
             PeerMessage::Extend { hold, txn, expires_at_ms } => {
-                self.participant_extend(from, hold.0, txn, expires_at_ms)
+                (hold, txn, self.participant_extend(hold.0, txn, expires_at_ms))
             }
-            PeerMessage::Decide { hold, txn, decision } => self.participant_decide(from, hold.0, txn, decision),
-            PeerMessage::Vote { hold, txn, status } => self.cart_on_vote(from, hold.0, txn, status),
-            PeerMessage::Ack { hold, txn } => self.cart_on_ack(from, hold.0, txn),
-        }
+            PeerMessage::Decide { hold, txn, decision } => return self.participant_decide(from, hold.0, txn, decision),
+            PeerMessage::Vote { hold, txn, status } => return self.cart_on_vote(from, hold.0, txn, status),
+            PeerMessage::Ack { hold, txn } => return self.cart_on_ack(from, hold.0, txn),
+        };
+        self.send_peer(from, PeerMessage::Vote { hold, txn, status });
     }
 
     /// Records that every WAL record up to `position` is on disk; releases the replies

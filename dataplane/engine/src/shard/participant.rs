@@ -20,20 +20,8 @@ use crate::wal::{Lines, WalRecord};
 use crate::Tick;
 
 impl Shard {
-    pub(super) fn participant_prepare(
-        &mut self,
-        from: ShardId,
-        hold: u128,
-        txn: u64,
-        expires_at_ms: Tick,
-        lines: &[PeerLine],
-    ) {
-        let status = self.participant_prepare_vote(from, hold, txn, expires_at_ms, lines);
-        self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
-    }
-
     /// Holds the share for reserve `txn` unless this shard knows better; returns the vote.
-    fn participant_prepare_vote(
+    pub(super) fn participant_prepare(
         &mut self,
         from: ShardId,
         hold: u128,
@@ -113,8 +101,9 @@ impl Shard {
         Some((slot, self.hold_slab[slot as usize], part))
     }
 
-    pub(super) fn participant_pin(&mut self, from: ShardId, hold: u128, txn: u64) {
-        let status = match self.participant_of(hold) {
+    /// Pins the share for commit attempt `txn` if it is live; returns the vote.
+    pub(super) fn participant_pin(&mut self, hold: u128, txn: u64) -> Status {
+        match self.participant_of(hold) {
             Some((_, record, part)) if record.phase == Phase::Pinned && part.pin_txn == txn => Status::Ok,
             // Only a newer commit attempt may pin: a late `Pin` of an abandoned attempt must
             // not take the pin from the attempt its coordinator may have decided to commit.
@@ -127,12 +116,12 @@ impl Shard {
                 }
             }
             _ => Status::HoldExpired,
-        };
-        self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
+        }
     }
 
-    pub(super) fn participant_extend(&mut self, from: ShardId, hold: u128, txn: u64, expires_at_ms: Tick) {
-        let status = match self.participant_of(hold) {
+    /// Moves the share's expiry for extend `txn` if it is live; returns the vote.
+    pub(super) fn participant_extend(&mut self, hold: u128, txn: u64, expires_at_ms: Tick) -> Status {
+        match self.participant_of(hold) {
             Some((_, record, part))
                 if matches!(record.phase, Phase::Held | Phase::Prepared) && txn > part.reserve_txn =>
             {
@@ -142,10 +131,11 @@ impl Shard {
                 Status::Ok
             }
             _ => Status::HoldExpired,
-        };
-        self.send_peer(from, PeerMessage::Vote { hold: HoldId(hold), txn, status });
+        }
     }
 
+    /// Applies the coordinator's decision on `txn` (if it still concerns this share) and
+    /// acknowledges it, whatever it was, so the coordinator stops resending.
     pub(super) fn participant_decide(&mut self, from: ShardId, hold: u128, txn: u64, decision: Decision) {
         if let Some((_, record, part)) = self.participant_of(hold) {
             let live = record.phase.is_live();
@@ -160,8 +150,8 @@ impl Shard {
                 Decision::Unpin if record.phase == Phase::Pinned && txn == part.pin_txn => {
                     self.log(WalRecord::Unpinned { hold });
                     if record.expires_at <= self.now {
+                        // Its expiry passed while pinned: it expires now.
                         self.stats.expired += 1;
-                        self.disarm(hold);
                         self.log(WalRecord::Expired { hold });
                     }
                 }
@@ -170,12 +160,6 @@ impl Shard {
             }
         }
         self.send_peer(from, PeerMessage::Ack { hold: HoldId(hold), txn });
-    }
-
-    fn disarm(&mut self, hold: u128) {
-        if let Some(slot) = self.find_hold(hold) {
-            self.disarm_slot(slot);
-        }
     }
 
     pub(super) fn remember_forgotten_share(&mut self, hold: u128, reserve_txn: u64, expires_at: Tick) {
