@@ -160,6 +160,11 @@ impl Phase {
         matches!(self, Phase::Held | Phase::Prepared | Phase::Pinned)
     }
 
+    /// True for the phases whose hold expires by the timer wheel (a pinned hold cannot).
+    fn is_armed(self) -> bool {
+        matches!(self, Phase::Held | Phase::Prepared)
+    }
+
     fn hold_state(self) -> HoldState {
         match self {
             Phase::Committed => HoldState::Committed,
@@ -181,7 +186,6 @@ struct Hold {
     fingerprint: u32,
     phase: Phase,
     lines: u8,
-    armed: bool,
     participant: bool,
 }
 
@@ -658,12 +662,11 @@ impl Shard {
             for &slot in &fired {
                 // Fire only a hold that is still armed and due.
                 let hold = &self.hold_slab[slot as usize];
-                if !hold.armed || hold.expires_at > now {
+                if !hold.phase.is_armed() || hold.expires_at > now {
                     continue;
                 }
-                debug_assert!(matches!(hold.phase, Phase::Held | Phase::Prepared));
                 let id = hold.id();
-                self.disarm_slot(slot);
+                // The record's apply finishes the hold, which disarms it.
                 self.stats.expired += 1;
                 self.log(WalRecord::Expired { hold: id });
             }
@@ -1239,7 +1242,7 @@ impl Shard {
             WalRecord::Extended { hold, expires_at_ms } => {
                 let slot = self.live_slot(hold)?;
                 self.hold_slab[slot as usize].expires_at = expires_at_ms;
-                if self.hold_slab[slot as usize].armed {
+                if self.hold_slab[slot as usize].phase.is_armed() {
                     // The old entry goes stale: a new generation is armed at the new time.
                     self.arm(slot, expires_at_ms);
                 }
@@ -1345,7 +1348,6 @@ impl Shard {
                     fingerprint: 0,
                     phase: Phase::Free,
                     lines: 0,
-                    armed: false,
                     participant: false,
                 });
                 self.hold_slab.len() as u32 - 1
@@ -1379,7 +1381,6 @@ impl Shard {
             fingerprint,
             phase: if prepared_for.is_some() { Phase::Prepared } else { Phase::Held },
             lines: count as u8,
-            armed: true,
             participant: prepared_for.is_some(),
         };
         if let Some((coordinator, txn)) = prepared_for {
@@ -1452,16 +1453,13 @@ impl Shard {
         let generation = &mut self.arm_generation[slot as usize];
         *generation = generation.wrapping_add(1);
         let generation = u32::from(*generation);
-        self.hold_slab[slot as usize].armed = true;
         self.expiry.insert(slot, generation, deadline);
         // Stale entries stay until they fire; once they outnumber the live ones, drop
         // them, so the wheel holds at most about two entries per live hold.
         if self.expiry.len() > 2 * self.live_holds as usize + 1024 {
+            // The generation alone tells a stale entry; no hold record is read.
             let generations = &self.arm_generation;
-            let slab = &self.hold_slab;
-            self.expiry.retain(|slot, generation| {
-                u32::from(generations[slot as usize]) == generation && slab[slot as usize].armed
-            });
+            self.expiry.retain(|slot, generation| u32::from(generations[slot as usize]) == generation);
         }
     }
 
@@ -1469,7 +1467,6 @@ impl Shard {
     fn disarm_slot(&mut self, slot: u32) {
         let generation = &mut self.arm_generation[slot as usize];
         *generation = generation.wrapping_add(1);
-        self.hold_slab[slot as usize].armed = false;
     }
 
     fn free_extra(&mut self, mut extra: u32) {
@@ -1626,14 +1623,13 @@ impl Shard {
         for (slot, record) in self.hold_slab.iter().enumerate() {
             if record.phase.is_live() {
                 live += 1;
-                assert_eq!(record.armed, record.phase != Phase::Pinned, "hold {:#x} armed wrongly", record.id());
                 for (row, qty) in self.hold_lines(slot as u32) {
                     held[row as usize] += i64::from(qty);
                 }
             }
         }
         assert_eq!(live, self.live_holds, "live hold count drifted");
-        for record in self.hold_slab.iter().filter(|h| h.armed) {
+        for record in self.hold_slab.iter().filter(|h| h.phase.is_armed()) {
             // An expired hold stops counting at once: after any call, none is overdue.
             assert!(record.expires_at > self.now, "hold {:#x} is overdue but still holds stock", record.id());
         }
