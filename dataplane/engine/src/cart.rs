@@ -312,7 +312,7 @@ impl Shard {
                     Some((push, txn)) if !participant.acked => Some(PeerMessage::Decide {
                         hold: HoldId(hold),
                         txn,
-                        decision: self.cart_decision(cart, push, shard),
+                        decision: decision_for(cart, push, shard, shards),
                     }),
                     _ => None,
                 },
@@ -325,10 +325,6 @@ impl Shard {
             self.send_peer(shard, message);
         }
         self.cart_schedule(hold);
-    }
-
-    fn cart_decision(&self, cart: &Cart, push: Push, shard: ShardId) -> Decision {
-        decision_for(cart, push, shard, self.config.shards)
     }
 
     /// Puts the cart's next deadline (timeout, resend or expiry) in the schedule.
@@ -472,10 +468,10 @@ impl Shard {
 
     /// After recovery: resume every cart (resend, restart phase timeouts).
     pub(crate) fn cart_recover(&mut self) {
-        let holds: Vec<u128> = self.carts.keys().copied().collect();
-        let deadline = self.now + u64::from(self.config.peer_timeout_ms);
-        let mut holds = holds;
+        // In id order, so that the messages a recovery sends do not depend on the map.
+        let mut holds: Vec<u128> = self.carts.keys().copied().collect();
         holds.sort_unstable();
+        let deadline = self.now + u64::from(self.config.peer_timeout_ms);
         for hold in holds {
             self.carts.get_mut(&hold).expect("cart").phase_deadline = deadline;
             self.cart_send(hold);

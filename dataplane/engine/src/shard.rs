@@ -756,17 +756,15 @@ impl Shard {
     // ---------------------------------------------------------------- holds
 
     fn hold_lines(&self, slot: u32) -> impl Iterator<Item = (u32, u32)> + '_ {
-        let record = &self.hold_slab[slot as usize];
-        let mut extra = record.extra;
-        let first = (record.lines > 0).then_some((record.line0_slot, record.line0_qty));
-        first.into_iter().chain(std::iter::from_fn(move || {
-            if extra == NONE {
+        let mut cursor = FIRST_LINE;
+        std::iter::from_fn(move || {
+            if cursor == NONE {
                 return None;
             }
-            let line = self.extra_lines[extra as usize];
-            extra = line.next;
-            Some((line.slot, line.qty))
-        }))
+            let (row, qty, next) = self.hold_line(slot, cursor);
+            cursor = next;
+            Some((row, qty))
+        })
     }
 
     /// One step of a walk over hold `slot`'s lines that borrows nothing between steps:
