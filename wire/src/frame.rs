@@ -243,6 +243,24 @@ impl FrameError {
             FrameError::TooManyRequests { .. } => 11,
         }
     }
+
+    /// One error of every kind (with placeholder fields), in code order: for the
+    /// documentation and the tests that keep it and the codes honest.
+    pub fn kinds() -> Vec<FrameError> {
+        vec![
+            FrameError::TooShort { needed: 0, len: 0 },
+            FrameError::Truncated { needed: 0, len: 0 },
+            FrameError::BadMagic { found: [0; 4] },
+            FrameError::UnsupportedVersion(0),
+            FrameError::UnexpectedKind { found: 0 },
+            FrameError::ReservedBitsSet { flags: 0, reserved: 0 },
+            FrameError::Oversized { len: 0, max: 0 },
+            FrameError::TrailingBytes { expected: 0, len: 0 },
+            FrameError::Misaligned,
+            FrameError::Invalid(String::new()),
+            FrameError::TooManyRequests { count: 0, max: 0 },
+        ]
+    }
 }
 
 /// Parses and checks the 16-byte header at the start of `bytes`, ignoring what follows.
@@ -699,19 +717,7 @@ mod tests {
 
     #[test]
     fn error_codes_are_distinct() {
-        let errors = [
-            FrameError::TooShort { needed: 0, len: 0 },
-            FrameError::Truncated { needed: 0, len: 0 },
-            FrameError::BadMagic { found: [0; 4] },
-            FrameError::UnsupportedVersion(0),
-            FrameError::UnexpectedKind { found: 0 },
-            FrameError::ReservedBitsSet { flags: 0, reserved: 0 },
-            FrameError::Oversized { len: 0, max: 0 },
-            FrameError::TrailingBytes { expected: 0, len: 0 },
-            FrameError::Misaligned,
-            FrameError::Invalid(String::new()),
-            FrameError::TooManyRequests { count: 0, max: 0 },
-        ];
+        let errors = FrameError::kinds();
         let mut codes: Vec<u8> = errors.iter().map(FrameError::code).collect();
         codes.sort_unstable();
         codes.dedup();

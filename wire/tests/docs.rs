@@ -50,19 +50,7 @@ fn every_status_is_documented_with_its_number_and_retry_class() {
 fn every_frame_error_is_documented_with_its_code() {
     let doc = doc();
     let rows = rows(&doc);
-    let errors = [
-        FrameError::TooShort { needed: 0, len: 0 },
-        FrameError::Truncated { needed: 0, len: 0 },
-        FrameError::BadMagic { found: [0; 4] },
-        FrameError::UnsupportedVersion(0),
-        FrameError::UnexpectedKind { found: 0 },
-        FrameError::ReservedBitsSet { flags: 0, reserved: 0 },
-        FrameError::Oversized { len: 0, max: 0 },
-        FrameError::TrailingBytes { expected: 0, len: 0 },
-        FrameError::Misaligned,
-        FrameError::Invalid(String::new()),
-        FrameError::TooManyRequests { count: 0, max: 0 },
-    ];
+    let errors = FrameError::kinds();
     for error in errors {
         let debug = format!("{error:?}");
         let name = variant_name(&debug);
