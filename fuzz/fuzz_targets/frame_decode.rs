@@ -74,7 +74,9 @@ fn requests_walk(batch: &ArchivedRequestBatch) -> u64 {
                     ^ u64::from(location.to_native())
                     ^ delta.to_native() as u64
             }
-            ArchivedOp::Journal { from, max_entries } => from.to_native() ^ u64::from(max_entries.to_native()),
+            ArchivedOp::Journal { shard, from, max_entries } => {
+                from.to_native() ^ u64::from(max_entries.to_native()) ^ u64::from(shard.to_native())
+            },
         });
     }
     sum

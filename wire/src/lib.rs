@@ -3,14 +3,17 @@
 //!
 //! - [`message`]: requests, responses and their payload types (rkyv 0.8 archives);
 //! - [`Status`]: every outcome as a plain value with a stable number;
-//! - [`frame`]: the fixed frame header and validated, zero-copy decoding.
+//! - [`frame`]: the fixed frame header and validated, zero-copy decoding;
+//! - [`transport`]: the QUIC conventions (ALPN, roles in certificates, close codes);
+//! - `client` (feature `client`): the checkout services' client, on tokio and quinn.
 //!
-//! This crate performs no I/O. Every byte that comes from a network is validated
-//! (bytecheck) before it is read; nothing here trusts its input.
+//! Without the `client` feature this crate performs no I/O. Every byte that comes from a
+//! network is validated (bytecheck) before it is read; nothing here trusts its input.
 
 pub mod frame;
 pub mod message;
 mod status;
+pub mod transport;
 
 pub use message::*;
 pub use status::{ArchivedStatus, Status};

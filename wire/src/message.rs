@@ -133,6 +133,8 @@ pub enum Op {
     },
     /// Control only: read committed changes from a journal position.
     Journal {
+        /// The shard whose journal to read (each shard keeps its own).
+        shard: u32,
         /// The first position to return.
         from: u64,
         /// At most this many entries.

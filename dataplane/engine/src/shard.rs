@@ -507,7 +507,10 @@ impl Shard {
                 location.to_native(),
                 delta.to_native(),
             ),
-            ArchivedOp::Journal { from, max_entries } => {
+            ArchivedOp::Journal { shard, from, max_entries } => {
+                if shard.to_native() != self.config.shard {
+                    return self.reply_now(origin, id, Status::WrongShard, Body::Empty);
+                }
                 self.read_journal(origin, id, from.to_native(), max_entries.to_native())
             }
         }

@@ -135,7 +135,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         (Op::QueryStock { items: vec![] }, Status::InvalidArgument),
         (Op::Adjust { adjustment: 5, sku: 100, location: 1, delta: 1 }, Status::Forbidden),
         (Op::UpsertSku { sku: 5, location: 1, backorder_limit: 0 }, Status::Forbidden),
-        (Op::Journal { from: 1, max_entries: 10 }, Status::Forbidden),
+        (Op::Journal { shard: 0, from: 1, max_entries: 10 }, Status::Forbidden),
     ];
     for (op, expected) in cases {
         assert_eq!(c.status(CHECKOUT, op.clone()), expected, "{op:?}");
@@ -146,8 +146,8 @@ fn bad_input_is_refused_and_changes_nothing() {
         (Op::Adjust { adjustment: 5, sku: 100, location: 1, delta: -11 }, Status::InsufficientStock),
         (Op::Adjust { adjustment: 5, sku: 999, location: 1, delta: 1 }, Status::UnknownSku),
         (Op::UpsertSku { sku: 7, location: u32::MAX, backorder_limit: 0 }, Status::InvalidArgument),
-        (Op::Journal { from: 0, max_entries: 10 }, Status::JournalTruncated),
-        (Op::Journal { from: 1_000, max_entries: 10 }, Status::InvalidArgument),
+        (Op::Journal { shard: 0, from: 0, max_entries: 10 }, Status::JournalTruncated),
+        (Op::Journal { shard: 0, from: 1_000, max_entries: 10 }, Status::InvalidArgument),
     ];
     for (op, expected) in control_cases {
         assert_eq!(c.status(CONTROL, op.clone()), expected, "{op:?}");
@@ -177,7 +177,7 @@ fn journal_lists_sales_and_adjustments_in_order() {
     // Only the named line is sold; the other is released.
     assert_eq!(c.level(100, 1), (10, 0));
     assert_eq!(c.level(200, 1), (2, 0));
-    let reply = c.call(CONTROL, Op::Journal { from: 1, max_entries: 100 });
+    let reply = c.call(CONTROL, Op::Journal { shard: 0, from: 1, max_entries: 100 });
     let Body::Journal { entries, next } = reply.body else { panic!("no journal body") };
     assert_eq!(entries.len(), 4, "three stock adjustments and one sale");
     assert_eq!(next, 5);

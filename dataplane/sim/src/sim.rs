@@ -839,7 +839,7 @@ impl Sim {
             let control = self.clients.len() - 1;
             loop {
                 let from = self.clients[control].journal_from[shard as usize];
-                let request = self.clients[control].journal_request(from, self.params.config.journal_read_max);
+                let request = self.clients[control].journal_request(shard, from, self.params.config.journal_read_max);
                 let origin = self.clients[control].origin();
                 let now = self.now;
                 self.nodes[shard as usize].shard.as_mut().expect("up").handle_owned(now, origin, &request);

@@ -90,9 +90,9 @@ impl Client {
     }
 
     /// A journal read from `from`, registered as sent.
-    pub(crate) fn journal_request(&mut self, from: u64, max_entries: u32) -> Request {
+    pub(crate) fn journal_request(&mut self, shard: u32, from: u64, max_entries: u32) -> Request {
         let id = self.register(SentOp { kind: OpKind::Journal, hold: 0, adjustment: 0, sku: 0, location: 0 });
-        Request { id, op: Op::Journal { from, max_entries } }
+        Request { id, op: Op::Journal { shard, from, max_entries } }
     }
 
     fn register(&mut self, op: SentOp) -> u64 {
@@ -528,7 +528,7 @@ impl Sim {
                 let shard = self.rng.gen_range(0..shards);
                 let from = self.clients[client].journal_from[shard as usize];
                 let max_entries = self.rng.gen_range(1..=64);
-                let request = self.clients[client].journal_request(from, max_entries);
+                let request = self.clients[client].journal_request(shard, from, max_entries);
                 self.clients[client].pending = Some(Pending { request, shard, attempts: 0 });
                 self.client_transmit(client);
             }
