@@ -73,7 +73,7 @@ fn every_operation_is_documented_with_its_roles() {
         Op::QueryHolds { of: HoldsOf::Hold(hold) },
         Op::UpsertSku { sku: 1, location: 1, backorder_limit: 0 },
         Op::Adjust { adjustment: 1, sku: 1, location: 1, delta: 1 },
-        Op::Journal { from: 0, max_entries: 1 },
+        Op::Journal { shard: 0, from: 0, max_entries: 1 },
     ];
     for op in ops {
         let debug = format!("{op:?}");

@@ -34,7 +34,7 @@ fn ops() -> Vec<(&'static str, Op)> {
         ("query_holds_hold", Op::QueryHolds { of: HoldsOf::Hold(hold) }),
         ("upsert_sku", Op::UpsertSku { sku: 1_000_042, location: 3, backorder_limit: 10 }),
         ("adjust", Op::Adjust { adjustment: 77, sku: 1_000_042, location: 3, delta: -5 }),
-        ("journal", Op::Journal { from: 1000, max_entries: 256 }),
+        ("journal", Op::Journal { shard: 0, from: 1000, max_entries: 256 }),
     ]
 }
 
