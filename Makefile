@@ -20,7 +20,7 @@ FUZZ_SECONDS ?= 60
 BENCH_CORE ?= 1
 REPORT_DIR := perf-reports
 
-.PHONY: help run test lint unit sim sim-long fuzz bench memory check-toolchain
+.PHONY: help run test lint unit sim sim-long fuzz bench memory certs check-toolchain
 
 help:
 	@echo "make run        run the seeded multi-shard simulation (the main job until the server lands)"
@@ -30,6 +30,7 @@ help:
 	@echo "make fuzz       fuzz frame decoding and WAL recovery, FUZZ_SECONDS each (installs cargo-fuzz)"
 	@echo "make bench      criterion benchmarks pinned to core BENCH_CORE, report in perf-reports/"
 	@echo "make memory     bytes per SKU-location and per live hold, report in perf-reports/"
+	@echo "make certs      development certificates (CA, server, one client per role) in target/certs"
 
 check-toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
@@ -85,3 +86,6 @@ memory: check-toolchain
 	  echo "command: $(CARGO) run --release -p stockplane-benches --bin memory"; echo; } > $$report; \
 	$(CARGO) run --release -p stockplane-benches --bin memory 2>&1 | tee -a $$report; \
 	echo "report: $$report"
+
+certs: check-toolchain ## Write development certificates (CA, server, one client per role) to target/certs
+	$(CARGO) run --release -q -p stockplane-dataplane -- certs --dir target/certs

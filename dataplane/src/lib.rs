@@ -5,7 +5,11 @@
 //! Everything here is I/O and scheduling; every decision about stock and holds is the
 //! engine's. Nothing on a core's hot path takes a lock or allocates per request.
 //!
-//! Modules land with issue 3:
+//! Modules:
 //! - [`tls`]: rustls server configuration with client authentication, roles from certificates;
 //! - [`certs`]: development certificates (`make certs`);
 //! - [`admin`]: the HTTP endpoint for Prometheus metrics, `/healthz` and `/readyz`.
+
+pub mod admin;
+pub mod certs;
+pub mod tls;
