@@ -6,10 +6,25 @@
 //! engine's. Nothing on a core's hot path takes a lock or allocates per request.
 //!
 //! Modules:
+//! - [`server`]: starts one pinned executor per core and the admin endpoint, and stops them;
+//! - [`config`]: the TOML configuration and its defaults (`dataplane/dataplane.toml`);
+//! - `core`: one core's shard, QUIC connections and mesh end, as a synchronous state machine;
+//! - `udp`: the core's socket (batched receives and GSO sends with `quinn-udp`);
+//! - `route`: which shard serves a request;
 //! - [`tls`]: rustls server configuration with client authentication, roles from certificates;
 //! - [`certs`]: development certificates (`make certs`);
 //! - [`admin`]: the HTTP endpoint for Prometheus metrics, `/healthz` and `/readyz`.
 
 pub mod admin;
 pub mod certs;
+pub mod config;
+mod core;
+mod ids;
+mod metrics;
+mod route;
+pub mod server;
 pub mod tls;
+mod udp;
+
+pub use config::Config;
+pub use server::Server;

@@ -436,6 +436,15 @@ impl FrameBuf {
         self.bytes.extend_from_slice(bytes);
     }
 
+    /// Drops the first `count` bytes (a frame just handled), moving the rest to the front
+    /// so that the next frame starts on a 16-byte boundary.
+    pub fn consume(&mut self, count: usize) {
+        let len = self.bytes.len();
+        let count = count.min(len);
+        self.bytes.as_mut_slice().copy_within(count..len, 0);
+        self.bytes.resize(len - count, 0);
+    }
+
     /// Empties the buffer and keeps its capacity.
     pub fn clear(&mut self) {
         self.bytes.clear();
@@ -670,6 +679,26 @@ mod tests {
         assert_eq!(buf.len(), frame.len());
         assert!(decode_requests(buf.as_bytes(), &Limits::default()).is_ok());
         buf.clear();
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn frame_buf_consumes_frames_from_its_front() {
+        let first = encode_requests(&requests(3));
+        let second = encode_requests(&requests(5));
+        let mut buf = FrameBuf::new();
+        buf.extend_from_slice(&first);
+        buf.extend_from_slice(&second[..20]);
+        let header = header_parse(buf.as_bytes()).expect("header");
+        assert_eq!(
+            decode_requests(&buf.as_bytes()[..header.frame_len()], &Limits::default()).unwrap().requests.len(),
+            3
+        );
+        buf.consume(header.frame_len());
+        assert_eq!(buf.as_bytes(), &second[..20]);
+        buf.extend_from_slice(&second[20..]);
+        assert_eq!(decode_requests(buf.as_bytes(), &Limits::default()).unwrap().requests.len(), 5);
+        buf.consume(usize::MAX);
         assert!(buf.is_empty());
     }
 

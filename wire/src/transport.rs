@@ -18,17 +18,11 @@ pub mod close {
     pub const NORMAL: u32 = 0;
     /// The client's certificate is valid but names no role, or more than one.
     pub const NO_ROLE: u32 = 0x101;
-    /// The core that received the connection already serves its maximum of connections.
-    pub const TOO_MANY_CONNECTIONS: u32 = 0x102;
     /// The server is shutting down; reconnect to another node or later.
     pub const SHUTTING_DOWN: u32 = 0x103;
     /// The client broke the transport rules (for example it opened a unidirectional stream).
     pub const PROTOCOL_VIOLATION: u32 = 0x104;
 }
-
-/// QUIC application error code with which a stream is reset when the server is shutting
-/// down; frame errors use their own codes (`FrameError::code`).
-pub const STREAM_SHUTTING_DOWN: u32 = 0x103;
 
 #[cfg(test)]
 mod tests {
@@ -37,7 +31,7 @@ mod tests {
 
     #[test]
     fn close_codes_do_not_collide_with_frame_error_codes() {
-        let codes = [close::NORMAL, close::NO_ROLE, close::TOO_MANY_CONNECTIONS, close::SHUTTING_DOWN];
+        let codes = [close::NORMAL, close::NO_ROLE, close::SHUTTING_DOWN, close::PROTOCOL_VIOLATION];
         for error in FrameError::kinds() {
             assert!(!codes[1..].contains(&u32::from(error.code())), "{error:?}");
         }

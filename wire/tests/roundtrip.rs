@@ -49,7 +49,11 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(sku, location, backorder_limit)| { Op::UpsertSku { sku, location, backorder_limit } }),
         (any::<u128>(), any::<u64>(), any::<u32>(), any::<i64>())
             .prop_map(|(adjustment, sku, location, delta)| Op::Adjust { adjustment, sku, location, delta }),
-        (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(shard, from, max_entries)| Op::Journal { shard, from, max_entries }),
+        (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(shard, from, max_entries)| Op::Journal {
+            shard,
+            from,
+            max_entries
+        }),
     ]
 }
 

@@ -1,0 +1,355 @@
+//! The data plane's configuration: a TOML file whose every key has a default.
+//!
+//! `dataplane/dataplane.toml` lists every key with its default and what it bounds; a test
+//! keeps that file and [`Config::default`] equal. The command line overrides a few keys
+//! (`--listen`, `--cores`, ...); everything else comes from the file or the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use stockplane_engine::ShardConfig;
+use stockplane_wire::frame::Limits;
+
+/// Everything the data plane needs to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The UDP address every core's QUIC endpoint binds (with `SO_REUSEPORT`).
+    pub listen: SocketAddr,
+    /// The HTTP address of `/metrics`, `/healthz` and `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// How many cores run a shard; 0 means every core of the machine.
+    pub cores: usize,
+    /// The first CPU to pin to; core `k` runs on CPU `cpu_first + k`.
+    pub cpu_first: usize,
+    /// Bytes of DMA memory each executor reserves for io_uring (locked memory).
+    pub io_memory_bytes: usize,
+    /// Certificates and keys.
+    pub tls: TlsFiles,
+    /// Limits on what clients may send.
+    pub limits: ClientLimits,
+    /// QUIC transport settings.
+    pub quic: Quic,
+    /// Bounds of each core's shard.
+    pub shard: ShardBounds,
+    /// Cross-core message mesh.
+    pub mesh: Mesh,
+}
+
+/// Where the TLS material is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFiles {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+    /// The CA that signs client certificates (PEM); clients without one are refused.
+    pub client_ca: PathBuf,
+}
+
+/// Limits on clients, each answered with a status or a documented close code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientLimits {
+    /// Largest frame, header included; a larger one resets the stream (`Oversized`).
+    pub frame_bytes_max: u32,
+    /// Most requests in one frame; more resets the stream (`TooManyRequests`).
+    pub requests_per_frame_max: u32,
+    /// Bidirectional streams a client may have open at once on a connection (at most 255).
+    pub streams_per_connection_max: u32,
+    /// Connections each core serves; more are closed with `TOO_MANY_CONNECTIONS`.
+    pub connections_per_core_max: u32,
+    /// Requests of one connection waiting for their answer; more are answered `Busy`.
+    pub requests_in_flight_per_connection_max: u32,
+    /// Sustained requests per second a connection may send; more are answered `RateLimited`.
+    pub requests_per_s_per_connection: u32,
+    /// Requests a connection may send at once above its sustained rate.
+    pub requests_burst_per_connection: u32,
+}
+
+/// QUIC transport settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quic {
+    /// A connection silent for this long is closed.
+    pub idle_timeout_ms: u32,
+    /// Largest UDP payload the endpoint sends after path MTU discovery (loopback allows
+    /// much more than Ethernet's 1452).
+    pub udp_payload_bytes_max: u16,
+    /// Bytes a client may have in flight on one stream before it must wait for the server.
+    pub stream_receive_window_bytes: u32,
+    /// Bytes a client may have in flight on a connection.
+    pub connection_receive_window_bytes: u32,
+    /// Bytes of replies the server keeps in flight per connection.
+    pub send_window_bytes: u64,
+    /// UDP socket buffer size, both directions.
+    pub socket_buffer_bytes: usize,
+}
+
+/// The bounds of each shard (see `ShardConfig` in the engine for what each one bounds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardBounds {
+    /// Distinct SKUs per shard.
+    pub skus_max: u32,
+    /// SKU-locations (stock rows) per shard.
+    pub sku_locations_max: u32,
+    /// Live holds per shard.
+    pub holds_max: u32,
+    /// Finished holds kept for retries.
+    pub holds_finished_max: u32,
+    /// Hold lines beyond each hold's first.
+    pub hold_extra_lines_max: u32,
+    /// Lines in one cart (at most 64).
+    pub cart_lines_max: u32,
+    /// Cross-shard carts coordinated at once.
+    pub carts_max: u32,
+    /// Finished carts kept for retries.
+    pub carts_finished_max: u32,
+    /// Units in one line.
+    pub qty_max: u32,
+    /// Shortest hold TTL.
+    pub hold_ttl_ms_min: u32,
+    /// Longest hold TTL.
+    pub hold_ttl_ms_max: u32,
+    /// Largest absolute stock adjustment.
+    pub adjust_delta_max: u64,
+    /// Adjustment ids remembered for retries.
+    pub adjustments_retained_max: u32,
+    /// Journal entries kept in memory.
+    pub journal_entries_max: u32,
+    /// Journal entries per read.
+    pub journal_read_max: u32,
+    /// SKUs in one stock query.
+    pub query_items_max: u32,
+    /// Holds listed by one holds query.
+    pub query_holds_max: u32,
+    /// Replies waiting for durability before the shard answers `Busy`.
+    pub outbox_max: u32,
+    /// Resend interval of unanswered cross-shard cart messages.
+    pub peer_retransmit_ms: u32,
+    /// How long a cart coordinator waits for every vote.
+    pub peer_timeout_ms: u32,
+}
+
+/// The cross-core message mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mesh {
+    /// Messages (each a batch) queued between two cores before the sender waits.
+    pub channel_messages_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: "127.0.0.1:7400".parse().expect("a literal address"),
+            admin_listen: "127.0.0.1:7401".parse().expect("a literal address"),
+            cores: 0,
+            cpu_first: 0,
+            io_memory_bytes: 2 << 20,
+            tls: TlsFiles::default(),
+            limits: ClientLimits::default(),
+            quic: Quic::default(),
+            shard: ShardBounds::default(),
+            mesh: Mesh::default(),
+        }
+    }
+}
+
+impl Default for TlsFiles {
+    fn default() -> TlsFiles {
+        TlsFiles {
+            cert: "target/certs/server.pem".into(),
+            key: "target/certs/server.key".into(),
+            client_ca: "target/certs/ca.pem".into(),
+        }
+    }
+}
+
+impl Default for ClientLimits {
+    fn default() -> ClientLimits {
+        ClientLimits {
+            frame_bytes_max: Limits::FRAME_BYTES_MAX_DEFAULT,
+            requests_per_frame_max: Limits::REQUESTS_PER_FRAME_MAX_DEFAULT,
+            streams_per_connection_max: 16,
+            connections_per_core_max: 4_096,
+            requests_in_flight_per_connection_max: 16_384,
+            requests_per_s_per_connection: 2_000_000,
+            requests_burst_per_connection: 200_000,
+        }
+    }
+}
+
+impl Default for Quic {
+    fn default() -> Quic {
+        Quic {
+            idle_timeout_ms: 30_000,
+            udp_payload_bytes_max: 1_452,
+            stream_receive_window_bytes: 4 << 20,
+            connection_receive_window_bytes: 16 << 20,
+            send_window_bytes: 16 << 20,
+            socket_buffer_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Default for ShardBounds {
+    fn default() -> ShardBounds {
+        let c = ShardConfig::new(0, 1);
+        ShardBounds {
+            skus_max: c.skus_max,
+            sku_locations_max: c.sku_locations_max,
+            holds_max: c.holds_max,
+            holds_finished_max: c.holds_finished_max,
+            hold_extra_lines_max: c.hold_extra_lines_max,
+            cart_lines_max: c.cart_lines_max,
+            carts_max: c.carts_max,
+            carts_finished_max: c.carts_finished_max,
+            qty_max: c.qty_max,
+            hold_ttl_ms_min: c.hold_ttl_ms_min,
+            hold_ttl_ms_max: c.hold_ttl_ms_max,
+            adjust_delta_max: c.adjust_delta_max,
+            adjustments_retained_max: c.adjustments_retained_max,
+            journal_entries_max: c.journal_entries_max,
+            journal_read_max: c.journal_read_max,
+            query_items_max: c.query_items_max,
+            query_holds_max: c.query_holds_max,
+            outbox_max: c.outbox_max,
+            peer_retransmit_ms: c.peer_retransmit_ms,
+            peer_timeout_ms: c.peer_timeout_ms,
+        }
+    }
+}
+
+impl Default for Mesh {
+    fn default() -> Mesh {
+        Mesh { channel_messages_max: 1_024 }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults, unknown keys are errors.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let config: Config = toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The number of cores to run: `cores`, or every CPU of the machine when it is 0.
+    pub fn core_count(&self) -> usize {
+        if self.cores > 0 {
+            self.cores
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    /// The frame limits that every core checks.
+    pub fn frame_limits(&self) -> Limits {
+        Limits {
+            frame_bytes_max: self.limits.frame_bytes_max,
+            requests_per_frame_max: self.limits.requests_per_frame_max,
+        }
+    }
+
+    /// The engine configuration of shard `shard` of `shards`.
+    pub fn shard_config(&self, shard: u32, shards: u32) -> ShardConfig {
+        let b = &self.shard;
+        ShardConfig {
+            shard,
+            shards,
+            skus_max: b.skus_max,
+            sku_locations_max: b.sku_locations_max,
+            holds_max: b.holds_max,
+            holds_finished_max: b.holds_finished_max,
+            hold_extra_lines_max: b.hold_extra_lines_max,
+            cart_lines_max: b.cart_lines_max,
+            carts_max: b.carts_max,
+            carts_finished_max: b.carts_finished_max,
+            qty_max: b.qty_max,
+            hold_ttl_ms_min: b.hold_ttl_ms_min,
+            hold_ttl_ms_max: b.hold_ttl_ms_max,
+            adjust_delta_max: b.adjust_delta_max,
+            adjustments_retained_max: b.adjustments_retained_max,
+            journal_entries_max: b.journal_entries_max,
+            journal_read_max: b.journal_read_max,
+            query_items_max: b.query_items_max,
+            query_holds_max: b.query_holds_max,
+            outbox_max: b.outbox_max,
+            peer_retransmit_ms: b.peer_retransmit_ms,
+            peer_timeout_ms: b.peer_timeout_ms,
+        }
+    }
+
+    /// Checks the settings against each other, before anything starts.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let cores = self.core_count();
+        if cores > 255 {
+            bail!("cores must be at most 255, not {cores}");
+        }
+        let l = &self.limits;
+        if l.streams_per_connection_max == 0 || l.streams_per_connection_max > 255 {
+            bail!("limits.streams_per_connection_max must be in 1..=255");
+        }
+        if l.connections_per_core_max == 0 || l.connections_per_core_max > 65_535 {
+            bail!("limits.connections_per_core_max must be in 1..=65535");
+        }
+        if l.requests_in_flight_per_connection_max == 0 || l.requests_per_s_per_connection == 0 {
+            bail!("limits.requests_in_flight_per_connection_max and requests_per_s_per_connection must be above 0");
+        }
+        if l.requests_per_frame_max == 0 || (l.frame_bytes_max as usize) < stockplane_wire::frame::HEADER_LEN * 2 {
+            bail!("limits.requests_per_frame_max must be above 0 and frame_bytes_max at least 32");
+        }
+        if self.quic.udp_payload_bytes_max < 1_200 {
+            bail!("quic.udp_payload_bytes_max must be at least 1200 (QUIC's minimum)");
+        }
+        if self.mesh.channel_messages_max == 0 {
+            bail!("mesh.channel_messages_max must be above 0");
+        }
+        self.shard_config(0, cores as u32).validate().context("shard bounds")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_file_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataplane.toml");
+        let config = Config::load(&path).expect("load dataplane.toml");
+        assert_eq!(config, Config::default());
+        // Every key of the defaults appears in the file, uncommented.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::to_string(&Config::default()).unwrap();
+        for line in defaults.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(text.lines().any(|l| l.starts_with(&format!("{key} = "))), "dataplane.toml lacks {key}");
+        }
+        config.validate().expect("the defaults are valid");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let error = toml::from_str::<Config>("listne = \"127.0.0.1:1\"").unwrap_err();
+        assert!(error.to_string().contains("unknown field"), "{error}");
+        let config: Config = toml::from_str("[limits]\nstreams_per_connection_max = 300").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("streams_per_connection_max"));
+        let config: Config = toml::from_str("[shard]\ncart_lines_max = 0").unwrap();
+        assert!(format!("{:#}", config.validate().unwrap_err()).contains("cart_lines_max"));
+    }
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults() {
+        let config: Config = toml::from_str("cores = 3\n[quic]\nidle_timeout_ms = 5").unwrap();
+        assert_eq!(config.cores, 3);
+        assert_eq!(config.quic.idle_timeout_ms, 5);
+        assert_eq!(config.quic.udp_payload_bytes_max, Quic::default().udp_payload_bytes_max);
+        assert_eq!(config.limits, ClientLimits::default());
+    }
+}

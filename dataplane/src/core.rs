@@ -1,0 +1,966 @@
+//! One core: its engine shard, its QUIC endpoint and connections, and its end of the mesh.
+//!
+//! `Core` is a synchronous state machine driven by three glommio tasks (see `server`):
+//! datagrams in, mesh messages in, timers. Each task borrows the core, feeds it an input,
+//! and calls [`Core::flush`], which moves everything the input produced to where it goes:
+//! WAL records to durability, peer messages and forwarded requests to other cores, replies
+//! to their streams, and QUIC packets to the socket. Nothing here blocks or awaits.
+//!
+//! Requests flow like this: a stream's bytes are reassembled into frames, each frame
+//! decoded and validated in place; if every request of the frame belongs to this core's
+//! shard (always, with one core) the whole archived batch goes to `Shard::handle_batch`
+//! without a copy; otherwise each request goes to its shard: local ones one by one, others
+//! re-encoded into one batch per destination core and sent over the mesh. Replies come back
+//! addressed by `ClientAddr` and are written to their stream as response frames.
+//!
+//! Durability is the WAL's (next issue): until it lands, records count as durable as soon
+//! as the engine emits them, in [`Core::flush`]'s first step, where the WAL will slot in.
+
+use std::mem;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use quinn_proto::{
+    ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, ReadError, StreamEvent, StreamId, VarInt, WriteError,
+};
+use rustls::pki_types::CertificateDer;
+use stockplane_engine::{Origin, PeerMessage, Reply, Shard, ShardId, Tick};
+use stockplane_wire::frame::{self, AlignedVec, FrameBuf, FrameError, Limits, FRAME_ALIGN, HEADER_LEN};
+use stockplane_wire::{
+    transport, ArchivedOp, ArchivedRequest, ArchivedRequestBatch, Body, Op, Request, RequestBatch, Response,
+    ResponseBatch, Role, Status, StockLevel,
+};
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::ids::ClientAddr;
+use crate::metrics::CoreMetrics;
+use crate::route::{route, Route};
+use crate::udp::Udp;
+
+/// Replies in one response frame at most (a client's frame limit is 1 MiB by default).
+const RESPONSES_PER_FRAME_MAX: usize = 2_048;
+/// The stream slot that marks a split query's parts: replies to it go to the merger.
+const SPLIT_STREAM: u8 = u8::MAX;
+
+/// A message between cores; each one carries a batch.
+#[derive(Debug)]
+pub(crate) enum MeshMessage {
+    /// Requests for the receiving core's shard, from one client stream, as a request frame.
+    Requests {
+        /// The stream they came from.
+        origin: Origin,
+        /// An encoded request frame.
+        frame: AlignedVec<FRAME_ALIGN>,
+    },
+    /// Replies for clients connected to the receiving core.
+    Replies(Vec<Reply>),
+    /// Two-phase cart messages from shard `from`.
+    Peers {
+        /// The sending shard.
+        from: ShardId,
+        /// The messages, in the order the engine emitted them.
+        messages: Vec<PeerMessage>,
+    },
+}
+
+/// What a core has queued for another core, sent as a few messages per flush.
+#[derive(Debug, Default)]
+struct Outgoing {
+    requests: Vec<MeshMessage>,
+    replies: Vec<Reply>,
+    peers: Vec<PeerMessage>,
+}
+
+/// A client stream: reassembly of request frames, replies waiting to be written.
+struct Stream {
+    id: StreamId,
+    generation: u16,
+    inbound: FrameBuf,
+    /// Bytes of response frames that QUIC's flow control has not yet taken.
+    outbound: Vec<u8>,
+    outbound_sent: usize,
+    replies: Vec<Response>,
+    /// Requests accepted from this stream and not yet answered.
+    in_flight: u32,
+    /// The client finished its side: answer what is in flight, then finish ours.
+    finished: bool,
+    /// The stream was reset or stopped: drop whatever is still to come for it.
+    broken: bool,
+}
+
+/// A client connection.
+struct Conn {
+    conn: quinn_proto::Connection,
+    handle: ConnectionHandle,
+    generation: u16,
+    role: Option<Role>,
+    streams: Vec<Option<Stream>>,
+    stream_generations: Vec<u16>,
+    in_flight: u32,
+    tokens: f64,
+    refilled_at: Instant,
+    timeout: Option<Instant>,
+    dirty: bool,
+    closing: bool,
+}
+
+/// A stock query whose SKUs live on several shards, waiting for its parts.
+struct SplitQuery {
+    generation: u16,
+    reply_to: ClientAddr,
+    request_id: u64,
+    parts_left: u32,
+    levels: Vec<StockLevel>,
+    status: Status,
+}
+
+/// One core's whole state.
+pub(crate) struct Core {
+    shard_id: ShardId,
+    shards: u32,
+    shard: Shard,
+    endpoint: Endpoint,
+    server_config: Arc<quinn_proto::ServerConfig>,
+    udp: Udp,
+    conns: Vec<Option<Conn>>,
+    conn_generations: Vec<u16>,
+    conn_free: Vec<u16>,
+    /// `ConnectionHandle.0` to connection slot.
+    by_handle: Vec<u16>,
+    dirty: Vec<u16>,
+    splits: Vec<Option<SplitQuery>>,
+    split_generations: Vec<u16>,
+    outgoing: Vec<Outgoing>,
+    limits: Limits,
+    config: Config,
+    started: Instant,
+    started_ms: u64,
+    transmit: Vec<u8>,
+    encoded: AlignedVec<FRAME_ALIGN>,
+    response_batch: ResponseBatch,
+    forward: Vec<Vec<Request>>,
+    wal: Vec<u8>,
+    stopping: bool,
+    /// Counters and histograms, published by the metrics task.
+    pub metrics: CoreMetrics,
+}
+
+impl Core {
+    /// A core for shard `shard_id` of `shards`, serving QUIC on `udp`.
+    pub fn new(
+        shard_id: ShardId,
+        shards: u32,
+        config: &Config,
+        server_config: Arc<quinn_proto::ServerConfig>,
+        udp: Udp,
+    ) -> anyhow::Result<Core> {
+        let shard_config = config.shard_config(shard_id, shards);
+        let started = Instant::now();
+        let started_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let shard = Shard::new(&shard_config, started_ms)?;
+        let mut endpoint_config = quinn_proto::EndpointConfig::default();
+        endpoint_config.max_udp_payload_size(config.quic.udp_payload_bytes_max.max(1_200))?;
+        let endpoint = Endpoint::new(Arc::new(endpoint_config), Some(server_config.clone()), true, None);
+        let connections = config.limits.connections_per_core_max as usize;
+        Ok(Core {
+            shard_id,
+            shards,
+            shard,
+            endpoint,
+            server_config,
+            udp,
+            conns: Vec::new(),
+            conn_generations: Vec::new(),
+            conn_free: Vec::new(),
+            by_handle: Vec::with_capacity(connections),
+            dirty: Vec::new(),
+            splits: Vec::new(),
+            split_generations: Vec::new(),
+            outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
+            limits: config.frame_limits(),
+            config: config.clone(),
+            started,
+            started_ms,
+            transmit: Vec::with_capacity(64 * 1024),
+            encoded: AlignedVec::with_capacity(64 * 1024),
+            response_batch: ResponseBatch { responses: Vec::with_capacity(RESPONSES_PER_FRAME_MAX) },
+            forward: (0..shards).map(|_| Vec::new()).collect(),
+            wal: Vec::with_capacity(1 << 20),
+            stopping: false,
+            metrics: CoreMetrics::new(shard_id),
+        })
+    }
+
+    /// The engine's clock: wall-clock milliseconds at start, advanced by the monotonic clock.
+    pub fn tick(&self, now: Instant) -> Tick {
+        self.started_ms + now.duration_since(self.started).as_millis() as u64
+    }
+
+    /// Datagrams dropped because the socket's send buffer was full.
+    pub fn udp_send_dropped(&self) -> u64 {
+        self.udp.send_dropped
+    }
+
+    /// Live holds of the shard, for metrics.
+    pub fn live_holds(&self) -> u32 {
+        self.shard.live_holds()
+    }
+
+    /// Connections open on this core.
+    pub fn connections(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_some()).count()
+    }
+
+    // ------------------------------------------------------------------ inputs
+
+    /// Reads every datagram waiting on the socket; returns how many buffers were read.
+    pub fn receive(&mut self, now: Instant) -> anyhow::Result<usize> {
+        let mut total = 0;
+        loop {
+            let mut received: Vec<(SocketAddr, Option<std::net::IpAddr>, Option<quinn_proto::EcnCodepoint>, BytesMut)> =
+                Vec::new();
+            let count = self.udp.recv(|meta, bytes| {
+                let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+                let mut data = BytesMut::from(bytes);
+                while !data.is_empty() {
+                    let segment = data.split_to(meta.stride.min(data.len()));
+                    received.push((meta.addr, meta.dst_ip, ecn, segment));
+                }
+            })?;
+            for (addr, dst_ip, ecn, data) in received {
+                self.metrics.datagrams_in += 1;
+                self.on_datagram(now, addr, dst_ip, ecn, data);
+            }
+            total += count;
+            if count < crate::udp::RECV_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn on_datagram(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        dst_ip: Option<std::net::IpAddr>,
+        ecn: Option<quinn_proto::EcnCodepoint>,
+        data: BytesMut,
+    ) {
+        let mut buf = mem::take(&mut self.transmit);
+        match self.endpoint.handle(now, addr, dst_ip, ecn, data, &mut buf) {
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                if let Some(slot) = self.slot_of(handle) {
+                    let conn = self.conns[slot as usize].as_mut().expect("indexed connections exist");
+                    conn.conn.handle_event(event);
+                    self.mark_dirty(slot);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                if self.stopping || self.connections() >= self.config.limits.connections_per_core_max as usize {
+                    self.metrics.connections_refused += 1;
+                    let transmit = self.endpoint.refuse(incoming, &mut buf);
+                    self.send_transmit(&transmit, &buf);
+                } else {
+                    match self.endpoint.accept(incoming, now, &mut buf, Some(self.server_config.clone())) {
+                        Ok((handle, conn)) => self.insert_conn(handle, conn, now),
+                        Err(error) => {
+                            debug!(error = %error.cause, "handshake refused");
+                            if let Some(transmit) = error.response {
+                                self.send_transmit(&transmit, &buf);
+                            }
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::Response(transmit)) => self.send_transmit(&transmit, &buf),
+            None => {}
+        }
+        buf.clear();
+        self.transmit = buf;
+    }
+
+    fn insert_conn(&mut self, handle: ConnectionHandle, conn: quinn_proto::Connection, now: Instant) {
+        let slot = match self.conn_free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.conns.push(None);
+                self.conn_generations.push(0);
+                (self.conns.len() - 1) as u16
+            }
+        };
+        let generation = self.conn_generations[slot as usize];
+        let streams = self.config.limits.streams_per_connection_max as usize;
+        self.conns[slot as usize] = Some(Conn {
+            conn,
+            handle,
+            generation,
+            role: None,
+            streams: (0..streams).map(|_| None).collect(),
+            stream_generations: vec![0; streams],
+            in_flight: 0,
+            tokens: f64::from(self.config.limits.requests_burst_per_connection),
+            refilled_at: now,
+            timeout: None,
+            dirty: false,
+            closing: false,
+        });
+        if self.by_handle.len() <= handle.0 {
+            self.by_handle.resize(handle.0 + 1, u16::MAX);
+        }
+        self.by_handle[handle.0] = slot;
+        self.metrics.connections_accepted += 1;
+        self.mark_dirty(slot);
+    }
+
+    fn slot_of(&self, handle: ConnectionHandle) -> Option<u16> {
+        match self.by_handle.get(handle.0) {
+            Some(&slot) if slot != u16::MAX => Some(slot),
+            _ => None,
+        }
+    }
+
+    fn mark_dirty(&mut self, slot: u16) {
+        if let Some(conn) = self.conns[slot as usize].as_mut() {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    /// Handles a batch from another core.
+    pub fn on_mesh(&mut self, now: Instant, message: MeshMessage) {
+        let tick = self.tick(now);
+        match message {
+            MeshMessage::Requests { origin, frame } => match frame::decode_requests(&frame, &Limits::default()) {
+                Ok(batch) => self.shard.handle_batch(tick, origin, batch),
+                Err(error) => unreachable!("a core forwarded a frame it encoded itself, which failed: {error}"),
+            },
+            MeshMessage::Replies(replies) => {
+                for reply in replies {
+                    self.deliver(reply);
+                }
+            }
+            MeshMessage::Peers { from, messages } => {
+                for message in messages {
+                    self.shard.handle_peer(tick, from, message);
+                }
+            }
+        }
+    }
+
+    /// Lets time pass for the shard (expiries) and every connection whose timer is due.
+    pub fn on_timer(&mut self, now: Instant) {
+        let tick = self.tick(now);
+        if self.shard.poll_timeout().is_some_and(|at| at <= tick) {
+            self.shard.handle_timeout(tick);
+        }
+        for slot in 0..self.conns.len() {
+            let due = match &self.conns[slot] {
+                Some(conn) => conn.timeout.is_some_and(|at| at <= now),
+                None => false,
+            };
+            if due {
+                let conn = self.conns[slot].as_mut().expect("checked");
+                conn.timeout = None;
+                conn.conn.handle_timeout(now);
+                self.mark_dirty(slot as u16);
+            }
+        }
+    }
+
+    /// When [`Core::on_timer`] must next run.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let shard = self.shard.poll_timeout().map(|at| {
+            let tick = self.tick(now);
+            now + Duration::from_millis(at.saturating_sub(tick))
+        });
+        let conns = self.conns.iter().flatten().filter_map(|c| c.timeout).min();
+        match (shard, conns) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Closes every connection (the server is stopping) and refuses new ones.
+    pub fn stop(&mut self, now: Instant) {
+        self.stopping = true;
+        for slot in 0..self.conns.len() {
+            if let Some(conn) = self.conns[slot].as_mut() {
+                conn.conn.close(now, VarInt::from_u32(transport::close::SHUTTING_DOWN), "shutting down".into());
+                self.mark_dirty(slot as u16);
+            }
+        }
+    }
+
+    /// True once every connection is gone after [`Core::stop`].
+    pub fn drained(&self) -> bool {
+        self.stopping && self.conns.iter().all(|c| c.is_none())
+    }
+
+    // ------------------------------------------------------------------ flushing
+
+    /// Moves every output to its destination; returns the mesh messages to send, by core.
+    pub fn flush(&mut self, now: Instant) -> Vec<(ShardId, MeshMessage)> {
+        let tick = self.tick(now);
+        let mut mesh = Vec::new();
+        // Connections first: reading streams feeds the shard.
+        self.drive_connections(now, tick);
+        loop {
+            let mut progress = false;
+            // Durability: the WAL lands with the next issue; until then a record is durable
+            // as soon as it is emitted.
+            if let Some(position) = self.shard.poll_wal_append(&mut self.wal) {
+                self.metrics.wal_bytes += self.wal.len() as u64;
+                self.shard.handle_durable(position);
+                progress = true;
+            }
+            while let Some((to, message)) = self.shard.poll_peer() {
+                progress = true;
+                if to == self.shard_id {
+                    self.shard.handle_peer(tick, self.shard_id, message);
+                } else {
+                    self.outgoing[to as usize].peers.push(message);
+                }
+            }
+            while let Some(reply) = self.shard.poll_reply() {
+                progress = true;
+                self.deliver(reply);
+            }
+            if !progress {
+                break;
+            }
+        }
+        for core in 0..self.outgoing.len() {
+            let out = &mut self.outgoing[core];
+            for message in out.requests.drain(..) {
+                mesh.push((core as ShardId, message));
+            }
+            if !out.replies.is_empty() {
+                mesh.push((core as ShardId, MeshMessage::Replies(mem::take(&mut out.replies))));
+            }
+            if !out.peers.is_empty() {
+                let messages = mem::take(&mut out.peers);
+                mesh.push((core as ShardId, MeshMessage::Peers { from: self.shard_id, messages }));
+            }
+        }
+        self.drive_connections(now, tick);
+        mesh
+    }
+
+    fn drive_connections(&mut self, now: Instant, tick: Tick) {
+        while let Some(slot) = self.dirty.pop() {
+            let Some(conn) = self.conns[slot as usize].as_mut() else { continue };
+            conn.dirty = false;
+            self.drive(slot, now, tick);
+        }
+    }
+
+    /// Runs one connection until it has nothing more to say: events, streams, replies,
+    /// packets, timer.
+    fn drive(&mut self, slot: u16, now: Instant, tick: Tick) {
+        loop {
+            let conn = self.conns[slot as usize].as_mut().expect("driven connections exist");
+            let mut progress = false;
+            while let Some(event) = conn.conn.poll_endpoint_events() {
+                if let Some(event) = self.endpoint.handle_event(conn.handle, event) {
+                    conn.conn.handle_event(event);
+                }
+                progress = true;
+            }
+            loop {
+                let conn = self.conns[slot as usize].as_mut().expect("exists");
+                let Some(event) = conn.conn.poll() else { break };
+                progress = true;
+                match event {
+                    Event::Connected => self.on_connected(slot, now),
+                    Event::ConnectionLost { reason } => {
+                        debug!(%reason, "connection lost");
+                    }
+                    Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => self.accept_streams(slot, now),
+                    Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
+                        conn.conn.close(
+                            now,
+                            VarInt::from_u32(transport::close::PROTOCOL_VIOLATION),
+                            "unidirectional streams are not part of the protocol".into(),
+                        );
+                    }
+                    Event::Stream(StreamEvent::Readable { id }) => self.read_stream(slot, id, now, tick),
+                    Event::Stream(StreamEvent::Writable { id }) => self.write_stream(slot, id),
+                    Event::Stream(StreamEvent::Stopped { id, .. }) => self.break_stream(slot, id),
+                    Event::Stream(_) | Event::HandshakeDataReady | Event::DatagramReceived => {}
+                    Event::DatagramsUnblocked => {}
+                }
+            }
+            self.write_replies(slot);
+            let max_segments = self.udp.max_gso_segments();
+            let mut buf = mem::take(&mut self.transmit);
+            loop {
+                let conn = self.conns[slot as usize].as_mut().expect("exists");
+                buf.clear();
+                match conn.conn.poll_transmit(now, max_segments, &mut buf) {
+                    Some(transmit) => {
+                        progress = true;
+                        self.send_transmit(&transmit, &buf);
+                    }
+                    None => break,
+                }
+            }
+            buf.clear();
+            self.transmit = buf;
+            let conn = self.conns[slot as usize].as_mut().expect("exists");
+            conn.timeout = conn.conn.poll_timeout();
+            if conn.conn.is_drained() {
+                self.remove_conn(slot);
+                return;
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn on_connected(&mut self, slot: u16, now: Instant) {
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        let identity = conn.conn.crypto_session().peer_identity();
+        let certs = identity.and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+        let role = match certs.as_deref().and_then(|certs| certs.first()) {
+            Some(cert) => crate::tls::role_of(cert.as_ref()),
+            None => Err(crate::tls::RoleError::Unparsable),
+        };
+        match role {
+            Ok(role) => {
+                debug!(remote = %conn.conn.remote_address(), ?role, "connected");
+                conn.role = Some(role);
+            }
+            Err(error) => {
+                warn!(remote = %conn.conn.remote_address(), %error, "client certificate grants no role; closing");
+                self.metrics.connections_refused += 1;
+                conn.closing = true;
+                conn.conn.close(now, VarInt::from_u32(transport::close::NO_ROLE), error.to_string().into());
+            }
+        }
+    }
+
+    fn accept_streams(&mut self, slot: u16, now: Instant) {
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        while let Some(id) = conn.conn.streams().accept(Dir::Bi) {
+            let Some(index) = conn.streams.iter().position(|s| s.is_none()) else {
+                // QUIC's stream limit equals our slots; more means a bookkeeping bug.
+                warn!(%id, "no stream slot free; closing the connection");
+                conn.conn.close(now, VarInt::from_u32(transport::close::PROTOCOL_VIOLATION), "too many streams".into());
+                return;
+            };
+            let generation = conn.stream_generations[index];
+            conn.streams[index] = Some(Stream {
+                id,
+                generation,
+                inbound: FrameBuf::new(),
+                outbound: Vec::new(),
+                outbound_sent: 0,
+                replies: Vec::new(),
+                in_flight: 0,
+                finished: false,
+                broken: false,
+            });
+        }
+    }
+
+    fn stream_index(conn: &Conn, id: StreamId) -> Option<usize> {
+        conn.streams.iter().position(|s| s.as_ref().is_some_and(|s| s.id == id))
+    }
+
+    /// Reads what a stream has, then handles every complete frame in it.
+    fn read_stream(&mut self, slot: u16, id: StreamId, now: Instant, tick: Tick) {
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        let Some(index) = Self::stream_index(conn, id) else { return };
+        let Conn { conn: quic, streams, .. } = conn;
+        let stream = streams[index].as_mut().expect("found");
+        let mut recv = quic.recv_stream(id);
+        let Ok(mut chunks) = recv.read(true) else { return };
+        let mut reset = false;
+        let frame_max = self.limits.frame_bytes_max as usize;
+        loop {
+            match chunks.next(frame_max) {
+                Ok(Some(chunk)) => stream.inbound.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    stream.finished = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(_)) => {
+                    reset = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        if reset {
+            return self.break_stream(slot, id);
+        }
+        self.handle_frames(slot, index, now, tick);
+    }
+
+    /// Handles every complete frame at the front of a stream's buffer.
+    fn handle_frames(&mut self, slot: u16, index: usize, now: Instant, tick: Tick) {
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        let stream = conn.streams[index].as_mut().expect("exists");
+        let mut inbound = mem::take(&mut stream.inbound);
+        let finished = stream.finished;
+        let mut failure = None;
+        loop {
+            let bytes = inbound.as_bytes();
+            if bytes.len() < HEADER_LEN {
+                if finished && !bytes.is_empty() {
+                    failure = Some(FrameError::TooShort { needed: HEADER_LEN, len: bytes.len() });
+                }
+                break;
+            }
+            let header = match frame::header_parse(&bytes[..HEADER_LEN]).and_then(|h| {
+                h.check_limits(&self.limits)?;
+                Ok(h)
+            }) {
+                Ok(header) => header,
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            };
+            let len = header.frame_len();
+            if bytes.len() < len {
+                if finished {
+                    failure = Some(FrameError::Truncated { needed: len, len: bytes.len() });
+                }
+                break;
+            }
+            match frame::decode_requests(&bytes[..len], &self.limits) {
+                Ok(batch) => self.handle_frame(slot, index, batch, now, tick),
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+            inbound.consume(len);
+        }
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        if let Some(stream) = conn.streams[index].as_mut() {
+            stream.inbound = inbound;
+        }
+        if let Some(error) = failure {
+            self.metrics.frame_errors[error.code() as usize] += 1;
+            let conn = self.conns[slot as usize].as_mut().expect("exists");
+            warn!(remote = %conn.conn.remote_address(), role = ?conn.role, %error, "bad frame; resetting the stream");
+            let id = conn.streams[index].as_ref().expect("exists").id;
+            let code = VarInt::from_u32(u32::from(error.code()));
+            let _ = conn.conn.send_stream(id).reset(code);
+            let _ = conn.conn.recv_stream(id).stop(code);
+            self.break_stream(slot, id);
+        }
+        self.mark_dirty(slot);
+    }
+
+    /// Handles one decoded frame of requests from a stream.
+    fn handle_frame(&mut self, slot: u16, index: usize, batch: &ArchivedRequestBatch, now: Instant, tick: Tick) {
+        let requests = batch.requests.as_slice();
+        let count = requests.len() as u32;
+        self.metrics.frames_in += 1;
+        for request in requests {
+            self.metrics.count_op(&request.op);
+        }
+        let limits = &self.config.limits;
+        let (burst, rate, in_flight_max) = (
+            f64::from(limits.requests_burst_per_connection),
+            f64::from(limits.requests_per_s_per_connection),
+            limits.requests_in_flight_per_connection_max,
+        );
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        let Some(role) = conn.role else { return };
+        let elapsed = now.duration_since(conn.refilled_at).as_secs_f64();
+        conn.tokens = (conn.tokens + elapsed * rate).min(burst);
+        conn.refilled_at = now;
+        let stream = conn.streams[index].as_mut().expect("exists");
+        let origin = Origin {
+            client: ClientAddr {
+                core: self.shard_id as u8,
+                conn: slot,
+                conn_gen: conn.generation,
+                stream: index as u8,
+                stream_gen: stream.generation,
+            }
+            .pack(),
+            role,
+        };
+        let all_here =
+            self.shards == 1 || requests.iter().all(|r| route(&r.op, self.shards) == Route::Shard(self.shard_id));
+        if all_here && conn.tokens >= f64::from(count) && conn.in_flight + count <= in_flight_max {
+            // The fast path: the archived batch goes to the shard as it arrived.
+            conn.tokens -= f64::from(count);
+            conn.in_flight += count;
+            stream.in_flight += count;
+            self.shard.handle_batch(tick, origin, batch);
+            return;
+        }
+        for request in requests {
+            self.handle_one(slot, index, origin, request, tick);
+        }
+        for core in 0..self.forward.len() {
+            if self.forward[core].is_empty() {
+                continue;
+            }
+            let requests = mem::take(&mut self.forward[core]);
+            let batch = RequestBatch { requests };
+            let frame = frame::encode_requests(&batch);
+            let mut requests = batch.requests;
+            requests.clear();
+            self.forward[core] = requests;
+            self.metrics.forwarded_frames += 1;
+            self.outgoing[core].requests.push(MeshMessage::Requests { origin, frame });
+        }
+    }
+
+    /// Handles one request of a frame that is not all for this shard, or that meets a limit.
+    fn handle_one(&mut self, slot: u16, index: usize, origin: Origin, request: &ArchivedRequest, tick: Tick) {
+        let id = request.id.to_native();
+        let in_flight_max = self.config.limits.requests_in_flight_per_connection_max;
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        let stream = conn.streams[index].as_mut().expect("exists");
+        let refuse = |stream: &mut Stream, status: Status| {
+            stream.replies.push(Response { id, status, body: Body::Empty });
+        };
+        if conn.tokens < 1.0 {
+            self.metrics.rate_limited += 1;
+            return refuse(stream, Status::RateLimited);
+        }
+        if conn.in_flight >= in_flight_max {
+            self.metrics.busy += 1;
+            return refuse(stream, Status::Busy);
+        }
+        let target = route(&request.op, self.shards);
+        if let Route::Refuse(status) = target {
+            return refuse(stream, status);
+        }
+        conn.tokens -= 1.0;
+        conn.in_flight += 1;
+        stream.in_flight += 1;
+        match target {
+            Route::Shard(shard) if shard == self.shard_id => self.shard.handle_request(tick, origin, request),
+            Route::Shard(shard) => self.forward[shard as usize].push(deserialize(request)),
+            Route::Split => self.split_query(origin, request, tick),
+            Route::Refuse(_) => unreachable!("handled above"),
+        }
+    }
+
+    /// Sends each shard its part of a stock query that spans shards; the merged answer
+    /// goes back to the client once every part is in.
+    fn split_query(&mut self, origin: Origin, request: &ArchivedRequest, tick: Tick) {
+        let ArchivedOp::QueryStock { items } = &request.op else { unreachable!("only stock queries split") };
+        let index = match self.splits.iter().position(|s| s.is_none()) {
+            Some(index) => index,
+            None => {
+                self.splits.push(None);
+                self.split_generations.push(0);
+                self.splits.len() - 1
+            }
+        };
+        let generation = self.split_generations[index];
+        let mut parts: Vec<Vec<stockplane_wire::SkuAt>> = (0..self.shards).map(|_| Vec::new()).collect();
+        for item in items.iter() {
+            let sku = item.sku.to_native();
+            let location = item.location.as_ref().map(|l| l.to_native());
+            parts[stockplane_engine::shard_for(sku, self.shards) as usize]
+                .push(stockplane_wire::SkuAt { sku, location });
+        }
+        let parts_left = parts.iter().filter(|p| !p.is_empty()).count() as u32;
+        self.splits[index] = Some(SplitQuery {
+            generation,
+            reply_to: ClientAddr::unpack(origin.client),
+            request_id: request.id.to_native(),
+            parts_left,
+            levels: Vec::with_capacity(items.len()),
+            status: Status::Ok,
+        });
+        let merger = Origin {
+            client: ClientAddr {
+                core: self.shard_id as u8,
+                conn: index as u16,
+                conn_gen: generation,
+                stream: SPLIT_STREAM,
+                stream_gen: 0,
+            }
+            .pack(),
+            role: origin.role,
+        };
+        for (shard, items) in parts.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let request = Request { id: request.id.to_native(), op: Op::QueryStock { items } };
+            let frame = frame::encode_requests(&RequestBatch { requests: vec![request] });
+            if shard as ShardId == self.shard_id {
+                let batch = frame::decode_requests(&frame, &Limits::default()).expect("encoded just now");
+                self.shard.handle_batch(tick, merger, batch);
+            } else {
+                self.outgoing[shard].requests.push(MeshMessage::Requests { origin: merger, frame });
+            }
+        }
+    }
+
+    /// Merges a part of a split query; answers the client when it is the last.
+    fn merge_split(&mut self, addr: ClientAddr, reply: Reply) {
+        let index = addr.conn as usize;
+        let Some(Some(split)) = self.splits.get_mut(index) else { return };
+        if split.generation != addr.conn_gen {
+            return;
+        }
+        match reply.body {
+            Body::Stock(levels) if reply.status == Status::Ok => split.levels.extend(levels),
+            _ if split.status == Status::Ok => split.status = reply.status,
+            _ => {}
+        }
+        split.parts_left -= 1;
+        if split.parts_left > 0 {
+            return;
+        }
+        let split = self.splits[index].take().expect("checked");
+        self.split_generations[index] = self.split_generations[index].wrapping_add(1);
+        let body = if split.status == Status::Ok { Body::Stock(split.levels) } else { Body::Empty };
+        let reply = Reply { client: split.reply_to.pack(), request_id: split.request_id, status: split.status, body };
+        self.deliver(reply);
+    }
+
+    /// Sends a reply to its stream: here, or through the mesh to the core that holds it.
+    fn deliver(&mut self, reply: Reply) {
+        let addr = ClientAddr::unpack(reply.client);
+        if u32::from(addr.core) != self.shard_id {
+            self.outgoing[addr.core as usize].replies.push(reply);
+            return;
+        }
+        if addr.stream == SPLIT_STREAM {
+            return self.merge_split(addr, reply);
+        }
+        self.metrics.count_status(reply.status);
+        let Some(Some(conn)) = self.conns.get_mut(addr.conn as usize) else { return };
+        if conn.generation != addr.conn_gen {
+            return;
+        }
+        conn.in_flight = conn.in_flight.saturating_sub(1);
+        let Some(Some(stream)) = conn.streams.get_mut(addr.stream as usize) else { return };
+        if stream.generation != addr.stream_gen {
+            return;
+        }
+        stream.in_flight = stream.in_flight.saturating_sub(1);
+        if !stream.broken {
+            stream.replies.push(Response { id: reply.request_id, status: reply.status, body: reply.body });
+        }
+        self.mark_dirty(addr.conn);
+    }
+
+    /// Encodes every stream's waiting replies into response frames and writes them.
+    fn write_replies(&mut self, slot: u16) {
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        for index in 0..conn.streams.len() {
+            let Some(stream) = conn.streams[index].as_mut() else { continue };
+            while !stream.replies.is_empty() {
+                let take = stream.replies.len().min(RESPONSES_PER_FRAME_MAX);
+                self.response_batch.responses.clear();
+                self.response_batch.responses.extend(stream.replies.drain(..take));
+                frame::encode_responses_into(&mut self.encoded, &self.response_batch);
+                self.metrics.frames_out += 1;
+                stream.outbound.extend_from_slice(&self.encoded);
+            }
+            self.response_batch.responses.clear();
+            let id = stream.id;
+            Self::write_outbound(conn, index);
+            let stream = conn.streams[index].as_mut().expect("exists");
+            let done = stream.finished && stream.in_flight == 0 && stream.outbound.is_empty();
+            if done || (stream.broken && stream.in_flight == 0) {
+                if done {
+                    let _ = conn.conn.send_stream(id).finish();
+                }
+                conn.streams[index] = None;
+                conn.stream_generations[index] = conn.stream_generations[index].wrapping_add(1);
+            }
+        }
+    }
+
+    /// Gives QUIC as much of a stream's outbound bytes as flow control allows.
+    fn write_outbound(conn: &mut Conn, index: usize) {
+        let Conn { conn: quic, streams, .. } = conn;
+        let stream = streams[index].as_mut().expect("exists");
+        if stream.outbound.is_empty() {
+            return;
+        }
+        let mut send = quic.send_stream(stream.id);
+        while stream.outbound_sent < stream.outbound.len() {
+            match send.write(&stream.outbound[stream.outbound_sent..]) {
+                Ok(written) => stream.outbound_sent += written,
+                Err(WriteError::Blocked) => break,
+                Err(WriteError::Stopped(_)) | Err(WriteError::ClosedStream) => {
+                    stream.broken = true;
+                    stream.outbound.clear();
+                    stream.outbound_sent = 0;
+                    return;
+                }
+            }
+        }
+        if stream.outbound_sent == stream.outbound.len() {
+            stream.outbound.clear();
+            stream.outbound_sent = 0;
+        }
+    }
+
+    fn write_stream(&mut self, slot: u16, id: StreamId) {
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        if let Some(index) = Self::stream_index(conn, id) {
+            Self::write_outbound(conn, index);
+        }
+    }
+
+    /// The client reset or stopped a stream: nothing more is read from it or written to it.
+    fn break_stream(&mut self, slot: u16, id: StreamId) {
+        let conn = self.conns[slot as usize].as_mut().expect("exists");
+        if let Some(index) = Self::stream_index(conn, id) {
+            let stream = conn.streams[index].as_mut().expect("found");
+            stream.broken = true;
+            stream.replies.clear();
+            stream.outbound.clear();
+            stream.outbound_sent = 0;
+            stream.inbound.clear();
+        }
+    }
+
+    fn remove_conn(&mut self, slot: u16) {
+        let conn = self.conns[slot as usize].take().expect("exists");
+        self.by_handle[conn.handle.0] = u16::MAX;
+        self.conn_generations[slot as usize] = self.conn_generations[slot as usize].wrapping_add(1);
+        self.conn_free.push(slot);
+        self.metrics.connections_closed += 1;
+        if conn.role.is_some() {
+            info!(remote = %conn.conn.remote_address(), "connection closed");
+        }
+    }
+
+    fn send_transmit(&mut self, transmit: &quinn_proto::Transmit, buf: &[u8]) {
+        let contents = &buf[..transmit.size];
+        let udp_transmit = quinn_udp::Transmit {
+            destination: transmit.destination,
+            ecn: transmit.ecn.map(|e| quinn_udp::EcnCodepoint::from_bits(e as u8).expect("valid ECN bits")),
+            contents,
+            segment_size: transmit.segment_size,
+            src_ip: transmit.src_ip,
+        };
+        self.metrics.datagrams_out += transmit.segment_size.map_or(1, |s| transmit.size.div_ceil(s)) as u64;
+        if let Err(error) = self.udp.send(&udp_transmit) {
+            self.metrics.send_errors += 1;
+            debug!(%error, destination = %transmit.destination, "UDP send failed");
+        }
+    }
+}
+
+/// An owned copy of an archived request, for forwarding to another core.
+fn deserialize(request: &ArchivedRequest) -> Request {
+    rkyv::deserialize::<Request, rkyv::rancor::Error>(request).expect("a validated archive deserializes")
+}
