@@ -140,6 +140,9 @@ pub struct ClientConfig {
     pub batch_requests_max: usize,
     /// How long one attempt may wait for its answer (default 1 s), reconnection included.
     pub call_timeout: Duration,
+    /// How long a handshake with one server address may take before the next address is
+    /// tried (default 2 s).
+    pub connect_timeout: Duration,
     /// How many times a call is retried after the first attempt (default 3).
     pub retries: u32,
     /// The wait before the first retry (default 10 ms); each further retry doubles it.
@@ -163,6 +166,7 @@ impl ClientConfig {
             linger: Duration::from_micros(100),
             batch_requests_max: 256,
             call_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
             retries: 3,
             retry_backoff: Duration::from_millis(10),
             retry_backoff_max: Duration::from_millis(200),
@@ -200,8 +204,8 @@ impl ClientConfig {
         if self.batch_requests_max == 0 || self.batch_requests_max > batch_max {
             return refuse(format!("batch_requests_max {} is not in 1..={batch_max}", self.batch_requests_max));
         }
-        if self.call_timeout.is_zero() {
-            return refuse("a call timeout of zero".into());
+        if self.call_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return refuse("a call or connect timeout of zero".into());
         }
         Ok(())
     }
@@ -560,7 +564,10 @@ impl Inner {
                 batch_requests_max: self.config.batch_requests_max,
                 queue_depth: self.config.batch_requests_max * 4,
             };
-            match Conn::open(params).await {
+            match tokio::time::timeout(self.config.connect_timeout, Conn::open(params))
+                .await
+                .unwrap_or_else(|_| Err(format!("no handshake within {:?}", self.config.connect_timeout)))
+            {
                 Ok(conn) => {
                     let conn = Arc::new(conn);
                     *slot.current() = Some(conn.clone());
@@ -609,6 +616,7 @@ mod tests {
         assert!(refused(|config| config.batch_requests_max = 0));
         assert!(refused(|config| config.batch_requests_max = Limits::REQUESTS_PER_FRAME_MAX_DEFAULT as usize + 1));
         assert!(refused(|config| config.call_timeout = Duration::ZERO));
+        assert!(refused(|config| config.connect_timeout = Duration::ZERO));
     }
 
     #[test]
@@ -623,5 +631,21 @@ mod tests {
             Err(ClientError::ReadPem { path, .. }) => assert_eq!(path, PathBuf::from("/nonexistent/ca.pem")),
             other => panic!("expected ReadPem, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn connect_gives_up_on_a_silent_address_within_the_connect_timeout() {
+        // A bound UDP socket that never answers: the handshake cannot complete.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let mut config = config();
+        config.servers = vec![silent.local_addr().expect("address")];
+        config.connections = 1;
+        config.connect_timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        match Client::connect(config).await {
+            Err(ClientError::Connect(reason)) => assert!(reason.contains("no handshake within"), "{reason}"),
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
