@@ -10,6 +10,8 @@
 //! Without the `client` feature this crate performs no I/O. Every byte that comes from a
 //! network is validated (bytecheck) before it is read; nothing here trusts its input.
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod frame;
 pub mod message;
 mod status;
