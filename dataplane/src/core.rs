@@ -476,11 +476,11 @@ impl Core {
                 let Some(event) = conn.conn.poll() else { break };
                 progress = true;
                 match event {
-                    Event::Connected => self.on_connected(slot, now),
+                    Event::Connected => self.on_connected(slot, now, tick),
                     Event::ConnectionLost { reason } => {
                         debug!(%reason, "connection lost");
                     }
-                    Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => self.accept_streams(slot, now),
+                    Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => self.accept_streams(slot, now, tick),
                     Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
                         conn.conn.close(
                             now,
@@ -523,7 +523,9 @@ impl Core {
         }
     }
 
-    fn on_connected(&mut self, slot: u16, now: Instant) {
+    /// The handshake is confirmed: the client's certificate decides its role, and frames
+    /// that arrived before (0.5-RTT data) are handled now.
+    fn on_connected(&mut self, slot: u16, now: Instant, tick: Tick) {
         let conn = self.conns[slot as usize].as_mut().expect("exists");
         let identity = conn.conn.crypto_session().peer_identity();
         let certs = identity.and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
@@ -535,6 +537,14 @@ impl Core {
             Ok(role) => {
                 debug!(remote = %conn.conn.remote_address(), ?role, "connected");
                 conn.role = Some(role);
+                for index in 0..conn.streams.len() {
+                    let waiting = self.conns[slot as usize].as_ref().expect("exists").streams[index]
+                        .as_ref()
+                        .is_some_and(|s| !s.inbound.is_empty() || s.finished);
+                    if waiting {
+                        self.handle_frames(slot, index, now, tick);
+                    }
+                }
             }
             Err(error) => {
                 warn!(remote = %conn.conn.remote_address(), %error, "client certificate grants no role; closing");
@@ -545,9 +555,12 @@ impl Core {
         }
     }
 
-    fn accept_streams(&mut self, slot: u16, now: Instant) {
-        let conn = self.conns[slot as usize].as_mut().expect("exists");
-        while let Some(id) = conn.conn.streams().accept(Dir::Bi) {
+    /// Takes every newly opened stream, and reads what it already carries (quinn-proto
+    /// reports a new stream as opened, not as readable).
+    fn accept_streams(&mut self, slot: u16, now: Instant, tick: Tick) {
+        loop {
+            let conn = self.conns[slot as usize].as_mut().expect("exists");
+            let Some(id) = conn.conn.streams().accept(Dir::Bi) else { return };
             let Some(index) = conn.streams.iter().position(|s| s.is_none()) else {
                 // QUIC's stream limit equals our slots; more means a bookkeeping bug.
                 warn!(%id, "no stream slot free; closing the connection");
@@ -566,6 +579,7 @@ impl Core {
                 finished: false,
                 broken: false,
             });
+            self.read_stream(slot, id, now, tick);
         }
     }
 
@@ -607,6 +621,11 @@ impl Core {
     /// Handles every complete frame at the front of a stream's buffer.
     fn handle_frames(&mut self, slot: u16, index: usize, now: Instant, tick: Tick) {
         let conn = self.conns[slot as usize].as_mut().expect("exists");
+        if conn.role.is_none() {
+            // Before the handshake is confirmed the client's role is unknown: keep the
+            // bytes until `on_connected`.
+            return;
+        }
         let stream = conn.streams[index].as_mut().expect("exists");
         let mut inbound = mem::take(&mut stream.inbound);
         let finished = stream.finished;
@@ -677,7 +696,7 @@ impl Core {
             limits.requests_in_flight_per_connection_max,
         );
         let conn = self.conns[slot as usize].as_mut().expect("exists");
-        let Some(role) = conn.role else { return };
+        let role = conn.role.expect("frames are handled once the role is known");
         let elapsed = now.duration_since(conn.refilled_at).as_secs_f64();
         conn.tokens = (conn.tokens + elapsed * rate).min(burst);
         conn.refilled_at = now;

@@ -25,11 +25,13 @@ pub struct TestServer {
 
 /// Bounds small enough that a shard starts in milliseconds.
 pub fn test_config(cores: usize) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.admin_listen = "127.0.0.1:0".parse().unwrap();
-    config.cores = cores;
-    config.io_memory_bytes = 512 << 10;
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        cores,
+        io_memory_bytes: 512 << 10,
+        ..Config::default()
+    };
     config.shard.skus_max = 1 << 12;
     config.shard.sku_locations_max = 1 << 12;
     config.shard.holds_max = 1 << 12;
@@ -68,6 +70,12 @@ pub fn start(cores: usize, tweak: impl FnOnce(&mut Config)) -> TestServer {
 }
 
 impl TestServer {
+    /// Stops the server (every core must stop cleanly) and removes the certificates.
+    pub fn stop(self) {
+        self.server.stop().expect("every core stops cleanly");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
     /// The PEM files of a role's development certificate.
     pub fn pems(&self, role: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let read = |name: String| std::fs::read(self.dir.join(name)).unwrap();
@@ -86,12 +94,6 @@ impl TestServer {
     pub async fn raw(&self, role: &str) -> quinn::Connection {
         let (ca, cert, key) = self.pems(role);
         raw_connect(self.server.addr(), &ca, Some((&cert, &key))).await.expect("connect")
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
