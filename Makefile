@@ -1,8 +1,8 @@
 # stockplane: every command a newcomer, CI or an SRE runs. `make help` lists them.
 #
-# Nothing here assumes a server the project did not start. Until the data plane server,
-# durability and control plane issues land, the main job (`make run`) is the seeded
-# simulation of a multi-shard data plane.
+# Nothing here assumes a server the project did not start. The main job (`make run`)
+# starts the data plane on this machine and drives it with the example checkout client;
+# the durability and control plane issues will add to it.
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -20,10 +20,11 @@ FUZZ_SECONDS ?= 60
 BENCH_CORE ?= 1
 REPORT_DIR := perf-reports
 
-.PHONY: help run test lint unit sim sim-long fuzz bench memory certs check-toolchain
+.PHONY: help run sim-seeds test lint unit sim sim-long fuzz bench memory certs check-toolchain
 
 help:
-	@echo "make run        run the seeded multi-shard simulation (the main job until the server lands)"
+	@echo "make run        start the data plane (every core, dev certificates) and run the example checkout client"
+	@echo "make sim-seeds  run the seeded multi-shard simulation, SEEDS seeds of OPS operations"
 	@echo "make test       fmt, clippy -D warnings, every test (what CI runs)"
 	@echo "make sim SEED=n replay one simulation seed (OPS=m if it ran with other than 10000)"
 	@echo "make sim-long   100,000,000 simulated operations with faults"
@@ -38,6 +39,11 @@ check-toolchain:
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 run: check-toolchain
+	$(CARGO) build --release -p stockplane-dataplane --bin dataplane
+	$(CARGO) build --release -p stockplane-wire --features client --example checkout
+	scripts/run-demo.sh
+
+sim-seeds: check-toolchain
 	$(CARGO) run --release -p stockplane-sim -- --seeds $(SEEDS) --ops $(OPS) --jobs $(JOBS) -v $(SHARDS_FLAG)
 
 test: check-toolchain lint unit
