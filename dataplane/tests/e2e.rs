@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use stockplane_engine::{home_for, shard_for};
-use stockplane_wire::client::{Client, ClientConfig, Outcome};
+use stockplane_wire::client::{Client, ClientConfig, ClientError, Outcome};
 use stockplane_wire::frame::{self, FrameError, HEADER_LEN};
 use stockplane_wire::{transport, Body, CartLine, HoldId, HoldState, HoldsOf, Op, Request, SkuAt, Status};
 
@@ -383,5 +383,113 @@ async fn metrics_and_health_are_served_over_http() {
         assert!(Instant::now() < deadline, "no request counters published: {metrics}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    server.stop();
+}
+
+#[tokio::test]
+async fn the_client_fails_fast_while_the_server_is_down_and_comes_back_with_it() {
+    let first = start(1, |_| {});
+    let addr = first.server.addr();
+    let (ca, cert, key) = first.pems("checkout");
+    let mut config = ClientConfig::from_pem(vec![addr], ca, cert, key);
+    config.connections = 1;
+    config.retries = 0;
+    config.call_timeout = Duration::from_millis(300);
+    config.connect_timeout = Duration::from_millis(300);
+    config.breaker_failures = 2;
+    config.breaker_open = Duration::from_millis(500);
+    let client = Client::connect(config).await.unwrap();
+    let query = || client.query_stock(vec![SkuAt { sku: 7, location: None }]);
+    assert_eq!(query().await.unwrap().status, Status::UnknownSku, "served (an empty catalog)");
+
+    // The server goes away: calls fail, then the breaker opens and calls fail at once.
+    let dir = first.dir.clone();
+    first.server.stop().unwrap();
+    let mut failures = 0;
+    let open = loop {
+        match query().await {
+            Err(ClientError::CircuitOpen) => break true,
+            Err(_) => failures += 1,
+            Ok(outcome) => panic!("answered by a stopped server: {outcome:?}"),
+        }
+        if failures > 10 {
+            break false;
+        }
+    };
+    assert!(open, "the breaker opened after {failures} failures");
+    let started = Instant::now();
+    assert!(matches!(query().await, Err(ClientError::CircuitOpen)));
+    assert!(started.elapsed() < Duration::from_millis(100), "an open breaker fails fast");
+
+    // A server comes back on the same address: a probe gets through and closes the breaker.
+    let mut config = test_config(1);
+    config.listen = addr;
+    config.tls.cert = dir.join("server.pem");
+    config.tls.key = dir.join("server.key");
+    config.tls.client_ca = dir.join("ca.pem");
+    let second = stockplane_dataplane::Server::start(config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match query().await {
+            Ok(outcome) => {
+                assert_eq!(outcome.status, Status::UnknownSku);
+                break;
+            }
+            Err(error) => assert!(Instant::now() < deadline, "never reconnected: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.close().await;
+    second.stop().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_core_refuses_connections_beyond_its_bound() {
+    let server = start(1, |config| config.limits.connections_per_core_max = 1);
+    let first = server.raw("checkout").await;
+    let (ca, cert, key) = server.pems("checkout");
+    let second = raw_connect(server.server.addr(), &ca, Some((&cert, &key))).await;
+    match second {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(close.error_code, quinn::TransportErrorCode::CONNECTION_REFUSED)
+        }
+        other => panic!("expected CONNECTION_REFUSED, got {other:?}"),
+    }
+    let query = Request { id: 1, op: Op::QueryStock { items: vec![SkuAt { sku: 1, location: None }] } };
+    assert_eq!(round_trip(&first, vec![query]).await[0].status, Status::UnknownSku, "the first one is served");
+    server.stop();
+}
+
+#[tokio::test]
+async fn carts_quantities_and_ttls_out_of_bounds_are_invalid() {
+    let server = start(2, |config| {
+        config.shard.cart_lines_max = 4;
+        config.shard.qty_max = 10;
+        config.shard.hold_ttl_ms_min = 1_000;
+        config.shard.hold_ttl_ms_max = 60_000;
+    });
+    let control = server.client("control").await;
+    let checkout = server.client("checkout").await;
+    let skus: Vec<u64> = (100..105).collect();
+    stock(&control, &skus, 100).await;
+    let lines = |n: usize, qty: u32| skus[..n].iter().map(|&sku| line(sku, qty)).collect::<Vec<_>>();
+    let cases = [
+        ("five lines", 60_000, lines(5, 1)),
+        ("no lines", 60_000, lines(0, 1)),
+        ("eleven units", 60_000, lines(1, 11)),
+        ("ttl too short", 999, lines(1, 1)),
+        ("ttl too long", 60_001, lines(1, 1)),
+    ];
+    for (i, (what, ttl_ms, lines)) in cases.into_iter().enumerate() {
+        let outcome = checkout.reserve(HoldId(0x7000 + i as u128), ttl_ms, lines).await.unwrap();
+        assert_eq!(outcome.status, Status::InvalidArgument, "{what}");
+    }
+    let ok = checkout.reserve(HoldId(0x7100), 60_000, lines(4, 10)).await.unwrap();
+    assert_eq!(ok.status, Status::Reserved, "at the bounds is fine");
+    for &sku in &skus[..4] {
+        assert_eq!(level(&checkout, sku).await.2, 90);
+    }
+    assert_eq!(level(&checkout, skus[4]).await, (100, 0, 100), "refused carts held nothing");
     server.stop();
 }
