@@ -58,7 +58,7 @@ pub struct ClientLimits {
     pub frame_bytes_max: u32,
     /// Most requests in one frame; more resets the stream (`TooManyRequests`).
     pub requests_per_frame_max: u32,
-    /// Bidirectional streams a client may have open at once on a connection (at most 255).
+    /// Bidirectional streams a client may have open at once on a connection (at most 254).
     pub streams_per_connection_max: u32,
     /// Connections each core serves; more are closed with `TOO_MANY_CONNECTIONS`.
     pub connections_per_core_max: u32,
@@ -292,8 +292,8 @@ impl Config {
             bail!("cores must be at most 255, not {cores}");
         }
         let l = &self.limits;
-        if l.streams_per_connection_max == 0 || l.streams_per_connection_max > 255 {
-            bail!("limits.streams_per_connection_max must be in 1..=255");
+        if l.streams_per_connection_max == 0 || l.streams_per_connection_max > 254 {
+            bail!("limits.streams_per_connection_max must be in 1..=254");
         }
         if l.connections_per_core_max == 0 || l.connections_per_core_max > 65_535 {
             bail!("limits.connections_per_core_max must be in 1..=65535");

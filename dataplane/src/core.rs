@@ -44,6 +44,9 @@ use crate::udp::Udp;
 const RESPONSES_PER_FRAME_MAX: usize = 2_048;
 /// The stream slot that marks a split query's parts: replies to it go to the merger.
 const SPLIT_STREAM: u8 = u8::MAX;
+/// Frames that cores build for each other are checked like any frame, but hold no more
+/// than a client's frame did, so they need no limit of their own.
+const INTERNAL_LIMITS: Limits = Limits { frame_bytes_max: u32::MAX, requests_per_frame_max: u32::MAX };
 
 /// A message between cores; each one carries a batch.
 #[derive(Debug)]
@@ -335,7 +338,7 @@ impl Core {
     pub fn on_mesh(&mut self, now: Instant, message: MeshMessage) {
         let tick = self.tick(now);
         match message {
-            MeshMessage::Requests { origin, frame } => match frame::decode_requests(&frame, &Limits::default()) {
+            MeshMessage::Requests { origin, frame } => match frame::decode_requests(&frame, &INTERNAL_LIMITS) {
                 Ok(batch) => self.shard.handle_batch(tick, origin, batch),
                 Err(error) => unreachable!("a core forwarded a frame it encoded itself, which failed: {error}"),
             },
@@ -561,11 +564,21 @@ impl Core {
         loop {
             let conn = self.conns[slot as usize].as_mut().expect("exists");
             let Some(id) = conn.conn.streams().accept(Dir::Bi) else { return };
-            let Some(index) = conn.streams.iter().position(|s| s.is_none()) else {
-                // QUIC's stream limit equals our slots; more means a bookkeeping bug.
-                warn!(%id, "no stream slot free; closing the connection");
-                conn.conn.close(now, VarInt::from_u32(transport::close::PROTOCOL_VIOLATION), "too many streams".into());
-                return;
+            // QUIC lets a client open a stream once its previous ones are closed, which
+            // can be before their last in-flight replies have come back and freed their
+            // slots here: then the table grows (slot 255 is the split-query merger's).
+            let index = match conn.streams.iter().position(|s| s.is_none()) {
+                Some(index) => index,
+                None if conn.streams.len() < usize::from(SPLIT_STREAM) => {
+                    conn.streams.push(None);
+                    conn.stream_generations.push(0);
+                    conn.streams.len() - 1
+                }
+                None => {
+                    warn!(%id, "no stream slot free; closing the connection");
+                    conn.conn.close(now, VarInt::from_u32(transport::close::PROTOCOL_VIOLATION), "too many streams".into());
+                    return;
+                }
             };
             let generation = conn.stream_generations[index];
             conn.streams[index] = Some(Stream {
@@ -819,7 +832,7 @@ impl Core {
             let request = Request { id: request.id.to_native(), op: Op::QueryStock { items } };
             let frame = frame::encode_requests(&RequestBatch { requests: vec![request] });
             if shard as ShardId == self.shard_id {
-                let batch = frame::decode_requests(&frame, &Limits::default()).expect("encoded just now");
+                let batch = frame::decode_requests(&frame, &INTERNAL_LIMITS).expect("encoded just now");
                 self.shard.handle_batch(tick, merger, batch);
             } else {
                 self.outgoing[shard].requests.push(MeshMessage::Requests { origin: merger, frame });
