@@ -26,6 +26,10 @@ pub struct Config {
     pub cpu_first: usize,
     /// Bytes of DMA memory each executor reserves for io_uring (locked memory).
     pub io_memory_bytes: usize,
+    /// Where each shard keeps its write-ahead log (`<data_dir>/shard-<k>/`).
+    pub data_dir: PathBuf,
+    /// The write-ahead log.
+    pub wal: WalSettings,
     /// Certificates and keys.
     pub tls: TlsFiles,
     /// Limits on what clients may send.
@@ -36,6 +40,26 @@ pub struct Config {
     pub shard: ShardBounds,
     /// Cross-core message mesh.
     pub mesh: Mesh,
+}
+
+/// The write-ahead log's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSettings {
+    /// `sync`: a reply to a state change leaves after the `fdatasync` that covers it;
+    /// `batch=<ms>`: replies leave at once and the log is synced every `ms`, so up to
+    /// that much acknowledged work can be lost with the machine.
+    pub durability: String,
+    /// Size of each log segment file (preallocated and zero-filled ahead of use).
+    pub segment_bytes: u64,
+    /// Cut the log at a damaged record instead of refusing to start (losing what follows).
+    pub truncate_corrupt_tail: bool,
+}
+
+impl Default for WalSettings {
+    fn default() -> WalSettings {
+        WalSettings { durability: "sync".into(), segment_bytes: 64 << 20, truncate_corrupt_tail: false }
+    }
 }
 
 /// Where the TLS material is.
@@ -151,6 +175,8 @@ impl Default for Config {
             cores: 0,
             cpu_first: 0,
             io_memory_bytes: 2 << 20,
+            data_dir: "target/data".into(),
+            wal: WalSettings::default(),
             tls: TlsFiles::default(),
             limits: ClientLimits::default(),
             quic: Quic::default(),
@@ -248,6 +274,11 @@ impl Config {
         }
     }
 
+    /// The durability mode `wal.durability` names.
+    pub fn durability(&self) -> anyhow::Result<crate::wal::Durability> {
+        self.wal.durability.parse().map_err(|e: String| anyhow::anyhow!("wal.durability: {e}"))
+    }
+
     /// The frame limits that every core checks.
     pub fn frame_limits(&self) -> Limits {
         Limits {
@@ -306,6 +337,10 @@ impl Config {
         }
         if self.quic.udp_payload_bytes_max < 1_200 {
             bail!("quic.udp_payload_bytes_max must be at least 1200 (QUIC's minimum)");
+        }
+        self.durability()?;
+        if self.wal.segment_bytes < 1 << 20 || self.wal.segment_bytes % crate::wal::BLOCK != 0 {
+            bail!("wal.segment_bytes must be at least 1 MiB and a multiple of {}", crate::wal::BLOCK);
         }
         if self.mesh.channel_messages_max == 0 {
             bail!("mesh.channel_messages_max must be above 0");

@@ -13,8 +13,11 @@
 //! re-encoded into one batch per destination core and sent over the mesh. Replies come back
 //! addressed by `ClientAddr` and are written to their stream as response frames.
 //!
-//! Durability is the WAL's (next issue): until it lands, records count as durable as soon
-//! as the engine emits them, in [`Core::flush`]'s first step, where the WAL will slot in.
+//! Durability: [`Core::flush`] queues what the engine emits for the WAL writer (`wal`),
+//! whose `fdatasync` tells the core which position is durable ([`Core::on_durable`]); only
+//! then do the replies and peer messages that waited for it leave. In `batch` durability
+//! the core acknowledges at once and the writer syncs every few milliseconds. After a
+//! failed write the core answers state changes `Unavailable` and keeps serving reads.
 
 use std::mem;
 use std::net::SocketAddr;
@@ -39,6 +42,7 @@ use crate::ids::ClientAddr;
 use crate::metrics::CoreMetrics;
 use crate::route::{route, Route};
 use crate::udp::Udp;
+use crate::wal::{Durability, WalQueue};
 
 /// Replies in one response frame at most (a client's frame limit is 1 MiB by default).
 const RESPONSES_PER_FRAME_MAX: usize = 2_048;
@@ -146,24 +150,28 @@ pub(crate) struct Core {
     response_batch: ResponseBatch,
     forward: Vec<Vec<Request>>,
     wal: Vec<u8>,
+    wal_queue: WalQueue,
+    wal_wake: glommio::channels::local_channel::LocalSender<()>,
+    durability: Durability,
     stopping: bool,
     /// Counters and histograms, published by the metrics task.
     pub metrics: CoreMetrics,
 }
 
 impl Core {
-    /// A core for shard `shard_id` of `shards`, serving QUIC on `udp`.
+    /// A core for `shard` (recovered from its log) of `shards`, serving QUIC on `udp`;
+    /// `wal_wake` wakes the WAL writer when records wait.
     pub fn new(
-        shard_id: ShardId,
+        shard: Shard,
         shards: u32,
         config: &Config,
         server_config: Arc<quinn_proto::ServerConfig>,
         udp: Udp,
+        wal_wake: glommio::channels::local_channel::LocalSender<()>,
     ) -> anyhow::Result<Core> {
-        let shard_config = config.shard_config(shard_id, shards);
+        let shard_id = shard.config().shard;
         let started = Instant::now();
-        let started_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let shard = Shard::new(&shard_config, started_ms)?;
+        let started_ms = wall_clock_ms();
         let mut endpoint_config = quinn_proto::EndpointConfig::default();
         endpoint_config.max_udp_payload_size(config.quic.udp_payload_bytes_max.max(1_200))?;
         let endpoint = Endpoint::new(Arc::new(endpoint_config), Some(server_config.clone()), true, None);
@@ -192,6 +200,9 @@ impl Core {
             response_batch: ResponseBatch { responses: Vec::with_capacity(RESPONSES_PER_FRAME_MAX) },
             forward: (0..shards).map(|_| Vec::new()).collect(),
             wal: Vec::with_capacity(1 << 20),
+            wal_queue: WalQueue { head: 0, ..WalQueue::default() },
+            wal_wake,
+            durability: config.durability()?,
             stopping: false,
             metrics: CoreMetrics::new(shard_id),
         })
@@ -200,6 +211,37 @@ impl Core {
     /// The engine's clock: wall-clock milliseconds at start, advanced by the monotonic clock.
     pub fn tick(&self, now: Instant) -> Tick {
         self.started_ms + now.duration_since(self.started).as_millis() as u64
+    }
+
+    /// Takes the records waiting for the WAL writer (and their last position), leaving
+    /// `spare`'s allocation in their place.
+    pub fn take_wal(&mut self, spare: Vec<u8>) -> Option<(Vec<u8>, u64)> {
+        if self.wal_queue.pending.is_empty() || self.wal_queue.failed.is_some() {
+            return None;
+        }
+        let mut spare = spare;
+        spare.clear();
+        let bytes = mem::replace(&mut self.wal_queue.pending, spare);
+        Some((bytes, self.wal_queue.head))
+    }
+
+    /// The WAL writer made every record up to `position` durable.
+    pub fn on_durable(&mut self, position: u64) {
+        if let Durability::Sync = self.durability {
+            self.shard.handle_durable(position);
+        }
+    }
+
+    /// The WAL writer failed: nothing more is written or acknowledged; state changes are
+    /// answered `Unavailable` from now on, reads still served.
+    pub fn on_wal_failed(&mut self, reason: String) {
+        self.wal_queue.pending.clear();
+        self.wal_queue.failed = Some(reason);
+    }
+
+    /// Bytes of records acknowledged (batch durability) or queued but not yet on disk.
+    pub fn wal_unsynced_bytes(&self) -> usize {
+        self.wal_queue.pending.len()
     }
 
     /// Datagrams dropped because the socket's send buffer was full.
@@ -339,7 +381,24 @@ impl Core {
         let tick = self.tick(now);
         match message {
             MeshMessage::Requests { origin, frame } => match frame::decode_requests(&frame, &INTERNAL_LIMITS) {
-                Ok(batch) => self.shard.handle_batch(tick, origin, batch),
+                Ok(batch) if self.wal_queue.failed.is_none() => self.shard.handle_batch(tick, origin, batch),
+                Ok(batch) => {
+                    for request in batch.requests.iter() {
+                        if changes_state(&request.op) {
+                            self.metrics.unavailable += 1;
+                            let id = request.id.to_native();
+                            let reply = Reply {
+                                client: origin.client,
+                                request_id: id,
+                                status: Status::Unavailable,
+                                body: Body::Empty,
+                            };
+                            self.deliver(reply);
+                        } else {
+                            self.shard.handle_request(tick, origin, request);
+                        }
+                    }
+                }
                 Err(error) => unreachable!("a core forwarded a frame it encoded itself, which failed: {error}"),
             },
             MeshMessage::Replies(replies) => {
@@ -414,12 +473,20 @@ impl Core {
         self.drive_connections(now, tick);
         loop {
             let mut progress = false;
-            // Durability: the WAL lands with the next issue; until then a record is durable
-            // as soon as it is emitted.
             if let Some(position) = self.shard.poll_wal_append(&mut self.wal) {
-                self.metrics.wal_bytes += self.wal.len() as u64;
-                self.shard.handle_durable(position);
                 progress = true;
+                self.metrics.wal_bytes += self.wal.len() as u64;
+                if self.wal_queue.failed.is_none() {
+                    if self.wal_queue.pending.is_empty() {
+                        let _ = self.wal_wake.try_send(());
+                    }
+                    self.wal_queue.pending.extend_from_slice(&self.wal);
+                    self.wal_queue.head = position;
+                    if let Durability::Batch { .. } = self.durability {
+                        // Acknowledged before the disk: at most `ms` of this is at risk.
+                        self.shard.handle_durable(position);
+                    }
+                }
             }
             while let Some((to, message)) = self.shard.poll_peer() {
                 progress = true;
@@ -576,7 +643,11 @@ impl Core {
                 }
                 None => {
                     warn!(%id, "no stream slot free; closing the connection");
-                    conn.conn.close(now, VarInt::from_u32(transport::close::PROTOCOL_VIOLATION), "too many streams".into());
+                    conn.conn.close(
+                        now,
+                        VarInt::from_u32(transport::close::PROTOCOL_VIOLATION),
+                        "too many streams".into(),
+                    );
                     return;
                 }
             };
@@ -773,6 +844,10 @@ impl Core {
         let target = route(&request.op, self.shards);
         if let Route::Refuse(status) = target {
             return refuse(stream, status);
+        }
+        if self.wal_queue.failed.is_some() && changes_state(&request.op) && target == Route::Shard(self.shard_id) {
+            self.metrics.unavailable += 1;
+            return refuse(stream, Status::Unavailable);
         }
         conn.tokens -= 1.0;
         conn.in_flight += 1;
@@ -990,6 +1065,17 @@ impl Core {
             debug!(%error, destination = %transmit.destination, "UDP send failed");
         }
     }
+}
+
+/// True for operations that write the WAL (a shard whose disk failed refuses them).
+fn changes_state(op: &ArchivedOp) -> bool {
+    !matches!(op, ArchivedOp::QueryStock { .. } | ArchivedOp::QueryHolds { .. } | ArchivedOp::Journal { .. })
+}
+
+/// Milliseconds since the Unix epoch: the engine's clock survives restarts, so that a
+/// hold's expiry means the same after recovery.
+pub(crate) fn wall_clock_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// An owned copy of an archived request, for forwarding to another core.

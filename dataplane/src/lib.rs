@@ -11,6 +11,7 @@
 //! - `core`: one core's shard, QUIC connections and mesh end, as a synchronous state machine;
 //! - `udp`: the core's socket (batched receives and GSO sends with `quinn-udp`);
 //! - `route`: which shard serves a request;
+//! - [`wal`]: each shard's write-ahead log on disk (group commit, segments, recovery);
 //! - [`tls`]: rustls server configuration with client authentication, roles from certificates;
 //! - [`certs`]: development certificates (`make certs`);
 //! - [`admin`]: the HTTP endpoint for Prometheus metrics, `/healthz` and `/readyz`.
@@ -25,6 +26,7 @@ mod route;
 pub mod server;
 pub mod tls;
 mod udp;
+pub mod wal;
 
 pub use config::Config;
 pub use server::Server;

@@ -57,6 +57,17 @@ struct ServeArgs {
     /// The directory holding server.pem, server.key and ca.pem (overrides the `tls` keys).
     #[arg(long)]
     certs: Option<PathBuf>,
+    /// Where each shard keeps its write-ahead log (`data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// `sync` (acknowledged = on disk) or `batch=<ms>` (up to <ms> of acknowledged work
+    /// can be lost with the machine) (`wal.durability`).
+    #[arg(long)]
+    durability: Option<String>,
+    /// Cut a shard's log at a damaged record instead of refusing to start, losing what
+    /// follows it (`wal.truncate_corrupt_tail`).
+    #[arg(long)]
+    truncate_corrupt_tail: bool,
 }
 
 impl ServeArgs {
@@ -77,6 +88,15 @@ impl ServeArgs {
         }
         if let Some(cpu_first) = self.cpu_first {
             config.cpu_first = cpu_first;
+        }
+        if let Some(data_dir) = &self.data_dir {
+            config.data_dir = data_dir.clone();
+        }
+        if let Some(durability) = &self.durability {
+            config.wal.durability = durability.clone();
+        }
+        if self.truncate_corrupt_tail {
+            config.wal.truncate_corrupt_tail = true;
         }
         if let Some(dir) = &self.certs {
             config.tls.cert = dir.join("server.pem");

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::core::{Core, MeshMessage};
 use crate::metrics::CoreGauges;
 use crate::udp::{bind_reuseport, Udp};
+use crate::wal::{self, Durability, WalWriter};
 
 /// The longest a core sleeps without looking at its timers and the stop signal.
 const TICK_MAX: Duration = Duration::from_millis(1);
@@ -48,6 +49,7 @@ impl Server {
         let crypto = crate::tls::server_crypto(&config.tls.cert, &config.tls.key, &config.tls.client_ca)
             .context("load the TLS certificates")?;
         let server_config = Arc::new(quic_config(&config, crypto)?);
+        check_shard_count(&config.data_dir, cores)?;
         let sockets = bind_reuseport(config.listen, cores, config.quic.socket_buffer_bytes)?;
         let addr = sockets[0].local_addr()?;
         let health = Arc::new(Health::new());
@@ -72,6 +74,7 @@ impl Server {
                 members: members.clone(),
                 stop: stop.clone(),
                 ready: ready.clone(),
+                health: health.clone(),
             };
             let cpu = config.cpu_first + shard as usize;
             let placement = if cpu < available_cpus() { Placement::Fixed(cpu) } else { Placement::Unbound };
@@ -157,6 +160,30 @@ impl Drop for Server {
     }
 }
 
+/// A data directory belongs to one shard count: SKUs are spread over shards by it, so a
+/// log written with one count cannot be read with another.
+fn check_shard_count(data_dir: &std::path::Path, cores: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let path = data_dir.join("shards");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let written: usize = text.trim().parse().with_context(|| format!("read {}", path.display()))?;
+            if written != cores {
+                anyhow::bail!(
+                    "{} was written by {written} shards; this server runs {cores} (use --cores {written}, \
+                     or another --data-dir)",
+                    data_dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, format!("{cores}\n")).with_context(|| format!("write {}", path.display()))
+        }
+        Err(error) => Err(error).with_context(|| format!("read {}", path.display())),
+    }
+}
+
 fn available_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
@@ -193,6 +220,7 @@ struct CoreContext {
     members: Arc<Mutex<Vec<(usize, ShardId)>>>,
     stop: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
+    health: Arc<Health>,
 }
 
 /// The mesh as a core sees it: senders, and shard number to mesh peer index.
@@ -227,7 +255,7 @@ impl MeshOut {
 }
 
 async fn run_core(context: CoreContext, socket: UdpSocket) -> anyhow::Result<()> {
-    let CoreContext { shard, shards, config, server_config, mesh, members, stop, ready, .. } = context;
+    let CoreContext { shard, shards, config, server_config, mesh, members, stop, ready, health, .. } = context;
     members.lock().expect("members lock").push((glommio::executor().id(), shard));
     let (senders, mut receivers) = mesh.join().await.map_err(|e| anyhow!("join the mesh: {e}"))?;
     // Mesh peers are numbered by executor id; map shard numbers onto them.
@@ -241,7 +269,75 @@ async fn run_core(context: CoreContext, socket: UdpSocket) -> anyhow::Result<()>
     }
     let mesh_out = Rc::new(MeshOut { senders, peer_of, queued: RefCell::new(0) });
     let (udp, readiness) = Udp::new(socket)?;
-    let core = Rc::new(RefCell::new(Core::new(shard, shards, &config, server_config, udp)?));
+    // Recovery: the shard as its log left it, then the writer at the log's end.
+    let shard_config = config.shard_config(shard, shards);
+    let (engine, wal_start) = wal::recover(
+        &config.data_dir,
+        &shard_config,
+        crate::core::wall_clock_ms(),
+        config.wal.segment_bytes,
+        config.wal.truncate_corrupt_tail,
+    )
+    .with_context(|| format!("recover shard {shard}"))?;
+    let mut writer = WalWriter::open(&wal_start).await?;
+    let (wal_wake, wal_woken) = glommio::channels::local_channel::new_bounded(1);
+    let core = Rc::new(RefCell::new(Core::new(engine, shards, &config, server_config, udp, wal_wake)?));
+    // Holds that expired while the server was down expire now, once (their records are
+    // the writer's first work).
+    {
+        let now = Instant::now();
+        let mut core = core.borrow_mut();
+        core.on_timer(now);
+        let out = core.flush(now);
+        mesh_out.send(out);
+    }
+    let writer_stats = Rc::new(RefCell::new((0u64, false)));
+
+    // The WAL writer: group commit.
+    {
+        let core = core.clone();
+        let mesh_out = mesh_out.clone();
+        let health = health.clone();
+        let writer_stats = writer_stats.clone();
+        let batch_ms = match config.durability()? {
+            Durability::Sync => None,
+            Durability::Batch { ms } => Some(Duration::from_millis(u64::from(ms))),
+        };
+        glommio::spawn_local(async move {
+            let mut spare = Vec::new();
+            while wal_woken.recv().await.is_some() {
+                if let Some(interval) = batch_ms {
+                    glommio::timer::sleep(interval).await;
+                }
+                loop {
+                    let taken = core.borrow_mut().take_wal(std::mem::take(&mut spare));
+                    let Some((bytes, position)) = taken else { break };
+                    match writer.append(&bytes).await {
+                        Ok(()) => {
+                            let now = Instant::now();
+                            let out = {
+                                let mut core = core.borrow_mut();
+                                core.on_durable(position);
+                                core.flush(now)
+                            };
+                            mesh_out.send(out);
+                            *writer_stats.borrow_mut() = (writer.syncs, false);
+                        }
+                        Err(error) => {
+                            let reason = format!("shard {shard}: the WAL failed: {error:#}");
+                            error!(shard, error = %reason, "refusing state changes from now on");
+                            health.set_not_ready(reason.clone());
+                            core.borrow_mut().on_wal_failed(reason);
+                            *writer_stats.borrow_mut() = (writer.syncs, true);
+                            return;
+                        }
+                    }
+                    spare = bytes;
+                }
+            }
+        })
+        .detach();
+    }
     let service = metrics::histogram!("stockplane_service_seconds", "shard" => shard.to_string());
 
     // Mesh receivers: one task per peer core.
@@ -292,15 +388,20 @@ async fn run_core(context: CoreContext, socket: UdpSocket) -> anyhow::Result<()>
     {
         let core = core.clone();
         let mesh_out = mesh_out.clone();
+        let writer_stats = writer_stats.clone();
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(METRICS_EVERY).await;
                 let mut core = core.borrow_mut();
+                let (wal_syncs, wal_failed) = *writer_stats.borrow();
                 let gauges = CoreGauges {
                     live_holds: core.live_holds(),
                     connections: core.connections(),
                     mesh_queued: *mesh_out.queued.borrow(),
                     udp_send_dropped: core.udp_send_dropped(),
+                    wal_unsynced_bytes: core.wal_unsynced_bytes(),
+                    wal_syncs,
+                    wal_failed,
                 };
                 core.metrics.publish(&gauges);
             }

@@ -427,6 +427,7 @@ async fn the_client_fails_fast_while_the_server_is_down_and_comes_back_with_it()
     config.tls.cert = dir.join("server.pem");
     config.tls.key = dir.join("server.key");
     config.tls.client_ca = dir.join("ca.pem");
+    config.data_dir = dir.join("data");
     let second = stockplane_dataplane::Server::start(config).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -43,6 +43,7 @@ pub fn test_config(cores: usize) -> Config {
     config.shard.adjustments_retained_max = 1 << 10;
     config.shard.outbox_max = 1 << 12;
     config.shard.hold_ttl_ms_min = 10;
+    config.wal.segment_bytes = 1 << 20;
     config
 }
 
@@ -64,6 +65,7 @@ pub fn start(cores: usize, tweak: impl FnOnce(&mut Config)) -> TestServer {
     config.tls.cert = dir.join("server.pem");
     config.tls.key = dir.join("server.key");
     config.tls.client_ca = dir.join("ca.pem");
+    config.data_dir = dir.join("data");
     tweak(&mut config);
     let server = Server::start(config).expect("start the server");
     TestServer { server, dir, ca }

@@ -1,0 +1,441 @@
+//! One shard's write-ahead log on disk: segments of preallocated, zero-filled files written
+//! with O_DIRECT through io_uring (glommio DMA files), group commit, and recovery.
+//!
+//! Layout: `<data_dir>/shard-<k>/wal-<sequence>.seg`, sequence in 16 hex digits from 1,
+//! each file exactly `segment_bytes` long. Records (`docs/wal.md`) follow each other from
+//! byte 0; a record never spans two segments; the rest of a segment is zeros. Because a
+//! segment is written full of zeros (and synced) before its first record, an `fdatasync`
+//! only overwrites blocks the file already owns and never changes its metadata, which is
+//! what makes it cheap (about 0.1 ms here instead of 0.3 ms for an appending one).
+//!
+//! Group commit: the core appends what the engine emits to `WalQueue`; the writer task
+//! takes everything queued, writes it in one `write_at` (rewriting the partly filled last
+//! block with its new tail), calls `fdatasync`, and tells the core which position is now
+//! durable. Whatever arrived during that write and sync goes in the next round: no timer
+//! adds latency at low load, and one sync covers many records at high load.
+//!
+//! Recovery reads every segment in order (plain reads, before the core serves), cuts a
+//! torn tail of the last segment (zeroing it on disk, so that it cannot resurface), and
+//! gives the records to `Shard::recover`. Damage before the tail is an error naming the
+//! file and the offset, unless the operator asks to cut the log there.
+//!
+//! After a failed write or sync nothing more is written and nothing more becomes durable:
+//! the core answers state changes `Unavailable` and `/readyz` says why.
+
+use std::cell::RefCell;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use anyhow::{bail, Context};
+use glommio::io::{DmaFile, OpenOptions};
+use stockplane_engine::{RecoverError, Shard, ShardConfig, Tick};
+use tracing::{info, warn};
+
+/// O_DIRECT alignment we write with (the file's own alignment is checked at open).
+pub(crate) const BLOCK: u64 = 4096;
+/// Zeros written per call when a segment is prepared.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// How acknowledgements relate to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// A reply to a state change leaves only after an `fdatasync` that covers it.
+    Sync,
+    /// Replies leave at once; the log is synced every this many milliseconds, so that at
+    /// most that much acknowledged work is lost with the machine.
+    Batch {
+        /// Milliseconds between syncs.
+        ms: u32,
+    },
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Durability, String> {
+        match text {
+            "sync" => Ok(Durability::Sync),
+            _ => match text.strip_prefix("batch=").map(str::parse::<u32>) {
+                Some(Ok(ms)) if ms > 0 => Ok(Durability::Batch { ms }),
+                _ => Err(format!("durability must be \"sync\" or \"batch=<ms>\" with ms > 0, not {text:?}")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Durability::Sync => write!(f, "sync"),
+            Durability::Batch { ms } => write!(f, "batch={ms}"),
+        }
+    }
+}
+
+/// glommio's errors as `std::io::Error` (glommio's own type is not `Sync`).
+fn io(error: glommio::GlommioError<()>) -> std::io::Error {
+    error.into()
+}
+
+/// The directory of shard `shard`'s log.
+pub(crate) fn shard_dir(data_dir: &Path, shard: u32) -> PathBuf {
+    data_dir.join(format!("shard-{shard}"))
+}
+
+fn segment_path(dir: &Path, sequence: u64) -> PathBuf {
+    dir.join(format!("wal-{sequence:016x}.seg"))
+}
+
+/// The segments in `dir`, by sequence.
+fn segments(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(hex) = name.strip_prefix("wal-").and_then(|n| n.strip_suffix(".seg")) else { continue };
+        let sequence = u64::from_str_radix(hex, 16).with_context(|| format!("segment name {name}"))?;
+        found.push((sequence, path));
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The length of the records at the start of a segment: they end at the first record
+/// header whose length is zero, or at the end of the bytes.
+fn records_end(bytes: &[u8]) -> usize {
+    let mut offset = 0;
+    while offset + 2 <= bytes.len() {
+        let len = u16::from_le_bytes([bytes[offset], bytes[offset + 1]]) as usize;
+        if len == 0 {
+            break;
+        }
+        if offset + len > bytes.len() {
+            return bytes.len();
+        }
+        offset += len;
+    }
+    offset
+}
+
+/// Where the writer continues after recovery.
+#[derive(Debug, Clone)]
+pub(crate) struct WalStart {
+    pub dir: PathBuf,
+    pub sequence: u64,
+    /// Bytes of records in the segment `sequence`.
+    pub end: u64,
+    pub segment_bytes: u64,
+}
+
+/// Rebuilds shard `config.shard` from its log in `data_dir` (creating an empty log if
+/// there is none). `cut_corrupt` cuts the log at a damaged record instead of failing.
+pub(crate) fn recover(
+    data_dir: &Path,
+    config: &ShardConfig,
+    now: Tick,
+    segment_bytes: u64,
+    cut_corrupt: bool,
+) -> anyhow::Result<(Shard, WalStart)> {
+    let dir = shard_dir(data_dir, config.shard);
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let found = segments(&dir)?;
+    if found.is_empty() {
+        prepare_segment_sync(&dir, 1, segment_bytes)?;
+        let shard = Shard::new(config, now)?;
+        let start = WalStart { dir, sequence: 1, end: 0, segment_bytes };
+        return Ok((shard, start));
+    }
+    // Each segment's records, concatenated; where each segment's bytes begin in `log`.
+    let mut log = Vec::new();
+    let mut starts = Vec::with_capacity(found.len());
+    for (sequence, path) in &found {
+        let bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
+        if bytes.len() as u64 != segment_bytes {
+            bail!(
+                "{} is {} bytes, not the configured segment size {segment_bytes} (wal.segment_bytes changed?)",
+                path.display(),
+                bytes.len()
+            );
+        }
+        let end = records_end(&bytes);
+        starts.push((*sequence, path.clone(), log.len(), end));
+        log.extend_from_slice(&bytes[..end]);
+    }
+    let locate = |offset: usize| {
+        let (_, path, start, _) = starts.iter().rev().find(|(_, _, start, _)| *start <= offset).expect("offset in log");
+        (path.clone(), offset - start)
+    };
+    let (shard, valid) = match Shard::recover(config, now, &log) {
+        Ok(recovered) => recovered,
+        Err(RecoverError::Corrupt { offset, source }) if cut_corrupt => {
+            let (path, at) = locate(offset);
+            warn!(file = %path.display(), offset = at, error = %source, "cutting the log at a damaged record (--truncate-corrupt-tail)");
+            let (shard, valid) = Shard::recover(config, now, &log[..offset]).context("recover before the cut")?;
+            (shard, valid)
+        }
+        Err(RecoverError::Corrupt { offset, source }) => {
+            let (path, at) = locate(offset);
+            bail!(
+                "{} is damaged at byte {at}: {source}; start with --truncate-corrupt-tail to cut the log there \
+                 (losing what follows)",
+                path.display()
+            );
+        }
+        Err(error) => return Err(error).context(format!("replay the log in {}", dir.display())),
+    };
+    // Cut whatever follows the valid records: zero it on disk, drop later segments.
+    let (sequence, path, start, end) = starts.iter().rev().find(|(_, _, start, _)| *start <= valid).cloned().unwrap();
+    let valid_in_segment = (valid - start) as u64;
+    if valid - start < end || starts.last().map(|s| s.0) != Some(sequence) {
+        warn!(file = %path.display(), offset = valid_in_segment, "cutting a torn or damaged log tail");
+        zero_from(&path, valid_in_segment, segment_bytes)?;
+        for (later, later_path, _, _) in starts.iter().filter(|s| s.0 > sequence) {
+            warn!(file = %later_path.display(), sequence = later, "removing a segment after the cut");
+            fs::remove_file(later_path)?;
+        }
+    }
+    info!(shard = config.shard, records = shard.wal_head(), bytes = valid, "log replayed");
+    let start = WalStart { dir, sequence, end: valid_in_segment, segment_bytes };
+    Ok((shard, start))
+}
+
+/// Zeroes `path` from `offset` to its end, and syncs it.
+fn zero_from(path: &Path, offset: u64, segment_bytes: u64) -> anyhow::Result<()> {
+    let mut file = fs::OpenOptions::new().write(true).open(path).with_context(|| format!("open {}", path.display()))?;
+    file.seek(SeekFrom::Start(offset))?;
+    let zeros = vec![0u8; ZERO_CHUNK];
+    let mut at = offset;
+    while at < segment_bytes {
+        let n = (segment_bytes - at).min(ZERO_CHUNK as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        at += n as u64;
+    }
+    file.sync_data().with_context(|| format!("sync {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes a zero-filled segment with plain I/O (used before the executors start).
+fn prepare_segment_sync(dir: &Path, sequence: u64, segment_bytes: u64) -> anyhow::Result<()> {
+    let path = segment_path(dir, sequence);
+    let temp = path.with_extension("tmp");
+    fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
+    zero_from(&temp, 0, segment_bytes)?;
+    fs::rename(&temp, &path)?;
+    fs::File::open(dir)?.sync_all().with_context(|| format!("sync directory {}", dir.display()))?;
+    Ok(())
+}
+
+/// What the core has handed to the log and what the disk has confirmed.
+#[derive(Debug, Default)]
+pub(crate) struct WalQueue {
+    /// Encoded records waiting for the writer.
+    pub pending: Vec<u8>,
+    /// The position of the last record in `pending` (or already written).
+    pub head: u64,
+    /// Set once a write or sync failed: nothing is written or acknowledged again.
+    pub failed: Option<String>,
+}
+
+/// The writer's side: the open segment, its partly filled last block, the next segment.
+pub(crate) struct WalWriter {
+    dir: PathBuf,
+    segment_bytes: u64,
+    sequence: u64,
+    file: Rc<DmaFile>,
+    /// Offset of the block that holds the end of the records.
+    tail_offset: u64,
+    /// The records' bytes from `tail_offset` to their end (less than a block).
+    tail: Vec<u8>,
+    next: Rc<RefCell<Option<Rc<DmaFile>>>>,
+    preparing: bool,
+    /// Statistics for metrics.
+    pub syncs: u64,
+    /// Bytes written to the log (records, not padding).
+    pub bytes: u64,
+}
+
+impl WalWriter {
+    /// Opens the segment recovery ended in, at the end of its records.
+    pub async fn open(start: &WalStart) -> anyhow::Result<WalWriter> {
+        let path = segment_path(&start.dir, start.sequence);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&path)
+            .await
+            .map_err(io)
+            .with_context(|| format!("open {}", path.display()))?;
+        if file.alignment() > BLOCK {
+            bail!("{} needs {}-byte alignment; the log writes {BLOCK}-byte blocks", path.display(), file.alignment());
+        }
+        let tail_offset = start.end / BLOCK * BLOCK;
+        let tail = if start.end > tail_offset {
+            let read = file.read_at_aligned(tail_offset, BLOCK as usize).await.map_err(io)?;
+            read[..(start.end - tail_offset) as usize].to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(WalWriter {
+            dir: start.dir.clone(),
+            segment_bytes: start.segment_bytes,
+            sequence: start.sequence,
+            file: Rc::new(file),
+            tail_offset,
+            tail,
+            next: Rc::new(RefCell::new(None)),
+            preparing: false,
+            syncs: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Starts preparing the next segment in the background, once per segment.
+    fn prepare_next(&mut self) {
+        if self.preparing || self.next.borrow().is_some() {
+            return;
+        }
+        self.preparing = true;
+        let (dir, sequence, bytes, next) = (self.dir.clone(), self.sequence + 1, self.segment_bytes, self.next.clone());
+        glommio::spawn_local(async move {
+            match prepare_segment(&dir, sequence, bytes).await {
+                Ok(file) => *next.borrow_mut() = Some(Rc::new(file)),
+                Err(error) => warn!(error = format!("{error:#}"), "preparing the next WAL segment failed; will retry"),
+            }
+        })
+        .detach();
+    }
+
+    /// Writes `bytes` (whole records) after what is on disk and syncs; returns when they
+    /// are durable.
+    pub async fn append(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let end = self.tail_offset + self.tail.len() as u64;
+            if end > self.segment_bytes / 2 {
+                self.prepare_next();
+            }
+            let room = (self.segment_bytes - end) as usize;
+            let fits = fitting_records(rest, room);
+            if fits == 0 {
+                self.rotate().await?;
+                continue;
+            }
+            self.write(&rest[..fits]).await?;
+            rest = &rest[fits..];
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let data = self.tail.len() + bytes.len();
+        let size = (data as u64).div_ceil(BLOCK) * BLOCK;
+        let mut buffer = self.file.alloc_dma_buffer(size as usize);
+        let out = buffer.as_bytes_mut();
+        out[..self.tail.len()].copy_from_slice(&self.tail);
+        out[self.tail.len()..data].copy_from_slice(bytes);
+        out[data..].fill(0);
+        let written = self.file.write_at(buffer, self.tail_offset).await.map_err(io).context("write the WAL")?;
+        if written as u64 != size {
+            bail!("short WAL write: {written} of {size} bytes");
+        }
+        self.file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
+        self.syncs += 1;
+        self.bytes += bytes.len() as u64;
+        let end = self.tail_offset + data as u64;
+        let new_tail_offset = end / BLOCK * BLOCK;
+        let keep = (end - new_tail_offset) as usize;
+        let mut tail = std::mem::take(&mut self.tail);
+        if new_tail_offset == self.tail_offset {
+            tail.extend_from_slice(bytes);
+        } else {
+            tail.clear();
+            tail.extend_from_slice(&bytes[bytes.len() - keep..]);
+        }
+        self.tail = tail;
+        self.tail_offset = new_tail_offset;
+        Ok(())
+    }
+
+    async fn rotate(&mut self) -> anyhow::Result<()> {
+        let next = self.next.borrow_mut().take();
+        let file = match next {
+            Some(file) => file,
+            None => Rc::new(prepare_segment(&self.dir, self.sequence + 1, self.segment_bytes).await?),
+        };
+        self.sequence += 1;
+        self.file = file;
+        self.tail_offset = 0;
+        self.tail.clear();
+        self.preparing = false;
+        info!(segment = self.sequence, "WAL segment started");
+        Ok(())
+    }
+}
+
+/// How many bytes of whole records at the front of `bytes` fit in `room`.
+fn fitting_records(bytes: &[u8], room: usize) -> usize {
+    let mut offset = 0;
+    while offset + 2 <= bytes.len() {
+        let len = u16::from_le_bytes([bytes[offset], bytes[offset + 1]]) as usize;
+        assert!(len > 0, "the engine emits whole records");
+        if offset + len > room {
+            break;
+        }
+        offset += len;
+    }
+    offset
+}
+
+/// Creates segment `sequence` full of zeros, synced, with its directory entry synced.
+async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64) -> anyhow::Result<DmaFile> {
+    let path = segment_path(dir, sequence);
+    let temp = path.with_extension("tmp");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(&temp)
+        .await
+        .map_err(io)
+        .with_context(|| format!("create {}", temp.display()))?;
+    let mut at = 0;
+    while at < segment_bytes {
+        let n = (segment_bytes - at).min(ZERO_CHUNK as u64);
+        let mut buffer = file.alloc_dma_buffer(n as usize);
+        buffer.as_bytes_mut().fill(0);
+        file.write_at(buffer, at).await.map_err(io).with_context(|| format!("zero {}", temp.display()))?;
+        at += n;
+    }
+    file.fdatasync().await.map_err(io)?;
+    file.rename(&path).await.map_err(io).with_context(|| format!("rename {}", temp.display()))?;
+    let directory = glommio::io::Directory::open(dir).await.map_err(io)?;
+    directory.sync().await.map_err(io)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durability_parses_and_prints() {
+        assert_eq!("sync".parse::<Durability>(), Ok(Durability::Sync));
+        assert_eq!("batch=5".parse::<Durability>(), Ok(Durability::Batch { ms: 5 }));
+        assert_eq!(Durability::Batch { ms: 5 }.to_string(), "batch=5");
+        assert!("batch=0".parse::<Durability>().is_err());
+        assert!("fast".parse::<Durability>().is_err());
+    }
+
+    #[test]
+    fn records_end_at_the_first_zero_length() {
+        let mut bytes = vec![0u8; 64];
+        bytes[0] = 16;
+        bytes[16] = 24;
+        assert_eq!(records_end(&bytes), 40);
+        assert_eq!(fitting_records(&bytes[..40], 39), 16);
+        assert_eq!(fitting_records(&bytes[..40], 40), 40);
+    }
+}
