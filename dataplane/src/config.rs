@@ -339,7 +339,7 @@ impl Config {
             bail!("quic.udp_payload_bytes_max must be at least 1200 (QUIC's minimum)");
         }
         self.durability()?;
-        if self.wal.segment_bytes < 1 << 20 || self.wal.segment_bytes % crate::wal::BLOCK != 0 {
+        if self.wal.segment_bytes < 1 << 20 || !self.wal.segment_bytes.is_multiple_of(crate::wal::BLOCK) {
             bail!("wal.segment_bytes must be at least 1 MiB and a multiple of {}", crate::wal::BLOCK);
         }
         if self.mesh.channel_messages_max == 0 {
