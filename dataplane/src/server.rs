@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::{ExecutorJoinHandle, GlommioError, LocalExecutorBuilder, Placement, ResourceType};
-use stockplane_engine::ShardId;
+use stockplane_engine::{Shard, ShardId};
 use tracing::{error, info};
 
 use crate::admin::{Admin, Health};
@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::core::{Core, MeshMessage};
 use crate::metrics::CoreGauges;
 use crate::udp::{bind_reuseport, Udp};
-use crate::wal::{self, Durability, WalWriter};
+use crate::wal::{self, Durability, WalStart, WalWriter};
 
 /// The longest a core sleeps without looking at its timers and the stop signal.
 const TICK_MAX: Duration = Duration::from_millis(1);
@@ -50,6 +50,9 @@ impl Server {
             .context("load the TLS certificates")?;
         let server_config = Arc::new(quic_config(&config, crypto)?);
         check_shard_count(&config.data_dir, cores)?;
+        // Recovery before any executor starts: a shard that cannot start stops the server
+        // here, with no core left waiting for it in the mesh.
+        let recovered = recover_all(&config, cores)?;
         let sockets = bind_reuseport(config.listen, cores, config.quic.socket_buffer_bytes)?;
         let addr = sockets[0].local_addr()?;
         let health = Arc::new(Health::new());
@@ -62,7 +65,7 @@ impl Server {
         let mesh = MeshBuilder::<MeshMessage, Full>::full(cores, config.mesh.channel_messages_max);
         let members = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::with_capacity(cores);
-        for (shard, socket) in sockets.into_iter().enumerate() {
+        for (shard, (socket, recovered)) in sockets.into_iter().zip(recovered).enumerate() {
             let shard = shard as ShardId;
             let context = CoreContext {
                 shard,
@@ -85,7 +88,7 @@ impl Server {
             let thread = builder
                 .spawn(move || async move {
                     let failed = context.failed.clone();
-                    let result = run_core(context, socket).await;
+                    let result = run_core(context, socket, recovered).await;
                     if let Err(error) = &result {
                         error!(shard, error = format!("{error:#}"), "core stopped with an error");
                         failed.fetch_add(1, Ordering::AcqRel);
@@ -254,7 +257,30 @@ impl MeshOut {
     }
 }
 
-async fn run_core(context: CoreContext, socket: UdpSocket) -> anyhow::Result<()> {
+/// Recovers every shard from its log, in parallel.
+fn recover_all(config: &Config, cores: usize) -> anyhow::Result<Vec<(Shard, WalStart)>> {
+    let now = crate::core::wall_clock_ms();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..cores as u32)
+            .map(|shard| {
+                scope.spawn(move || {
+                    let shard_config = config.shard_config(shard, cores as u32);
+                    wal::recover(
+                        &config.data_dir,
+                        &shard_config,
+                        now,
+                        config.wal.segment_bytes,
+                        config.wal.truncate_corrupt_tail,
+                    )
+                    .with_context(|| format!("recover shard {shard}"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().map_err(|_| anyhow!("recovery panicked"))?).collect()
+    })
+}
+
+async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, WalStart)) -> anyhow::Result<()> {
     let CoreContext { shard, shards, config, server_config, mesh, members, stop, ready, health, .. } = context;
     members.lock().expect("members lock").push((glommio::executor().id(), shard));
     let (senders, mut receivers) = mesh.join().await.map_err(|e| anyhow!("join the mesh: {e}"))?;
@@ -269,16 +295,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket) -> anyhow::Result<()>
     }
     let mesh_out = Rc::new(MeshOut { senders, peer_of, queued: RefCell::new(0) });
     let (udp, readiness) = Udp::new(socket)?;
-    // Recovery: the shard as its log left it, then the writer at the log's end.
-    let shard_config = config.shard_config(shard, shards);
-    let (engine, wal_start) = wal::recover(
-        &config.data_dir,
-        &shard_config,
-        crate::core::wall_clock_ms(),
-        config.wal.segment_bytes,
-        config.wal.truncate_corrupt_tail,
-    )
-    .with_context(|| format!("recover shard {shard}"))?;
+    // The shard as its log left it, then the writer at the log's end.
+    let (engine, wal_start) = recovered;
     let mut writer = WalWriter::open(&wal_start).await?;
     let (wal_wake, wal_woken) = glommio::channels::local_channel::new_bounded(1);
     let core = Rc::new(RefCell::new(Core::new(engine, shards, &config, server_config, udp, wal_wake)?));

@@ -1,0 +1,253 @@
+//! Durability with the real thing: the `dataplane` binary on real files, killed with
+//! SIGKILL at random moments while a client reserves and commits carts across shards,
+//! restarted on the same log each time. After every restart:
+//! - every acknowledged reserve and commit is there (a hold answered `Reserved` is known,
+//!   one answered `Committed` is committed);
+//! - nothing is half-applied: each SKU's on-hand stock is its restock minus exactly the
+//!   units of the holds that are committed, and its held stock exactly the units of the
+//!   holds still held;
+//! - nothing is oversold.
+//!
+//! `CRASH_CYCLES` sets the number of kill/restart cycles (20 by default; `make crash-long`
+//! runs hundreds), `CRASH_SEED` the seed of the kill times.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use stockplane_dataplane::certs::write_dev_certs;
+use stockplane_engine::shard_for;
+use stockplane_wire::client::{Client, ClientConfig};
+use stockplane_wire::{Body, CartLine, HoldId, HoldState, HoldsOf, SkuAt, Status};
+
+const SHARDS: u32 = 2;
+const LOCATION: u32 = 0;
+const RESTOCK: i64 = 1_000_000;
+
+/// A running `dataplane serve` and the address it serves; killed when dropped, so that a
+/// failing test leaves no server behind.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(dir: &Path) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataplane"))
+        .args(["serve", "--cores", &SHARDS.to_string(), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--certs")
+        .arg(dir)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(dir.join("dataplane.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start dataplane");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read the serving line");
+    let addr = line
+        .strip_prefix("serving on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .parse()
+        .unwrap();
+    Process { child, addr }
+}
+
+async fn connect(dir: &Path, addr: SocketAddr, role: &str) -> Client {
+    let read = |name: String| std::fs::read(dir.join(name)).unwrap();
+    let mut config = ClientConfig::from_pem(
+        vec![addr],
+        read("ca.pem".into()),
+        read(format!("{role}.pem")),
+        read(format!("{role}.key")),
+    );
+    config.connections = 2;
+    config.call_timeout = Duration::from_millis(500);
+    config.retries = 1;
+    config.breaker_failures = u32::MAX;
+    Client::connect(config).await.expect("connect")
+}
+
+/// What the client was told, hold by hold.
+#[derive(Debug, Default)]
+struct Acked {
+    reserved: BTreeMap<u128, Vec<CartLine>>,
+    committed: BTreeMap<u128, ()>,
+    /// Every hold ever sent, acknowledged or not, with its lines.
+    sent: BTreeMap<u128, Vec<CartLine>>,
+}
+
+/// Reserves and commits carts until told to stop (or the server dies).
+async fn workload(client: &Client, skus: &[u64], acked: &mut Acked, next_hold: &mut u128, deadline: Instant) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(*next_hold as u64);
+    while Instant::now() < deadline {
+        let hold = *next_hold;
+        *next_hold += 1;
+        let lines: Vec<CartLine> = (0..rng.gen_range(1..=3))
+            .map(|i| CartLine { sku: skus[(hold as usize + i * 7) % skus.len()], location: Some(LOCATION), qty: 1 })
+            .collect();
+        let mut lines = lines;
+        lines.sort_by_key(|l| l.sku);
+        lines.dedup_by_key(|l| l.sku);
+        acked.sent.insert(hold, lines.clone());
+        match client.reserve(HoldId(hold), 600_000, lines.clone()).await {
+            Ok(outcome) if outcome.status == Status::Reserved => {
+                acked.reserved.insert(hold, lines);
+            }
+            Ok(_) => continue,
+            Err(_) => return,
+        }
+        if rng.gen_bool(0.7) {
+            match client.commit(HoldId(hold), None).await {
+                Ok(outcome) if outcome.status == Status::Committed => {
+                    acked.committed.insert(hold, ());
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// The state of a hold, or `None` when the data plane does not know it.
+async fn state_of(client: &Client, hold: u128) -> Option<HoldState> {
+    let outcome = client.query_holds(HoldsOf::Hold(HoldId(hold))).await.expect("query a hold");
+    match (outcome.status, outcome.body) {
+        (Status::Ok, Body::Holds(holds)) if holds.len() == 1 => Some(holds[0].state),
+        (Status::Ok, Body::Hold(info)) => Some(info.state),
+        (Status::UnknownHold, _) => None,
+        other => panic!("hold {hold:#x}: {other:?}"),
+    }
+}
+
+/// Checks the books against every hold the data plane knows; `Ok` once consistent.
+async fn check(client: &Client, skus: &[u64], acked: &Acked) -> Result<(), String> {
+    let mut committed_units: BTreeMap<u64, i64> = BTreeMap::new();
+    let mut held_units: BTreeMap<u64, i64> = BTreeMap::new();
+    for (&hold, lines) in &acked.sent {
+        let state = state_of(client, hold).await;
+        if acked.reserved.contains_key(&hold) && state.is_none() {
+            return Err(format!("acknowledged reserve {hold:#x} is gone"));
+        }
+        if acked.committed.contains_key(&hold) && state != Some(HoldState::Committed) {
+            return Err(format!("acknowledged commit {hold:#x} is {state:?}"));
+        }
+        let into = match state {
+            Some(HoldState::Committed) => &mut committed_units,
+            Some(HoldState::Held) => &mut held_units,
+            _ => continue,
+        };
+        for line in lines {
+            *into.entry(line.sku).or_default() += i64::from(line.qty);
+        }
+    }
+    let items: Vec<SkuAt> = skus.iter().map(|&sku| SkuAt { sku, location: Some(LOCATION) }).collect();
+    let outcome = client.query_stock(items).await.expect("query stock");
+    let Body::Stock(levels) = outcome.body else { return Err(format!("no stock: {:?}", outcome.status)) };
+    for level in levels {
+        let sold = committed_units.get(&level.sku).copied().unwrap_or(0);
+        let held = held_units.get(&level.sku).copied().unwrap_or(0);
+        if level.available < 0 {
+            return Err(format!("sku {} oversold: {level:?}", level.sku));
+        }
+        if level.on_hand != RESTOCK - sold || level.held != held {
+            return Err(format!(
+                "sku {}: {level:?}, but committed holds sold {sold} and held ones hold {held}",
+                level.sku
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_work_survives_kill_9() {
+    let cycles: usize = std::env::var("CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    println!("crash test: {cycles} cycles, CRASH_SEED={seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let dir = std::env::temp_dir().join(format!("stockplane-crash-{}-{seed}", std::process::id()));
+    write_dev_certs(&dir).unwrap();
+    std::fs::write(
+        dir.join("dataplane.toml"),
+        "io_memory_bytes = 524288\n[wal]\nsegment_bytes = 1048576\n\
+         [shard]\nskus_max = 4096\nsku_locations_max = 4096\nholds_max = 65536\nholds_finished_max = 65536\n\
+         hold_extra_lines_max = 65536\ncarts_max = 4096\ncarts_finished_max = 1024\njournal_entries_max = 65536\n",
+    )
+    .unwrap();
+
+    let skus: Vec<u64> =
+        (0..SHARDS).flat_map(|s| (0u64..).filter(move |&k| shard_for(k, SHARDS) == s).take(4)).collect();
+    let mut server = spawn(&dir);
+    {
+        let control = connect(&dir, server.addr, "control").await;
+        for &sku in &skus {
+            assert_eq!(control.upsert_sku(sku, LOCATION, 0).await.unwrap().status, Status::Ok);
+            assert_eq!(control.adjust(u128::from(sku) + 1, sku, LOCATION, RESTOCK).await.unwrap().status, Status::Ok);
+        }
+        control.close().await;
+    }
+    let mut acked = Acked::default();
+    let mut next_hold: u128 = 1 << 64;
+    for cycle in 0..cycles {
+        let client = connect(&dir, server.addr, "checkout").await;
+        let run_ms = rng.gen_range(20..250);
+        let killer = {
+            let pid = server.child.id();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(run_ms));
+                // SIGKILL: no chance to flush anything.
+                unsafe_free_kill(pid);
+            })
+        };
+        workload(&client, &skus, &mut acked, &mut next_hold, Instant::now() + Duration::from_secs(5)).await;
+        killer.join().unwrap();
+        let _ = server.child.wait();
+        drop(client);
+        drop(server);
+        server = spawn(&dir);
+        let client = connect(&dir, server.addr, "checkout").await;
+        // Participants learn a cart's decision from its coordinator after a restart: give
+        // the books a bounded moment to settle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match check(&client, &skus, &acked).await {
+                Ok(()) => break,
+                Err(problem) => assert!(Instant::now() < deadline, "cycle {cycle} (CRASH_SEED={seed}): {problem}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.close().await;
+    }
+    println!(
+        "{} cycles: {} holds sent, {} reserves and {} commits acknowledged, all present after every restart",
+        cycles,
+        acked.sent.len(),
+        acked.reserved.len(),
+        acked.committed.len()
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends SIGKILL to `pid` with the `kill` command (no unsafe code in tests).
+fn unsafe_free_kill(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
