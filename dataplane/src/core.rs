@@ -151,6 +151,8 @@ pub(crate) struct Core {
     forward: Vec<Vec<Request>>,
     wal: Vec<u8>,
     wal_queue: WalQueue,
+    /// The writer holds records taken from the queue and not yet durable.
+    wal_writing: bool,
     wal_wake: glommio::channels::local_channel::LocalSender<()>,
     durability: Durability,
     stopping: bool,
@@ -201,6 +203,7 @@ impl Core {
             forward: (0..shards).map(|_| Vec::new()).collect(),
             wal: Vec::with_capacity(1 << 20),
             wal_queue: WalQueue { head: 0, ..WalQueue::default() },
+            wal_writing: false,
             wal_wake,
             durability: config.durability()?,
             stopping: false,
@@ -222,11 +225,24 @@ impl Core {
         let mut spare = spare;
         spare.clear();
         let bytes = mem::replace(&mut self.wal_queue.pending, spare);
+        self.wal_writing = true;
         Some((bytes, self.wal_queue.head))
+    }
+
+    /// True when every record the engine emitted is on disk (or the disk failed).
+    pub fn wal_idle(&self) -> bool {
+        self.wal_queue.failed.is_some() || (self.wal_queue.pending.is_empty() && !self.wal_writing)
+    }
+
+    /// The shard's state hash (equal to that of a shard rebuilt from its durable log once
+    /// the log is idle).
+    pub fn state_hash(&self) -> u64 {
+        self.shard.state_hash()
     }
 
     /// The WAL writer made every record up to `position` durable.
     pub fn on_durable(&mut self, position: u64) {
+        self.wal_writing = false;
         if let Durability::Sync = self.durability {
             self.shard.handle_durable(position);
         }
@@ -235,6 +251,7 @@ impl Core {
     /// The WAL writer failed: nothing more is written or acknowledged; state changes are
     /// answered `Unavailable` from now on, reads still served.
     pub fn on_wal_failed(&mut self, reason: String) {
+        self.wal_writing = false;
         self.wal_queue.pending.clear();
         self.wal_queue.failed = Some(reason);
     }
@@ -796,8 +813,9 @@ impl Core {
             .pack(),
             role,
         };
-        let all_here =
-            self.shards == 1 || requests.iter().all(|r| route(&r.op, self.shards) == Route::Shard(self.shard_id));
+        // A failed log sends every request the slow way, where state changes are refused.
+        let all_here = self.wal_queue.failed.is_none()
+            && (self.shards == 1 || requests.iter().all(|r| route(&r.op, self.shards) == Route::Shard(self.shard_id)));
         if all_here && conn.tokens >= f64::from(count) && conn.in_flight + count <= in_flight_max {
             // The fast path: the archived batch goes to the shard as it arrived.
             conn.tokens -= f64::from(count);

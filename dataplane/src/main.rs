@@ -143,7 +143,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     tracing::info!("signal received; stopping");
-    server.stop()
+    server.stop().map(|_| ())
 }
 
 /// `dataplane certs`: writes the development certificates and lists them.

@@ -37,7 +37,8 @@ pub struct Server {
     admin_addr: SocketAddr,
     stop: Arc<AtomicBool>,
     health: Arc<Health>,
-    cores: Vec<ExecutorJoinHandle<anyhow::Result<()>>>,
+    cores: Vec<ExecutorJoinHandle<anyhow::Result<u64>>>,
+    recovered_state_hashes: Vec<u64>,
     _admin: Admin,
 }
 
@@ -53,6 +54,7 @@ impl Server {
         // Recovery before any executor starts: a shard that cannot start stops the server
         // here, with no core left waiting for it in the mesh.
         let recovered = recover_all(&config, cores)?;
+        let recovered_state_hashes = recovered.iter().map(|(shard, _)| shard.state_hash()).collect();
         let sockets = bind_reuseport(config.listen, cores, config.quic.socket_buffer_bytes)?;
         let addr = sockets[0].local_addr()?;
         let health = Arc::new(Health::new());
@@ -114,7 +116,7 @@ impl Server {
         }
         health.set_ready();
         info!(%addr, %admin_addr, cores, "data plane serving");
-        Ok(Server { addr, admin_addr, stop, health, cores: threads, _admin: admin })
+        Ok(Server { addr, admin_addr, stop, health, cores: threads, recovered_state_hashes, _admin: admin })
     }
 
     /// The UDP address clients connect to.
@@ -132,22 +134,32 @@ impl Server {
         self.stop.clone()
     }
 
-    /// Waits until the server stops (after the stop flag is set), and says whether every
-    /// core stopped cleanly.
-    pub fn wait(mut self) -> anyhow::Result<()> {
+    /// Each shard's state hash just after recovery (before holds that expired while the
+    /// server was down were expired).
+    pub fn recovered_state_hashes(&self) -> &[u64] {
+        &self.recovered_state_hashes
+    }
+
+    /// Waits until the server stops (after the stop flag is set); returns each shard's
+    /// final state hash, or the first core's error.
+    pub fn wait(mut self) -> anyhow::Result<Vec<u64>> {
         let mut first_error = None;
+        let mut hashes = Vec::new();
         for thread in self.cores.drain(..) {
-            let result = thread.join().map_err(|_| anyhow!("a core panicked"))?;
-            if let Err(error) = result {
-                first_error.get_or_insert(error);
+            match thread.join().map_err(|_| anyhow!("a core panicked"))? {
+                Ok(hash) => hashes.push(hash),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
             }
         }
         self.health.set_not_ready("stopped");
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(hashes), Err)
     }
 
-    /// Closes every connection (with `SHUTTING_DOWN`) and stops every core.
-    pub fn stop(self) -> anyhow::Result<()> {
+    /// Closes every connection (with `SHUTTING_DOWN`), writes what the log still holds,
+    /// and stops every core; returns each shard's final state hash.
+    pub fn stop(self) -> anyhow::Result<Vec<u64>> {
         self.health.set_not_ready("shutting down");
         self.stop.store(true, Ordering::Release);
         self.wait()
@@ -280,7 +292,7 @@ fn recover_all(config: &Config, cores: usize) -> anyhow::Result<Vec<(Shard, WalS
     })
 }
 
-async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, WalStart)) -> anyhow::Result<()> {
+async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, WalStart)) -> anyhow::Result<u64> {
     let CoreContext { shard, shards, config, server_config, mesh, members, stop, ready, health, .. } = context;
     members.lock().expect("members lock").push((glommio::executor().id(), shard));
     let (senders, mut receivers) = mesh.join().await.map_err(|e| anyhow!("join the mesh: {e}"))?;
@@ -448,8 +460,11 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         };
         mesh_out.send(out);
         if let Some(since) = stopping_since {
-            // Connections get a moment to hear the close; then the core goes.
-            if core.borrow().drained() || now.duration_since(since) > Duration::from_millis(500) {
+            // Connections get a moment to hear the close, and the log writes what it holds;
+            // then the core goes.
+            let core = core.borrow();
+            let closed = core.drained() || now.duration_since(since) > Duration::from_millis(500);
+            if closed && core.wal_idle() {
                 break;
             }
         }
@@ -457,6 +472,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             return Err(error);
         }
     }
-    info!(shard, "core stopped");
-    Ok(())
+    let hash = core.borrow().state_hash();
+    info!(shard, state_hash = format!("{hash:016x}"), "core stopped");
+    Ok(hash)
 }

@@ -49,6 +49,11 @@ pub fn test_config(cores: usize) -> Config {
 
 /// Starts a server with `cores` cores; `tweak` adjusts the configuration first.
 pub fn start(cores: usize, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    // RUST_LOG=debug shows the server's logs with a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "stockplane-e2e-{}-{}",

@@ -1,0 +1,216 @@
+//! The write-ahead log through the real server: a restart rebuilds exactly the state that
+//! was there (state hashes), holds that expired while the server was down expire once on
+//! start, and a disk that fails stops state changes but not reads.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use stockplane_engine::shard_for;
+use stockplane_wire::client::Client;
+use stockplane_wire::{Body, CartLine, HoldId, HoldState, HoldsOf, Op, Request, SkuAt, Status};
+
+const LOCATION: u32 = 1;
+
+fn line(sku: u64, qty: u32) -> CartLine {
+    CartLine { sku, location: Some(LOCATION), qty }
+}
+
+async fn stock(control: &Client, skus: &[u64], units: i64) {
+    for &sku in skus {
+        assert_eq!(control.upsert_sku(sku, LOCATION, 0).await.unwrap().status, Status::Ok);
+        assert_eq!(control.adjust(u128::from(sku) << 32, sku, LOCATION, units).await.unwrap().status, Status::Ok);
+    }
+}
+
+async fn levels(client: &Client, skus: &[u64]) -> Vec<(u64, i64, i64)> {
+    let items = skus.iter().map(|&sku| SkuAt { sku, location: Some(LOCATION) }).collect();
+    let Body::Stock(mut levels) = client.query_stock(items).await.unwrap().body else { panic!("no stock") };
+    levels.sort_by_key(|l| l.sku);
+    levels.iter().map(|l| (l.sku, l.on_hand, l.held)).collect()
+}
+
+async fn hold_state(client: &Client, hold: HoldId) -> HoldState {
+    match client.query_holds(HoldsOf::Hold(hold)).await.unwrap().body {
+        Body::Holds(holds) => holds[0].state,
+        Body::Hold(info) => info.state,
+        body => panic!("no hold: {body:?}"),
+    }
+}
+
+/// Starts a server on an existing certificate and data directory.
+fn restart(server: TestServer) -> TestServer {
+    let TestServer { server, dir, ca } = server;
+    server.stop().unwrap();
+    let mut config = test_config(2);
+    config.tls.cert = dir.join("server.pem");
+    config.tls.key = dir.join("server.key");
+    config.tls.client_ca = dir.join("ca.pem");
+    config.data_dir = dir.join("data");
+    TestServer { server: stockplane_dataplane::Server::start(config).unwrap(), dir, ca }
+}
+
+#[tokio::test]
+async fn a_restart_rebuilds_exactly_the_state_that_was_there() {
+    let server = start(2, |_| {});
+    let skus: Vec<u64> = (0..2).flat_map(|s| (0u64..).filter(move |&k| shard_for(k, 2) == s).take(3)).collect();
+    {
+        let control = server.client("control").await;
+        let checkout = server.client("checkout").await;
+        stock(&control, &skus, 50).await;
+        for i in 0..60u128 {
+            let lines = vec![line(skus[i as usize % 6], 1), line(skus[(i as usize + 1) % 6], 2)];
+            let hold = HoldId(0x100 + i);
+            assert_eq!(checkout.reserve(hold, 600_000, lines).await.unwrap().status, Status::Reserved);
+            match i % 3 {
+                0 => assert_eq!(checkout.commit(hold, None).await.unwrap().status, Status::Committed),
+                1 => assert_eq!(checkout.release(hold).await.unwrap().status, Status::Released),
+                _ => assert_eq!(checkout.extend(hold, 900_000).await.unwrap().status, Status::Extended),
+            }
+        }
+        control.close().await;
+        checkout.close().await;
+    }
+    // Let every participant hear its cart's decision before stopping.
+    let checkout = server.client("checkout").await;
+    let before = levels(&checkout, &skus).await;
+    checkout.close().await;
+    let TestServer { server, dir, ca } = server;
+    let hashes = server.stop().unwrap();
+    let mut config = test_config(2);
+    config.tls.cert = dir.join("server.pem");
+    config.tls.key = dir.join("server.key");
+    config.tls.client_ca = dir.join("ca.pem");
+    config.data_dir = dir.join("data");
+    let server = TestServer { server: stockplane_dataplane::Server::start(config).unwrap(), dir, ca };
+    assert_eq!(server.server.recovered_state_hashes(), &hashes[..], "every shard rebuilt from its log is the same");
+    let checkout = server.client("checkout").await;
+    assert_eq!(levels(&checkout, &skus).await, before);
+    assert_eq!(hold_state(&checkout, HoldId(0x100)).await, HoldState::Committed);
+    assert_eq!(hold_state(&checkout, HoldId(0x101)).await, HoldState::Released);
+    assert_eq!(hold_state(&checkout, HoldId(0x102)).await, HoldState::Held);
+    checkout.close().await;
+    server.stop();
+}
+
+#[tokio::test]
+async fn holds_that_expired_while_the_server_was_down_expire_once_on_start() {
+    let server = start(2, |_| {});
+    let skus = [shard_for(0, 2) as u64, 10, 11];
+    let hold = HoldId(0xe0);
+    let expires_at_ms;
+    {
+        let control = server.client("control").await;
+        let checkout = server.client("checkout").await;
+        stock(&control, &skus, 5).await;
+        let reserved = checkout.reserve(hold, 300, vec![line(10, 2), line(11, 1)]).await.unwrap();
+        assert_eq!(reserved.status, Status::Reserved);
+        let Body::Hold(info) = reserved.body else { panic!("no hold body") };
+        expires_at_ms = info.expires_at_ms;
+        control.close().await;
+        checkout.close().await;
+    }
+    let TestServer { server, dir, ca } = server;
+    server.stop().unwrap();
+    // Down until the hold's expiry has passed by the wall clock the engine uses.
+    while (SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64) <= expires_at_ms + 5 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut server = TestServer { server: start_on(&dir), dir, ca };
+    for round in 0..2 {
+        let checkout = server.client("checkout").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = levels(&checkout, &[10, 11]).await;
+            if now == vec![(10, 5, 0), (11, 5, 0)] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: {now:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(hold_state(&checkout, hold).await, HoldState::Expired, "round {round}");
+        checkout.close().await;
+        // A second restart finds the expiry in the log: the stock comes back only once.
+        server = restart(server);
+    }
+    server.stop();
+}
+
+fn start_on(dir: &std::path::Path) -> stockplane_dataplane::Server {
+    let mut config = test_config(2);
+    config.tls.cert = dir.join("server.pem");
+    config.tls.key = dir.join("server.key");
+    config.tls.client_ca = dir.join("ca.pem");
+    config.data_dir = dir.join("data");
+    stockplane_dataplane::Server::start(config).unwrap()
+}
+
+/// Runs `chattr` on `path`; false when the file system does not support it.
+fn chattr(flag: &str, path: &std::path::Path) -> bool {
+    Command::new("chattr").arg(flag).arg(path).status().is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn a_failed_disk_stops_state_changes_but_not_reads() {
+    let server = start(1, |config| config.shard.adjustments_retained_max = 1 << 12);
+    let shard_dir = server.dir.join("data").join("shard-0");
+    let control = server.client("control").await;
+    stock(&control, &[7], 1).await;
+    // An immutable directory: the log cannot create its next segment, so the write that
+    // needs it fails (a real failure of the file system, not a simulated one).
+    if !chattr("+i", &shard_dir) {
+        eprintln!("skipped: chattr +i is not supported here");
+        server.stop();
+        return;
+    }
+    // Whatever happens below, the directory becomes removable again.
+    struct Mutable(std::path::PathBuf);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            chattr("-i", &self.0);
+        }
+    }
+    let _mutable = Mutable(shard_dir.clone());
+    let conn = server.raw("control").await;
+    let mut next = 1u128 << 100;
+    let mut failed = false;
+    // Each adjustment is a 56-byte record: a 1 MiB segment fills after about 19,000.
+    for _ in 0..100 {
+        let requests: Vec<Request> = (0..500)
+            .map(|i| {
+                next += 1;
+                Request { id: i, op: Op::Adjust { adjustment: next, sku: 7, location: LOCATION, delta: 1 } }
+            })
+            .collect();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&request_frame(requests)).await.unwrap();
+        send.finish().unwrap();
+        match tokio::time::timeout(Duration::from_secs(3), read_responses(&mut recv, 500)).await {
+            Ok(responses) if responses.iter().all(|r| r.status == Status::Ok) => continue,
+            // Unanswered (their records will never be durable) or answered Unavailable.
+            _ => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the log never needed a new segment");
+    let adjust = Request { id: 1, op: Op::Adjust { adjustment: 1, sku: 7, location: LOCATION, delta: 1 } };
+    assert_eq!(round_trip(&conn, vec![adjust]).await[0].status, Status::Unavailable);
+    let query = Request { id: 2, op: Op::QueryStock { items: vec![SkuAt { sku: 7, location: Some(LOCATION) }] } };
+    assert_eq!(round_trip(&conn, vec![query]).await[0].status, Status::Ok, "reads are still served");
+    let readyz = http_get(server.server.admin_addr(), "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains("WAL"), "{readyz}");
+    server.stop();
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
