@@ -172,7 +172,7 @@ async fn a_failed_disk_stops_state_changes_but_not_reads() {
             chattr("-i", &self.0);
         }
     }
-    let _mutable = Mutable(shard_dir.clone());
+    let mutable = Mutable(shard_dir.clone());
     let conn = server.raw("control").await;
     let mut next = 1u128 << 100;
     let mut failed = false;
@@ -203,6 +203,7 @@ async fn a_failed_disk_stops_state_changes_but_not_reads() {
     assert_eq!(round_trip(&conn, vec![query]).await[0].status, Status::Ok, "reads are still served");
     let readyz = http_get(server.server.admin_addr(), "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains("WAL"), "{readyz}");
+    drop(mutable);
     server.stop();
 }
 
