@@ -122,6 +122,10 @@ struct Cli {
     /// Hold TTL of every reserve.
     #[arg(long, default_value_t = 60_000)]
     hold_ttl_ms: u32,
+    /// The client's initial congestion window (QUIC, Cubic), in bytes; quinn's default
+    /// when not given.
+    #[arg(long)]
+    initial_window_bytes: Option<u64>,
     /// Skip creating and restocking the SKUs (they exist from an earlier run).
     #[arg(long)]
     skip_setup: bool,
@@ -188,7 +192,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Runs the setup and the phases; true when every answer was the expected one.
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let tls = Tls::load(&cli.certs)?;
+    let tls = Tls::load(&cli.certs, cli.initial_window_bytes)?;
     if !cli.skip_setup {
         setup(&cli, &tls).await.context("set up the SKUs")?;
     }
@@ -224,20 +228,25 @@ struct Tls {
 
 impl Tls {
     /// Reads ca.pem and each role's certificate and key from `dir`.
-    fn load(dir: &Path) -> anyhow::Result<Tls> {
+    fn load(dir: &Path, initial_window_bytes: Option<u64>) -> anyhow::Result<Tls> {
         let read =
             |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("read {}", dir.join(name).display()));
         let ca = read("ca.pem")?;
         Ok(Tls {
-            checkout: tls_client_config(&ca, &read("checkout.pem")?, &read("checkout.key")?)?,
-            control: tls_client_config(&ca, &read("control.pem")?, &read("control.key")?)?,
+            checkout: tls_client_config(&ca, &read("checkout.pem")?, &read("checkout.key")?, initial_window_bytes)?,
+            control: tls_client_config(&ca, &read("control.pem")?, &read("control.key")?, initial_window_bytes)?,
         })
     }
 }
 
 /// A QUIC client configuration: TLS 1.3 trusting `ca`, presenting `cert`, with ALPN
 /// `stockplane/1`, and receive windows large enough for many frames in flight.
-fn tls_client_config(ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<quinn::ClientConfig> {
+fn tls_client_config(
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+    initial_window_bytes: Option<u64>,
+) -> anyhow::Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for der in rustls_pemfile::certs(&mut &ca[..]) {
@@ -262,6 +271,11 @@ fn tls_client_config(ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<quinn
         .receive_window(quinn::VarInt::from_u32(64 << 20))
         .send_window(64 << 20)
         .max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
+    if let Some(bytes) = initial_window_bytes {
+        let mut cubic = quinn::congestion::CubicConfig::default();
+        cubic.initial_window(bytes);
+        transport.congestion_controller_factory(Arc::new(cubic));
+    }
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -944,6 +958,9 @@ async fn pace(
             lane.lane_build(&mut builder, due);
         }
         sends[k].write_all(builder.frame_builder_encode()).await.context("send a frame")?;
+        // `write_all` rarely waits, so a pacer that is behind would otherwise never let the
+        // connections' drivers transmit, nor the receivers read, until it caught up.
+        tokio::task::yield_now().await;
     }
     for send in &mut sends {
         send.finish().context("finish a stream")?;
