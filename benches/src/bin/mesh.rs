@@ -69,13 +69,13 @@ fn main() -> anyhow::Result<()> {
     if cli.cpus.len() != 2 || cli.cpus[0] == cli.cpus[1] {
         bail!("--cpus takes two different CPUs");
     }
-    if cli.batches.iter().any(|&b| b == 0) || cli.capacity == 0 || cli.seconds <= 0.0 {
+    if cli.batches.contains(&0) || cli.capacity == 0 || cli.seconds <= 0.0 {
         bail!("--batches, --capacity and --seconds must be above 0");
     }
     print!("{}", report_header("stockplane mesh benchmark (glommio channel_mesh, two pinned executors)"));
     println!(
         "parameters: {} s per case, channel capacity {} batches, executors pinned to CPUs {} and {} \
-         (the one that joins the mesh first produces), message = engine Reply ({} bytes), {}, spin before park {} us",
+         (mesh peer 0, the lower executor id, produces), message = engine Reply ({} bytes), {}, spin before park {} us",
         cli.seconds,
         cli.capacity,
         cli.cpus[0],
@@ -173,7 +173,7 @@ async fn run_case_produce(
     let deadline = started + duration;
     let (mut messages, mut batches) = (0u64, 0u64);
     loop {
-        if batches % CLOCK_EVERY_BATCHES == 0 && Instant::now() >= deadline {
+        if batches.is_multiple_of(CLOCK_EVERY_BATCHES) && Instant::now() >= deadline {
             break;
         }
         let mut replies = if !recycle {

@@ -335,7 +335,7 @@ impl FrameReader {
                 break;
             }
             let bytes = &rest[..len];
-            let batch = if bytes.as_ptr().addr() % FRAME_ALIGN == 0 {
+            let batch = if bytes.as_ptr().addr().is_multiple_of(FRAME_ALIGN) {
                 frame::decode_responses(bytes, &self.limits)
             } else {
                 frame::decode_responses(self.unaligned.fill(bytes), &self.limits)
