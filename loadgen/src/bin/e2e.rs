@@ -60,6 +60,9 @@ const LATENCY_NS_MAX: u64 = 60_000_000_000;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pacer sleeps (instead of spinning) when the next frame is due later than this.
 const PACER_SLEEP_ABOVE: Duration = Duration::from_millis(2);
+/// UDP socket buffers of every connection, each direction (the kernel caps them at
+/// net.core.rmem_max / wmem_max).
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// A frame sent this much after its intended time counts as a late send.
 const LATE_SEND: Duration = Duration::from_micros(50);
 
@@ -288,7 +291,17 @@ fn tls_client_config(
 /// (the server's `SO_REUSEPORT` spreads connections by it).
 async fn connect(cli: &Cli, config: &quinn::ClientConfig) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let bind: SocketAddr = if cli.server.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
-    let mut endpoint = quinn::Endpoint::client(bind).context("bind a UDP socket")?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::DGRAM, None)
+        .context("create a UDP socket")?;
+    // The kernel's default receive buffer (about 200 KiB) overflows while the driver is
+    // busy encoding a burst of frames; a lost datagram then costs QUIC a recovery.
+    socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES).context("size the UDP receive buffer")?;
+    socket.set_send_buffer_size(SOCKET_BUFFER_BYTES).context("size the UDP send buffer")?;
+    socket.bind(&bind.into()).context("bind a UDP socket")?;
+    socket.set_nonblocking(true).context("make the UDP socket non-blocking")?;
+    let runtime = quinn::default_runtime().context("no async runtime for quinn")?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)
+        .context("start a QUIC endpoint")?;
     endpoint.set_default_client_config(config.clone());
     let connection = endpoint
         .connect(cli.server, &cli.server_name)
