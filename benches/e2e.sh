@@ -73,6 +73,6 @@ echo
 # processes mostly idle while frames waited tens of milliseconds; the driver's own QUIC
 # pacing was one cause, now off by default, see --initial-window-bytes; the rest is
 # not yet understood), so the rate phase spreads its load thinner than the 4 above.
-"${driver[@]}" --skip-setup --mode half --batch 128 --connections 16 --frames-in-flight 4 || status=1
+"${driver[@]}" --skip-setup --mode half --batch 128 --connections 16 --frames-in-flight 4 --quic-stats || status=1
 echo
 exit "$status"

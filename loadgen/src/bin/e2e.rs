@@ -133,6 +133,10 @@ struct Cli {
     /// bounds what is in flight. 0 keeps quinn's default (window and pacing).
     #[arg(long, default_value_t = 1 << 33)]
     initial_window_bytes: u64,
+    /// Print each connection's QUIC statistics (RTT, congestion window, losses, flow
+    /// control) at the end of each phase.
+    #[arg(long)]
+    quic_stats: bool,
     /// Skip creating and restocking the SKUs (they exist from an earlier run).
     #[arg(long)]
     skip_setup: bool,
@@ -878,6 +882,30 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         lane_stats.merge(&lane.stats);
         lane_stats.unanswered += lane.slots.iter().map(|s| s.missing as u64).sum::<u64>();
         stats.merge(&lane_stats);
+    }
+    if cli.quic_stats {
+        for (index, (_, connection)) in connections.iter().enumerate() {
+            let stats = connection.stats();
+            let (path, tx, rx) = (&stats.path, &stats.frame_tx, &stats.frame_rx);
+            println!(
+                "quic connection {index}: rtt {:?} (min {:?}), cwnd {} bytes, {} congestion events, {} packets lost \
+                 of {} sent; sent {} acks, {} stream_data_blocked, {} data_blocked; received {} acks, \
+                 {} max_stream_data, {} max_data, {} stream_data_blocked",
+                path.rtt,
+                path.min_rtt,
+                path.cwnd,
+                path.congestion_events,
+                path.lost_packets,
+                path.sent_packets,
+                tx.acks,
+                tx.stream_data_blocked,
+                tx.data_blocked,
+                rx.acks,
+                rx.max_stream_data,
+                rx.max_data,
+                rx.stream_data_blocked
+            );
+        }
     }
     for (endpoint, connection) in connections {
         disconnect(endpoint, connection).await;
