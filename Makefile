@@ -19,8 +19,17 @@ FUZZ_SECONDS ?= 60
 # Benchmarks run pinned to one core; the other core is left for the OS and the build.
 BENCH_CORE ?= 1
 REPORT_DIR := perf-reports
+# The end-to-end benchmark: the data plane on SERVER_CPU, the driver on DRIVER_CPU.
+SERVER_CPU ?= 0
+DRIVER_CPU ?= 1
+E2E_SECONDS ?= 10
+E2E_WARMUP ?= 2
+E2E_SKUS ?= 100000
+MESH_SECONDS ?= 2
+# Where cargo puts the release binaries (CARGO_TARGET_DIR when set).
+BIN_DIR := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: help run sim-seeds test lint unit sim sim-long fuzz bench memory certs check-toolchain
+.PHONY: help run sim-seeds test lint unit sim sim-long fuzz bench bench-e2e bench-mesh memory certs crash-long check-toolchain
 
 help:
 	@echo "make run        start the data plane (every core, dev certificates) and run the example checkout client"
@@ -30,6 +39,9 @@ help:
 	@echo "make sim-long   100,000,000 simulated operations with faults"
 	@echo "make fuzz       fuzz frame decoding and WAL recovery, FUZZ_SECONDS each (installs cargo-fuzz)"
 	@echo "make bench      criterion benchmarks pinned to core BENCH_CORE, report in perf-reports/"
+	@echo "make bench-e2e  one-core data plane on SERVER_CPU, stockplane-e2e on DRIVER_CPU: saturate (batched,"
+	@echo "                one request per frame) and latency at half saturation; report in perf-reports/"
+	@echo "make bench-mesh messages/s between two pinned executors over the channel mesh, report in perf-reports/"
 	@echo "make memory     bytes per SKU-location and per live hold, report in perf-reports/"
 	@echo "make certs      development certificates (CA, server, one client per role) in target/certs"
 
@@ -84,6 +96,27 @@ bench: check-toolchain
 	  echo "command: taskset -c $(BENCH_CORE) $(CARGO) bench -p stockplane-benches"; echo; } > $$report; \
 	taskset -c $(BENCH_CORE) $(CARGO) bench -p stockplane-benches 2>&1 | tee -a $$report; \
 	echo "report: $$report"
+
+# benches/e2e.sh starts the server, runs the driver three times and stops the server
+# (also on failure); each run prints its own header (date, machine, commit, command).
+bench-e2e: check-toolchain
+	$(CARGO) build --release -p stockplane-dataplane -p stockplane-loadgen --bins
+	@test -f target/certs/ca.pem || $(BIN_DIR)/dataplane certs --dir target/certs
+	@mkdir -p $(REPORT_DIR)
+	@set -o pipefail; report=$(REPORT_DIR)/e2e-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
+	STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
+	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS) \
+	  benches/e2e.sh $(BIN_DIR) 2>&1 | tee $$report; status=$$?; \
+	echo "report: $$report"; exit $$status
+
+# The benchmark pins its two executors itself (CPUs 0 and 1) and prints its own header.
+bench-mesh: check-toolchain
+	$(CARGO) build --release -p stockplane-benches --bin mesh
+	@mkdir -p $(REPORT_DIR)
+	@set -o pipefail; report=$(REPORT_DIR)/mesh-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
+	STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) \
+	  $(BIN_DIR)/mesh --seconds $(MESH_SECONDS) 2>&1 | tee $$report; status=$$?; \
+	echo "report: $$report"; exit $$status
 
 memory: check-toolchain
 	@mkdir -p $(REPORT_DIR)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark (`make bench-e2e`): a one-core data plane pinned to one CPU,
+# the stockplane-e2e driver pinned to another, three runs against the same server:
+#   1. saturate, 128 requests per frame (batched);
+#   2. saturate, one request per frame, 64 frames in flight per connection;
+#   3. half: saturate again (16 connections), then the open loop at half the rate it
+#      measured, with latency from the intended send time.
+# The server listens on ports the kernel picks (it prints them); it is stopped with
+# SIGINT when the script ends, whatever happened. Prints everything on stdout: the
+# Makefile tees it into perf-reports/.
+#
+# Usage: benches/e2e.sh BIN_DIR   (the directory of the release `dataplane` and
+# `stockplane-e2e` binaries). Environment: SERVER_CPU (0), DRIVER_CPU (1),
+# E2E_SECONDS (10), E2E_WARMUP (2), E2E_SKUS (100000), CERTS (target/certs),
+# E2E_CONFIG (benches/e2e.toml).
+set -euo pipefail
+
+bin=${1:?usage: benches/e2e.sh BIN_DIR}
+server_cpu=${SERVER_CPU:-0}
+driver_cpu=${DRIVER_CPU:-1}
+seconds=${E2E_SECONDS:-10}
+warmup=${E2E_WARMUP:-2}
+skus=${E2E_SKUS:-100000}
+certs=${CERTS:-target/certs}
+config=${E2E_CONFIG:-benches/e2e.toml}
+log=$(mktemp -t stockplane-e2e-server.XXXXXX.log)
+
+server=(taskset -c "$server_cpu" "$bin/dataplane" serve --config "$config" --cores 1 --cpu-first "$server_cpu"
+  --certs "$certs" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0)
+echo "server command: ${server[*]}"
+echo "server config ($config, over dataplane/dataplane.toml's defaults):"
+grep -Ev '^\s*(#|$)' "$config" | sed 's/^/  /'
+"${server[@]}" >"$log" 2>&1 &
+server_pid=$!
+
+stop_server() {
+  if kill -0 "$server_pid" 2>/dev/null; then
+    kill -INT "$server_pid"
+    wait "$server_pid" || true
+  fi
+  local noisy
+  noisy=$(grep -Ec 'WARN|ERROR' "$log" || true)
+  echo "server log: $log ($noisy warning or error lines)"
+  grep -E 'WARN|ERROR' "$log" | head -20 || true
+}
+trap stop_server EXIT
+
+for _ in $(seq 300); do
+  grep -q '^serving on' "$log" && break
+  kill -0 "$server_pid" 2>/dev/null || { echo "the server exited:"; cat "$log"; exit 1; }
+  sleep 0.1
+done
+line=$(grep -m1 '^serving on' "$log") || { echo "the server did not start in 30 s:"; cat "$log"; exit 1; }
+addr=$(sed -E 's/^serving on ([^ ]+) .*/\1/' <<<"$line")
+admin=$(sed -E 's|.*admin on http://([^)]+)\).*|\1|' <<<"$line")
+for _ in $(seq 100); do
+  curl -sf "http://$admin/readyz" >/dev/null && break
+  sleep 0.1
+done
+curl -sf "http://$admin/readyz" >/dev/null || { echo "the server is not ready at http://$admin/readyz"; exit 1; }
+echo "server: QUIC on $addr, admin on http://$admin, pid $server_pid, CPU $server_cpu"
+echo
+
+driver=(taskset -c "$driver_cpu" "$bin/stockplane-e2e" --server "$addr" --certs "$certs"
+  --seconds "$seconds" --warmup-seconds "$warmup" --skus "$skus")
+status=0
+"${driver[@]}" --batch 128 --frames-in-flight 8 || status=1
+echo
+"${driver[@]}" --skip-setup --batch 1 --frames-in-flight 64 || status=1
+echo
+# 16 connections: in short checks on this build, the open loop above roughly 150,000
+# to 200,000 requests/s on one connection fell behind and never caught up (both
+# processes mostly idle while frames waited tens of milliseconds; the driver's own QUIC
+# pacing was one cause, now off by default, see --initial-window-bytes; the rest is
+# not yet understood), so the rate phase spreads its load thinner than the 4 above.
+"${driver[@]}" --skip-setup --mode half --batch 128 --connections 16 --frames-in-flight 4 --quic-stats || status=1
+echo
+exit "$status"
