@@ -12,7 +12,9 @@
 # Usage: benches/e2e.sh BIN_DIR   (the directory of the release `dataplane` and
 # `stockplane-e2e` binaries). Environment: SERVER_CPU (0), DRIVER_CPU (1),
 # E2E_SECONDS (10), E2E_WARMUP (2), E2E_SKUS (100000), CERTS (target/certs),
-# E2E_CONFIG (benches/e2e.toml).
+# E2E_CONFIG (benches/e2e.toml), DURABILITY (none: the server without its disk; sync:
+# every reply after the fdatasync that covers it). The log goes to a fresh directory,
+# removed at the end.
 set -euo pipefail
 
 bin=${1:?usage: benches/e2e.sh BIN_DIR}
@@ -23,10 +25,12 @@ warmup=${E2E_WARMUP:-2}
 skus=${E2E_SKUS:-100000}
 certs=${CERTS:-target/certs}
 config=${E2E_CONFIG:-benches/e2e.toml}
+durability=${DURABILITY:-none}
 log=$(mktemp -t stockplane-e2e-server.XXXXXX.log)
+data=$(mktemp -d -p "${E2E_DATA_PARENT:-target}" e2e-data.XXXXXX)
 
 server=(taskset -c "$server_cpu" "$bin/dataplane" serve --config "$config" --cores 1 --cpu-first "$server_cpu"
-  --certs "$certs" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0)
+  --certs "$certs" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --durability "$durability" --data-dir "$data")
 echo "server command: ${server[*]}"
 echo "server config ($config, over dataplane/dataplane.toml's defaults):"
 grep -Ev '^\s*(#|$)' "$config" | sed 's/^/  /'
@@ -42,6 +46,7 @@ stop_server() {
   noisy=$(grep -Ec 'WARN|ERROR' "$log" || true)
   echo "server log: $log ($noisy warning or error lines)"
   grep -E 'WARN|ERROR' "$log" | head -20 || true
+  rm -rf "$data"
 }
 trap stop_server EXIT
 

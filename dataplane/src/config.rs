@@ -48,7 +48,8 @@ pub struct Config {
 pub struct WalSettings {
     /// `sync`: a reply to a state change leaves after the `fdatasync` that covers it;
     /// `batch=<ms>`: replies leave at once and the log is synced every `ms`, so up to
-    /// that much acknowledged work can be lost with the machine.
+    /// that much acknowledged work can be lost with the machine; `none`: nothing is
+    /// written (benchmarks of the server without its disk only).
     pub durability: String,
     /// Size of each log segment file (preallocated and zero-filled ahead of use).
     pub segment_bytes: u64,
@@ -111,6 +112,10 @@ pub struct Quic {
     pub send_window_bytes: u64,
     /// UDP socket buffer size, both directions.
     pub socket_buffer_bytes: usize,
+    /// The congestion window a connection starts with (and its pacing rate with it); a
+    /// data plane talks to checkout services in its own data centre, where QUIC's
+    /// Internet default (about 14 KB) only delays the first round trips of every burst.
+    pub initial_window_bytes: u64,
 }
 
 /// The bounds of each shard (see `ShardConfig` in the engine for what each one bounds).
@@ -219,6 +224,7 @@ impl Default for Quic {
             connection_receive_window_bytes: 16 << 20,
             send_window_bytes: 16 << 20,
             socket_buffer_bytes: 4 << 20,
+            initial_window_bytes: 4 << 20,
         }
     }
 }

@@ -493,7 +493,9 @@ impl Core {
             if let Some(position) = self.shard.poll_wal_append(&mut self.wal) {
                 progress = true;
                 self.metrics.wal_bytes += self.wal.len() as u64;
-                if self.wal_queue.failed.is_none() {
+                if self.durability == Durability::None {
+                    self.shard.handle_durable(position);
+                } else if self.wal_queue.failed.is_none() {
                     if self.wal_queue.pending.is_empty() {
                         let _ = self.wal_wake.try_send(());
                     }

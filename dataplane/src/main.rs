@@ -60,8 +60,8 @@ struct ServeArgs {
     /// Where each shard keeps its write-ahead log (`data_dir`).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// `sync` (acknowledged = on disk) or `batch=<ms>` (up to <ms> of acknowledged work
-    /// can be lost with the machine) (`wal.durability`).
+    /// `sync` (acknowledged = on disk), `batch=<ms>` (up to <ms> of acknowledged work can
+    /// be lost with the machine) or `none` (no log: benchmarks only) (`wal.durability`).
     #[arg(long)]
     durability: Option<String>,
     /// Cut a shard's log at a damaged record instead of refusing to start, losing what

@@ -216,6 +216,9 @@ fn quic_config(config: &Config, crypto: rustls::ServerConfig) -> anyhow::Result<
         .receive_window(q.connection_receive_window_bytes.into())
         .send_window(q.send_window_bytes)
         .datagram_receive_buffer_size(None);
+    let mut cubic = quinn_proto::congestion::CubicConfig::default();
+    cubic.initial_window(q.initial_window_bytes);
+    transport.congestion_controller_factory(Arc::new(cubic));
     let mut mtu = quinn_proto::MtuDiscoveryConfig::default();
     mtu.upper_bound(q.udp_payload_bytes_max);
     transport.mtu_discovery_config(Some(mtu));
@@ -330,7 +333,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         let health = health.clone();
         let writer_stats = writer_stats.clone();
         let batch_ms = match config.durability()? {
-            Durability::Sync => None,
+            Durability::Sync | Durability::None => None,
             Durability::Batch { ms } => Some(Duration::from_millis(u64::from(ms))),
         };
         glommio::spawn_local(async move {

@@ -49,6 +49,9 @@ pub enum Durability {
         /// Milliseconds between syncs.
         ms: u32,
     },
+    /// Nothing is written: every restart starts empty. For benchmarks that measure the
+    /// server without its disk, never for service.
+    None,
 }
 
 impl std::str::FromStr for Durability {
@@ -57,9 +60,10 @@ impl std::str::FromStr for Durability {
     fn from_str(text: &str) -> Result<Durability, String> {
         match text {
             "sync" => Ok(Durability::Sync),
+            "none" => Ok(Durability::None),
             _ => match text.strip_prefix("batch=").map(str::parse::<u32>) {
                 Some(Ok(ms)) if ms > 0 => Ok(Durability::Batch { ms }),
-                _ => Err(format!("durability must be \"sync\" or \"batch=<ms>\" with ms > 0, not {text:?}")),
+                _ => Err(format!("durability must be \"sync\", \"batch=<ms>\" with ms > 0, or \"none\", not {text:?}")),
             },
         }
     }
@@ -70,6 +74,7 @@ impl std::fmt::Display for Durability {
         match self {
             Durability::Sync => write!(f, "sync"),
             Durability::Batch { ms } => write!(f, "batch={ms}"),
+            Durability::None => write!(f, "none"),
         }
     }
 }
@@ -427,6 +432,7 @@ mod tests {
         assert_eq!(Durability::Batch { ms: 5 }.to_string(), "batch=5");
         assert!("batch=0".parse::<Durability>().is_err());
         assert!("fast".parse::<Durability>().is_err());
+        assert_eq!("none".parse::<Durability>(), Ok(Durability::None));
     }
 
     #[test]
