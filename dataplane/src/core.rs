@@ -124,6 +124,14 @@ struct SplitQuery {
     status: Status,
 }
 
+/// A datagram as received, before the endpoint sees it.
+struct Datagram {
+    addr: SocketAddr,
+    dst_ip: Option<std::net::IpAddr>,
+    ecn: Option<quinn_proto::EcnCodepoint>,
+    data: BytesMut,
+}
+
 /// One core's whole state.
 pub(crate) struct Core {
     shard_id: ShardId,
@@ -146,6 +154,7 @@ pub(crate) struct Core {
     started: Instant,
     started_ms: u64,
     transmit: Vec<u8>,
+    received: Vec<Datagram>,
     encoded: AlignedVec<FRAME_ALIGN>,
     response_batch: ResponseBatch,
     forward: Vec<Vec<Request>>,
@@ -198,6 +207,7 @@ impl Core {
             started,
             started_ms,
             transmit: Vec::with_capacity(64 * 1024),
+            received: Vec::with_capacity(crate::udp::RECV_BATCH * 4),
             encoded: AlignedVec::with_capacity(64 * 1024),
             response_batch: ResponseBatch { responses: Vec::with_capacity(RESPONSES_PER_FRAME_MAX) },
             forward: (0..shards).map(|_| Vec::new()).collect(),
@@ -278,29 +288,26 @@ impl Core {
 
     // ------------------------------------------------------------------ inputs
 
-    /// Reads every datagram waiting on the socket; returns how many buffers were read.
+    /// Reads one batch of datagrams (one `recvmmsg`) and handles them; returns how many
+    /// buffers were read. One batch, not everything waiting: under load the socket is
+    /// never empty, and the replies to this batch must leave (`flush`) before the next
+    /// one is read, or latency grows with the queue.
     pub fn receive(&mut self, now: Instant) -> anyhow::Result<usize> {
-        let mut total = 0;
-        loop {
-            let mut received: Vec<(SocketAddr, Option<std::net::IpAddr>, Option<quinn_proto::EcnCodepoint>, BytesMut)> =
-                Vec::new();
-            let count = self.udp.recv(|meta, bytes| {
-                let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
-                let mut data = BytesMut::from(bytes);
-                while !data.is_empty() {
-                    let segment = data.split_to(meta.stride.min(data.len()));
-                    received.push((meta.addr, meta.dst_ip, ecn, segment));
-                }
-            })?;
-            for (addr, dst_ip, ecn, data) in received {
-                self.metrics.datagrams_in += 1;
-                self.on_datagram(now, addr, dst_ip, ecn, data);
+        let mut received = mem::take(&mut self.received);
+        let count = self.udp.recv(|meta, bytes| {
+            let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+            let mut data = BytesMut::from(bytes);
+            while !data.is_empty() {
+                let segment = data.split_to(meta.stride.min(data.len()));
+                received.push(Datagram { addr: meta.addr, dst_ip: meta.dst_ip, ecn, data: segment });
             }
-            total += count;
-            if count < crate::udp::RECV_BATCH {
-                return Ok(total);
-            }
+        })?;
+        for datagram in received.drain(..) {
+            self.metrics.datagrams_in += 1;
+            self.on_datagram(now, datagram.addr, datagram.dst_ip, datagram.ecn, datagram.data);
         }
+        self.received = received;
+        Ok(count)
     }
 
     fn on_datagram(
