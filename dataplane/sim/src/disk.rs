@@ -77,6 +77,18 @@ impl Disk {
         (start, self.durable_position)
     }
 
+    /// Fails the fsync in flight: nothing it covered is known to be durable. Its writes
+    /// stay volatile: a crash may keep a prefix of them, as it may of any unsynced write
+    /// (after a failed fsync the kernel may or may not have written the pages).
+    pub fn fail_sync(&mut self) {
+        assert!(self.syncing.take().is_some(), "an fsync is in flight");
+    }
+
+    /// Flips one bit of the byte at `offset` (media corruption or a damaged write).
+    pub fn flip(&mut self, offset: usize, bit: u8) {
+        self.durable[offset] ^= 1 << bit;
+    }
+
     /// Loses power: the volatile writes are gone but for a random prefix. Returns the
     /// byte offset where the kept bytes start and what was kept.
     pub fn crash(&mut self, rng: &mut ChaCha8Rng, keep_prefix: bool, tear: bool) -> (usize, CrashKept) {
