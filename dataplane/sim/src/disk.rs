@@ -6,6 +6,10 @@
 //! of the next one, possibly followed by the zeros of space the file had but never got
 //! written). Recovery reads only the durable bytes, as redb's crash tests do.
 //!
+//! An fsync may also fail (`fail_sync`): its writes stay volatile, neither durable nor
+//! lost, until a crash decides what of them remains. `flip` flips one bit, for the bit
+//! flips the simulator injects (see `sim`'s module docs).
+//!
 //! Invariant: `durable` only grows by whole fsyncs or by what a crash kept, and after
 //! recovery it is cut to the bytes that make up valid records. The disk must not call
 //! into the shard: the simulator does that, with the positions this disk reports.

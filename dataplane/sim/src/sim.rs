@@ -9,6 +9,39 @@
 //! durable). At the end of a seed the faults stop, every hold runs out, and the books
 //! are closed: every cart's sales, every acknowledged answer and the journal must agree.
 //!
+//! # The disk's faults, and how they are modelled
+//!
+//! - **Lost and torn unsynced writes**: at a crash, the writes no completed fsync
+//!   covered are lost, but for a random prefix (`crash_keeps_prefix`) whose next write
+//!   may survive in part (`crash_tears`), possibly followed by zeros. The whole records
+//!   that survived become durable; recovery must accept exactly them.
+//! - **Failed fsyncs** (`fsync_fail`): the shard's disk is failed from then on, as the
+//!   real driver's is after a failed write or `fdatasync`: nothing more is written and
+//!   `handle_durable` is never called again in this life, so the engine never answers
+//!   for what it appends. The driver layer here refuses state changes (reserve, commit,
+//!   release, extend, upsert, adjust) with `Unavailable` without reaching the engine, and
+//!   serves reads. Peer messages still reach the engine, as in the real driver: its
+//!   votes and commit decisions wait for a durability that never comes, so they never
+//!   leave, and its coordinators' carts end by timeout elsewhere. What the failed fsync
+//!   covered stays unknown: it is kept with the other unsynced writes, and the restart
+//!   keeps a random prefix of them (possibly torn), or none. An operator restarts the
+//!   shard (its supervisor would) after up to `failed_restart_ms_max`.
+//! - **Bit flips in unsynced bytes** (`flip_unsynced`): a crash may flip one bit in the
+//!   bytes it kept beyond the last fsync. The CRC must catch it: recovery must keep
+//!   exactly the records before the damaged one (never one beyond what was durable plus
+//!   what survived intact). Where the damaged record is followed by more bytes, the
+//!   engine cannot tell it from damage to synced records and refuses with `Corrupt`;
+//!   as everything from there on was never synced, the operator cuts the log there
+//!   (`--truncate-corrupt-tail`), which the simulation does, and counts.
+//! - **Bit flips in synced bytes** (`flip_durable`, media corruption): a restart may find
+//!   one bit of a synced record flipped. Recovery must refuse the log with `Corrupt`:
+//!   starting (with a cut or not) would lose or alter acknowledged work silently. The
+//!   simulation then restores the pristine log, as an operator would from a replica or
+//!   a backup, and the seed goes on. The last synced record is never flipped: with
+//!   nothing after it, its damage looks exactly like a torn last write to this log
+//!   format (no redundant header or durable end marker), so recovery would cut it; that
+//!   is a known limit of the format, not something the simulation checks.
+//!
 //! The loop must not read the wall clock, iterate a randomly seeded map, or draw a
 //! random number anywhere but from its one seeded generator: a seed replays exactly.
 
