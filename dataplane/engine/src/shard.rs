@@ -317,7 +317,8 @@ impl Shard {
     /// Rebuilds a shard from its durable WAL bytes, as they were appended.
     ///
     /// A damaged or partial last record (a torn write) ends the log; a damaged record
-    /// followed by a valid one is corruption and an error. Returns the shard and the
+    /// followed by a valid one (anywhere after it, whatever its damaged length says) is
+    /// corruption and an error. Returns the shard and the
     /// number of bytes that make up valid records. Holds whose expiry passed while the
     /// shard was down expire at the first `handle_*` call, each exactly once.
     pub fn recover(config: &ShardConfig, now: Tick, log: &[u8]) -> Result<(Shard, usize), RecoverError> {
@@ -327,7 +328,7 @@ impl Shard {
             let (record, position, len) = match wal::decode(&log[offset..]) {
                 Ok(decoded) => decoded,
                 Err(source) => {
-                    if tail_is_torn(&log[offset..]) {
+                    if tail_is_torn(&log[offset..], shard.wal_head + 1) {
                         break;
                     }
                     return Err(RecoverError::Corrupt { offset, source });
@@ -1650,10 +1651,18 @@ impl Shard {
 }
 
 /// True when the bytes from a failed record onwards are a torn write rather than damage:
-/// a partial record at the very end, or zeros (space never written).
-fn tail_is_torn(rest: &[u8]) -> bool {
+/// a partial record at the very end, or zeros (space never written). `position` is the
+/// position the failed record should have had.
+///
+/// A valid record of a later position after it proves that the failed record is not the
+/// log's end, whatever its header claims: a flipped bit in its length may make it claim
+/// more bytes than remain, which alone would look like a torn write.
+fn tail_is_torn(rest: &[u8], position: u64) -> bool {
     if rest.iter().all(|b| *b == 0) {
         return true;
+    }
+    if later_record_follows(rest, position) {
+        return false;
     }
     if rest.len() < wal::HEADER_BYTES {
         return true;
@@ -1666,6 +1675,16 @@ fn tail_is_torn(rest: &[u8]) -> bool {
     // only zeros follow it: its write was torn inside space the file had but that was
     // never written (a preallocated segment), so its own bytes end in zeros too.
     len > rest.len() || rest[len..].iter().all(|b| *b == 0)
+}
+
+/// True when a valid record whose position is after `position` starts at some record
+/// boundary (a multiple of 8 bytes) after the start of `rest`. Runs only when recovery
+/// meets a damaged record; the position is compared before the checksum is computed.
+fn later_record_follows(rest: &[u8], position: u64) -> bool {
+    (8..rest.len().saturating_sub(wal::HEADER_BYTES - 1)).step_by(8).any(|at| {
+        let found = u64::from_le_bytes(rest[at + 8..at + 16].try_into().expect("8 bytes"));
+        found > position && wal::decode(&rest[at..]).is_ok()
+    })
 }
 
 /// A digest of a reserve request: its TTL and lines as asked (before locations are

@@ -253,6 +253,37 @@ fn recovery_cuts_a_torn_tail_and_refuses_corruption_in_the_middle() {
     assert!(error.to_string().contains("byte 0"), "{error}");
 }
 
+/// The simulation's media bit flips (seed 1000011) found this: a flipped high bit in the
+/// length of a record in the middle of the log made it claim more bytes than remained,
+/// which is what a torn last write looks like, so recovery cut the log there and started
+/// without every acknowledged record after it. Recovery now calls a damaged record the
+/// torn tail only if no valid record of a later position follows it.
+#[test]
+fn recovery_refuses_a_damaged_length_that_hides_the_records_after_it() {
+    let mut c = one_shard();
+    assert_eq!(c.status(CHECKOUT, reserve(1, 60_000, &[(100, Some(1), 3)])), Status::Reserved);
+    assert_eq!(c.status(CHECKOUT, reserve(2, 60_000, &[(100, Some(2), 1)])), Status::Reserved);
+    let log = c.logs[0].clone();
+    let config = c.configs[0].clone();
+    let (_, valid) = Shard::recover(&config, c.now, &log).unwrap();
+    assert_eq!(valid, log.len());
+    // The first record's length gains 32768: it claims far more bytes than the log has.
+    let mut corrupt = log.clone();
+    corrupt[1] ^= 0x80;
+    let error = Shard::recover(&config, c.now, &corrupt).err().expect("a damaged length mid-log is corruption");
+    assert!(error.to_string().contains("byte 0"), "{error}");
+    // The same damage to the last record alone is still a torn tail (nothing follows it).
+    let (mut offset, mut last) = (0, 0);
+    while offset < log.len() {
+        last = offset;
+        offset += usize::from(u16::from_le_bytes([log[offset], log[offset + 1]]));
+    }
+    let mut torn = log.clone();
+    torn[last + 1] ^= 0x80;
+    let (_, valid) = Shard::recover(&config, c.now, &torn).unwrap();
+    assert_eq!(valid, last);
+}
+
 #[test]
 fn full_tables_answer_busy() {
     let mut c = Cluster::new(1, |config| {

@@ -6,6 +6,10 @@
 //! of the next one, possibly followed by the zeros of space the file had but never got
 //! written). Recovery reads only the durable bytes, as redb's crash tests do.
 //!
+//! An fsync may also fail (`fail_sync`): its writes stay volatile, neither durable nor
+//! lost, until a crash decides what of them remains. `flip` flips one bit, for the bit
+//! flips the simulator injects (see `sim`'s module docs).
+//!
 //! Invariant: `durable` only grows by whole fsyncs or by what a crash kept, and after
 //! recovery it is cut to the bytes that make up valid records. The disk must not call
 //! into the shard: the simulator does that, with the positions this disk reports.
@@ -75,6 +79,18 @@ impl Disk {
             self.durable_position = write.position;
         }
         (start, self.durable_position)
+    }
+
+    /// Fails the fsync in flight: nothing it covered is known to be durable. Its writes
+    /// stay volatile: a crash may keep a prefix of them, as it may of any unsynced write
+    /// (after a failed fsync the kernel may or may not have written the pages).
+    pub fn fail_sync(&mut self) {
+        assert!(self.syncing.take().is_some(), "an fsync is in flight");
+    }
+
+    /// Flips one bit of the byte at `offset` (media corruption or a damaged write).
+    pub fn flip(&mut self, offset: usize, bit: u8) {
+        self.durable[offset] ^= 1 << bit;
     }
 
     /// Loses power: the volatile writes are gone but for a random prefix. Returns the

@@ -2,7 +2,8 @@
 //! clock, network and disk, driven by seeded clients, with faults.
 //!
 //! One `u64` seed drives everything (a `ChaCha8Rng`): the shards' bounds, the catalog,
-//! the clients' choices, every delay, drop, duplicate, crash and torn write. Nothing
+//! the clients' choices, every delay, drop, duplicate, crash, torn write, failed fsync
+//! and bit flip. Nothing
 //! reads the wall clock and no map iterates in a random order, so a failing seed
 //! replays exactly: `cargo run -p stockplane-sim --release -- --seed N`.
 //!

@@ -8,10 +8,11 @@
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use stockplane_sim::Sim;
+use stockplane_sim::{Sim, Summary};
 
 /// Seeded deterministic simulation of stockplane shards with faults.
 #[derive(Parser, Debug)]
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
     let failed = AtomicBool::new(false);
     let ops = AtomicU64::new(0);
     let steps = AtomicU64::new(0);
+    let disk = Mutex::new(DiskFaults::default());
     std::thread::scope(|scope| {
         for _ in 0..cli.jobs.max(1) {
             scope.spawn(|| loop {
@@ -63,6 +65,9 @@ fn main() -> ExitCode {
                 let _ = std::io::stdout().flush();
                 let outcome = std::panic::catch_unwind(|| {
                     let mut sim = Sim::new(seed, cli.ops, cli.shards);
+                    if cli.verbose && cli.seeds == 1 {
+                        println!("  params: {:?}", sim.params());
+                    }
                     if let Some(hold) = cli.trace {
                         sim.trace(hold);
                     }
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
                     Ok(summary) => {
                         ops.fetch_add(summary.ops, Ordering::Relaxed);
                         steps.fetch_add(summary.steps, Ordering::Relaxed);
+                        disk.lock().unwrap_or_else(|e| e.into_inner()).add(&summary);
                         if cli.verbose {
                             println!("  seed {seed}: {summary:?}");
                         }
@@ -100,7 +106,65 @@ fn main() -> ExitCode {
         ops as f64 / secs,
         steps as f64 / secs
     );
+    println!("{}", disk.into_inner().unwrap_or_else(|e| e.into_inner()));
     ExitCode::SUCCESS
+}
+
+/// The disk's failures and bit flips over a run: in how many seeds each was drawn, and
+/// how often it happened.
+#[derive(Debug, Default)]
+struct DiskFaults {
+    fsync_seeds: u64,
+    fsync_failures: u64,
+    unavailable: u64,
+    operator_restarts: u64,
+    unsynced_seeds: u64,
+    unsynced_flips: u64,
+    unsynced_refused: u64,
+    durable_seeds: u64,
+    durable_flips: u64,
+    crashes: u64,
+    torn_writes: u64,
+}
+
+impl DiskFaults {
+    fn add(&mut self, summary: &Summary) {
+        self.fsync_seeds += u64::from(summary.fsync_failing);
+        self.fsync_failures += summary.fsync_failures;
+        self.unavailable += summary.unavailable;
+        self.operator_restarts += summary.operator_restarts;
+        self.unsynced_seeds += u64::from(summary.flipping_unsynced);
+        self.unsynced_flips += summary.unsynced_flips;
+        self.unsynced_refused += summary.unsynced_flips_refused;
+        self.durable_seeds += u64::from(summary.flipping_durable);
+        self.durable_flips += summary.durable_flips;
+        self.crashes += summary.crashes;
+        self.torn_writes += summary.torn_writes;
+    }
+}
+
+impl std::fmt::Display for DiskFaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "disk faults: {} crashes, {} torn writes", self.crashes, self.torn_writes)?;
+        writeln!(
+            f,
+            "  fsync failures: {} seeds, {} failed fsyncs, {} state changes refused Unavailable, {} operator restarts",
+            self.fsync_seeds, self.fsync_failures, self.unavailable, self.operator_restarts
+        )?;
+        writeln!(
+            f,
+            "  unsynced bit flips: {} seeds, {} flips ({} cut as a torn tail, {} refused and cut by the operator)",
+            self.unsynced_seeds,
+            self.unsynced_flips,
+            self.unsynced_flips - self.unsynced_refused,
+            self.unsynced_refused
+        )?;
+        write!(
+            f,
+            "  synced bit flips: {} seeds, {} flips (each refused as Corrupt and restored)",
+            self.durable_seeds, self.durable_flips
+        )
+    }
 }
 
 fn parse_hold(text: &str) -> Result<u128, String> {

@@ -38,6 +38,17 @@ pub struct Faults {
     pub crash_tears: bool,
     /// Longest time a crashed shard stays down, in ms.
     pub down_ms_max: u64,
+    /// Chance that an fsync fails; `None`: fsyncs never fail. A failed fsync leaves its
+    /// shard's disk failed (nothing more becomes durable) until an operator restarts it.
+    pub fsync_fail: Option<f64>,
+    /// Longest time before an operator restarts a shard whose disk failed, in ms.
+    pub failed_restart_ms_max: u64,
+    /// Chance that a crash flips one bit in the unsynced bytes it kept (a damaged torn
+    /// write); `None`: never.
+    pub flip_unsynced: Option<f64>,
+    /// Chance that a restart finds one bit flipped in the synced bytes (media
+    /// corruption, which an operator repairs from a replica); `None`: never.
+    pub flip_durable: Option<f64>,
 }
 
 impl Faults {
@@ -50,6 +61,9 @@ impl Faults {
             peer_duplicate: 0.0,
             peer_late: 0.0,
             crash_every_ms: None,
+            fsync_fail: None,
+            flip_unsynced: None,
+            flip_durable: None,
             ..self.clone()
         }
     }
@@ -130,8 +144,12 @@ impl Params {
             crash_keeps_prefix: rng.gen_bool(0.6),
             crash_tears: rng.gen_bool(0.6),
             down_ms_max: rng.gen_range(0..500),
+            fsync_fail: None,
+            failed_restart_ms_max: 0,
+            flip_unsynced: None,
+            flip_durable: None,
         };
-        Params {
+        let mut params = Params {
             shards,
             config,
             skus,
@@ -143,6 +161,24 @@ impl Params {
             attempts_max: rng.gen_range(3..30),
             think_ms_max: rng.gen_range(1..400),
             faults,
-        }
+        };
+        // Drawn last, so that adding these faults changed no other parameter of a seed.
+        params.draw_disk_faults(rng);
+        params
+    }
+
+    /// Draws the disk's failures and bit flips: a third of the seeds fail fsyncs (some
+    /// of them often), half flip bits in torn writes, a fifth corrupt synced bytes (at a
+    /// few restarts); the other seeds never do.
+    fn draw_disk_faults(&mut self, rng: &mut ChaCha8Rng) {
+        let faults = &mut self.faults;
+        faults.fsync_fail = match rng.gen_range(0..6) {
+            0 => Some(rng.gen_range(0.000_1..0.002)),
+            1 => Some(rng.gen_range(0.002..0.02)),
+            _ => None,
+        };
+        faults.failed_restart_ms_max = rng.gen_range(10..3_000);
+        faults.flip_unsynced = if rng.gen_bool(0.5) { Some(rng.gen_range(0.1..1.0)) } else { None };
+        faults.flip_durable = if rng.gen_bool(0.2) { Some(rng.gen_range(0.01..0.2)) } else { None };
     }
 }

@@ -62,6 +62,14 @@ pub enum Event {
         /// The shard.
         shard: ShardId,
     },
+    /// An operator restarts a shard whose disk failed (its supervisor kills it, and it
+    /// starts again from what its disk kept).
+    OperatorRestart {
+        /// The shard.
+        shard: ShardId,
+        /// The shard's life whose disk failed; a crash since makes it stale.
+        epoch: u64,
+    },
 }
 
 struct Scheduled {

@@ -9,6 +9,39 @@
 //! durable). At the end of a seed the faults stop, every hold runs out, and the books
 //! are closed: every cart's sales, every acknowledged answer and the journal must agree.
 //!
+//! # The disk's faults, and how they are modelled
+//!
+//! - **Lost and torn unsynced writes**: at a crash, the writes no completed fsync
+//!   covered are lost, but for a random prefix (`crash_keeps_prefix`) whose next write
+//!   may survive in part (`crash_tears`), possibly followed by zeros. The whole records
+//!   that survived become durable; recovery must accept exactly them.
+//! - **Failed fsyncs** (`fsync_fail`): the shard's disk is failed from then on, as the
+//!   real driver's is after a failed write or `fdatasync`: nothing more is written and
+//!   `handle_durable` is never called again in this life, so the engine never answers
+//!   for what it appends. The driver layer here refuses state changes (reserve, commit,
+//!   release, extend, upsert, adjust) with `Unavailable` without reaching the engine, and
+//!   serves reads. Peer messages still reach the engine, as in the real driver: its
+//!   votes and commit decisions wait for a durability that never comes, so they never
+//!   leave, and its coordinators' carts end by timeout elsewhere. What the failed fsync
+//!   covered stays unknown: it is kept with the other unsynced writes, and the restart
+//!   keeps a random prefix of them (possibly torn), or none. An operator restarts the
+//!   shard (its supervisor would) after up to `failed_restart_ms_max`.
+//! - **Bit flips in unsynced bytes** (`flip_unsynced`): a crash may flip one bit in the
+//!   bytes it kept beyond the last fsync. The CRC must catch it: recovery must keep
+//!   exactly the records before the damaged one (never one beyond what was durable plus
+//!   what survived intact). Where the damaged record is followed by more bytes, the
+//!   engine cannot tell it from damage to synced records and refuses with `Corrupt`;
+//!   as everything from there on was never synced, the operator cuts the log there
+//!   (`--truncate-corrupt-tail`), which the simulation does, and counts.
+//! - **Bit flips in synced bytes** (`flip_durable`, media corruption): a restart may find
+//!   one bit of a synced record flipped. Recovery must refuse the log with `Corrupt`:
+//!   starting (with a cut or not) would lose or alter acknowledged work silently. The
+//!   simulation then restores the pristine log, as an operator would from a replica or
+//!   a backup, and the seed goes on. The last synced record is never flipped: with
+//!   nothing after it, its damage looks exactly like a torn last write to this log
+//!   format (no redundant header or durable end marker), so recovery would cut it; that
+//!   is a known limit of the format, not something the simulation checks.
+//!
 //! The loop must not read the wall clock, iterate a randomly seeded map, or draw a
 //! random number anywhere but from its one seeded generator: a seed replays exactly.
 
@@ -17,8 +50,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use stockplane_engine::wal::{self, CartOutcome, WalRecord, ANY_LOCATION};
-use stockplane_engine::{Decision, PeerMessage, Reply, Shard, ShardConfig, ShardId, Tick};
-use stockplane_wire::{Body, Status};
+use stockplane_engine::{Decision, PeerMessage, RecoverError, Reply, Shard, ShardConfig, ShardId, Tick};
+use stockplane_wire::{Body, Op, Status};
 
 use crate::disk::{CrashKept, Disk};
 use crate::model::{location_matches, Effect, HoldPhase, Model};
@@ -60,6 +93,27 @@ pub struct Summary {
     pub phantom_shares: u64,
     /// Journal entries the control client read and checked.
     pub journal_entries: u64,
+    /// Whether this seed's fsyncs may fail.
+    pub fsync_failing: bool,
+    /// Whether this seed's crashes may flip a bit in the unsynced bytes they keep.
+    pub flipping_unsynced: bool,
+    /// Whether this seed's restarts may find a bit flipped in the synced bytes.
+    pub flipping_durable: bool,
+    /// Fsyncs that failed (each left its shard's disk failed until a restart).
+    pub fsync_failures: u64,
+    /// State changes a shard with a failed disk refused with `Unavailable`.
+    pub unavailable: u64,
+    /// Restarts of a shard with a failed disk by its operator.
+    pub operator_restarts: u64,
+    /// Crashes that flipped a bit in the unsynced bytes they kept.
+    pub unsynced_flips: u64,
+    /// Of those, recoveries that refused the damaged record (it had bytes after it) and
+    /// were cut there, as an operator does with `--truncate-corrupt-tail`; the others cut
+    /// it as a torn tail by themselves.
+    pub unsynced_flips_refused: u64,
+    /// Restarts that found a bit flipped in the synced bytes: recovery refused each, and
+    /// the log was restored from a pristine copy.
+    pub durable_flips: u64,
 }
 
 /// A shard with its disk and its reference models.
@@ -77,6 +131,14 @@ pub(crate) struct Node {
     pub(crate) crash_valid: usize,
     /// What the last crash kept of the unsynced writes, for failure messages.
     pub(crate) crash_kept: Option<CrashKept>,
+    /// Bytes that were synced when the last crash came (the rest of `disk.durable` is
+    /// what it kept of the unsynced writes).
+    pub(crate) synced_bytes: usize,
+    /// The byte the last crash flipped in the unsynced bytes it kept, if it did.
+    pub(crate) unsynced_flip: Option<usize>,
+    /// True once an fsync failed, until the shard restarts: nothing more is written or
+    /// becomes durable, and state changes are refused.
+    pub(crate) failed: bool,
 }
 
 /// What the clients saw of one hold.
@@ -157,6 +219,9 @@ impl Sim {
                     durable: Model::new(shard, params.shards),
                     crash_valid: 0,
                     crash_kept: None,
+                    synced_bytes: 0,
+                    unsynced_flip: None,
+                    failed: false,
                 }
             })
             .collect();
@@ -171,6 +236,13 @@ impl Sim {
         }
         let shard_count = params.shards as usize;
         let faults = params.faults.clone();
+        let disk_faults = Summary {
+            shards: shard_count as u32,
+            fsync_failing: faults.fsync_fail.is_some(),
+            flipping_unsynced: faults.flip_unsynced.is_some(),
+            flipping_durable: faults.flip_durable.is_some(),
+            ..Summary::default()
+        };
         let mut sim = Sim {
             seed,
             rng,
@@ -189,7 +261,7 @@ impl Sim {
             books: vec![BTreeMap::new(); shard_count],
             books_complete: vec![true; shard_count],
             draining: false,
-            summary: Summary { shards: shard_count as u32, ..Summary::default() },
+            summary: disk_faults,
             ops_max: ops,
             wal_buf: Vec::new(),
             effects: Vec::new(),
@@ -280,6 +352,21 @@ impl Sim {
             Event::Wake { client, token } => self.client_wake(client, token),
             Event::Request { shard, client, request } => {
                 let origin = self.clients[client].origin();
+                let node = &self.nodes[shard as usize];
+                if node.failed && node.shard.is_some() && changes_state(&request.op) {
+                    // The driver refuses it without reaching the engine, as the real
+                    // one does after a failed write or sync.
+                    self.summary.unavailable += 1;
+                    let reply = Reply {
+                        client: origin.client,
+                        request_id: request.id,
+                        status: Status::Unavailable,
+                        body: Body::Empty,
+                    };
+                    self.check_reply_leaving(shard, &reply);
+                    self.send_reply(reply);
+                    return;
+                }
                 let now = self.now;
                 self.step(shard, |engine| engine.handle_owned(now, origin, &request));
             }
@@ -298,6 +385,7 @@ impl Sim {
             Event::Fsync { shard, epoch } => self.fsync_done(shard, epoch),
             Event::Crash { shard } => self.crash(shard),
             Event::Restart { shard } => self.restart(shard),
+            Event::OperatorRestart { shard, epoch } => self.operator_restart(shard, epoch),
         }
     }
 
@@ -347,7 +435,11 @@ impl Sim {
                     node.live.position
                 );
             }
-            node.disk.write(&buf, position);
+            // After a failed fsync the driver writes nothing more (the engine goes on,
+            // but what it appends never becomes durable, so it never answers for it).
+            if !node.failed {
+                node.disk.write(&buf, position);
+            }
             for effect in &effects {
                 self.check_live_effect(shard, effect);
             }
@@ -371,7 +463,7 @@ impl Sim {
 
     fn sync_if_needed(&mut self, shard: ShardId) {
         let node = &mut self.nodes[shard as usize];
-        if node.disk.needs_sync() {
+        if !node.failed && node.disk.needs_sync() {
             node.disk.start_sync();
             let epoch = node.epoch;
             let delay = self.rng.gen_range(0..=self.faults.fsync_ms_max);
@@ -384,6 +476,10 @@ impl Sim {
         if node.epoch != epoch || node.shard.is_none() || !node.disk.is_syncing() {
             return;
         }
+        if self.faults.fsync_fail.is_some_and(|chance| self.rng.gen_bool(chance)) {
+            return self.fsync_failed(shard);
+        }
+        let node = &mut self.nodes[shard as usize];
         let (start, position) = node.disk.finish_sync();
         self.durable_bytes(shard, start);
         if self.nodes[shard as usize].durable.position != position {
@@ -391,6 +487,21 @@ impl Sim {
         }
         self.step(shard, |engine| engine.handle_durable(position));
         self.sync_if_needed(shard);
+    }
+
+    /// The fsync in flight failed: the shard's disk is failed until an operator restarts
+    /// it (the real process would be restarted by its supervisor).
+    fn fsync_failed(&mut self, shard: ShardId) {
+        let node = &mut self.nodes[shard as usize];
+        node.disk.fail_sync();
+        node.failed = true;
+        let epoch = node.epoch;
+        self.summary.fsync_failures += 1;
+        if self.trace.is_some() {
+            println!("t={} shard {shard}: fsync fails", self.now);
+        }
+        let at = self.now + self.rng.gen_range(1..=self.faults.failed_restart_ms_max);
+        self.agenda.push(at, Event::OperatorRestart { shard, epoch });
     }
 
     /// Applies the durable bytes from `start` on to the durable model and the ledger.
@@ -471,12 +582,33 @@ impl Sim {
             let next = self.rng.gen_range(0..self.params.shards);
             self.agenda.push(at, Event::Crash { shard: next });
         }
-        let keep = self.faults.crash_keeps_prefix;
-        let tear = self.faults.crash_tears;
-        let node = &mut self.nodes[shard as usize];
-        if node.shard.is_none() {
+        if self.nodes[shard as usize].shard.is_none() {
             return;
         }
+        self.power_off(shard, self.faults.crash_keeps_prefix);
+        let down = self.rng.gen_range(0..=self.faults.down_ms_max);
+        self.agenda.push(self.now + down, Event::Restart { shard });
+    }
+
+    /// An operator restarts a shard whose disk failed. The writes the failed fsync
+    /// covered, and any before it, may have reached the disk in part or not at all.
+    fn operator_restart(&mut self, shard: ShardId, epoch: u64) {
+        let node = &self.nodes[shard as usize];
+        if node.epoch != epoch || node.shard.is_none() || !node.failed {
+            return;
+        }
+        self.summary.operator_restarts += 1;
+        self.power_off(shard, true);
+        let down = self.rng.gen_range(0..=self.faults.down_ms_max);
+        self.agenda.push(self.now + down, Event::Restart { shard });
+    }
+
+    /// Stops an up shard as a power cut does: what was never synced is gone, but for a
+    /// prefix (`keep`), possibly torn, possibly with a bit flipped.
+    fn power_off(&mut self, shard: ShardId, keep: bool) {
+        let tear = self.faults.crash_tears;
+        let flip_unsynced = self.faults.flip_unsynced;
+        let node = &mut self.nodes[shard as usize];
         node.shard = None;
         node.epoch += 1;
         if self.trace.is_some() {
@@ -488,6 +620,15 @@ impl Sim {
             self.summary.torn_writes += 1;
         }
         node.crash_kept = Some(kept);
+        node.synced_bytes = start;
+        node.unsynced_flip = None;
+        let written = node.disk.durable.len() - start - kept.zero_bytes;
+        if written > 0 && flip_unsynced.is_some_and(|chance| self.rng.gen_bool(chance)) {
+            let at = start + self.rng.gen_range(0..written);
+            node.disk.flip(at, self.rng.gen_range(0..8));
+            node.unsynced_flip = Some(at);
+            self.summary.unsynced_flips += 1;
+        }
         // The whole records that survived are durable from now on; a torn one is not.
         let mut end = start;
         let bytes = &node.disk.durable;
@@ -501,17 +642,30 @@ impl Sim {
         let kept_bytes = node.disk.durable.split_off(end);
         self.durable_bytes(shard, start);
         self.nodes[shard as usize].disk.durable.extend_from_slice(&kept_bytes);
-        let down = self.rng.gen_range(0..=self.faults.down_ms_max);
-        self.agenda.push(self.now + down, Event::Restart { shard });
     }
 
     fn restart(&mut self, shard: ShardId) {
-        let node = &mut self.nodes[shard as usize];
-        if node.shard.is_some() {
+        if self.nodes[shard as usize].shard.is_some() {
             return;
         }
+        self.restart_flip_durable(shard);
+        let node = &mut self.nodes[shard as usize];
+        node.failed = false;
         let (engine, valid) = match Shard::recover(&node.config, self.now, &node.disk.durable) {
             Ok(recovered) => recovered,
+            // A flipped bit in the unsynced bytes, with more bytes after its record: the
+            // engine cannot tell it from damage to synced records, and refuses. What
+            // follows it was never synced, so nothing acknowledged is there: the operator
+            // cuts the log at it (`--truncate-corrupt-tail`).
+            Err(RecoverError::Corrupt { offset, .. })
+                if node.unsynced_flip.is_some() && offset == node.crash_valid && offset >= node.synced_bytes =>
+            {
+                self.summary.unsynced_flips_refused += 1;
+                match Shard::recover(&node.config, self.now, &node.disk.durable[..offset]) {
+                    Ok(recovered) => recovered,
+                    Err(error) => violation!(self, "shard {shard} cannot recover after the cut at {offset}: {error}"),
+                }
+            }
             Err(error) => violation!(
                 self,
                 "shard {shard} cannot recover from its {} durable bytes ({} valid, crash kept {:?}): {error}",
@@ -549,6 +703,41 @@ impl Sim {
         // Holds whose time ran out while the shard was down expire at its first call.
         let now = self.now;
         self.step(shard, |engine| engine.handle_timeout(now));
+    }
+
+    /// Maybe flips a bit of a synced record (media corruption) before a restart, and
+    /// checks that recovery refuses the log with `Corrupt` rather than applying or
+    /// cutting anything; then restores the pristine log, as an operator restoring a
+    /// replica or a backup would. The last synced record is spared: a damaged last
+    /// record cannot be told from a torn write by this log format (see the module docs).
+    fn restart_flip_durable(&mut self, shard: ShardId) {
+        let Some(chance) = self.faults.flip_durable else { return };
+        if !self.rng.gen_bool(chance) {
+            return;
+        }
+        let node = &self.nodes[shard as usize];
+        let last = last_record_start(&node.disk.durable[..node.synced_bytes]);
+        if last == 0 {
+            return;
+        }
+        let at = self.rng.gen_range(0..last);
+        let bit = self.rng.gen_range(0..8);
+        let node = &mut self.nodes[shard as usize];
+        let pristine = node.disk.durable.clone();
+        node.disk.flip(at, bit);
+        self.summary.durable_flips += 1;
+        match Shard::recover(&node.config, self.now, &node.disk.durable) {
+            Err(RecoverError::Corrupt { offset, .. }) if offset <= at => {}
+            Err(error) => {
+                violation!(self, "shard {shard}: synced byte {at} flipped, recovery fails otherwise: {error}")
+            }
+            Ok((_, valid)) => violation!(
+                self,
+                "shard {shard}: synced byte {at} flipped (bit {bit}), recovery accepts {valid} of {} bytes",
+                node.disk.durable.len()
+            ),
+        }
+        self.nodes[shard as usize].disk.durable = pristine;
     }
 
     /// Replays a shard's durable bytes into a fresh shard and compares its state with the
@@ -882,6 +1071,23 @@ impl Sim {
             _ => {}
         }
     }
+}
+
+/// True for operations that write the WAL: what a shard with a failed disk refuses
+/// (the same list as the real driver's).
+fn changes_state(op: &Op) -> bool {
+    !matches!(op, Op::QueryStock { .. } | Op::QueryHolds { .. } | Op::Journal { .. })
+}
+
+/// The offset of the last whole record in `bytes` (records from the start), 0 if there
+/// are fewer than two.
+fn last_record_start(bytes: &[u8]) -> usize {
+    let (mut offset, mut last) = (0, 0);
+    while let Ok((_, _, len)) = wal::decode(&bytes[offset..]) {
+        last = offset;
+        offset += len;
+    }
+    last
 }
 
 /// The hold a record is about, if any.

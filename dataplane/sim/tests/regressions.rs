@@ -62,3 +62,15 @@ fn a_late_pin_cannot_take_the_pin_of_a_committed_attempt() {
 fn a_duplicated_prepare_cannot_hold_a_forgotten_share_again() {
     replay(10_528, 8_000);
 }
+
+/// Recovery silently dropped acknowledged records. The seed's media fault flipped bit 7
+/// of the second byte of a record's length, in the middle of shard 0's synced log: the
+/// record claimed 32,768 bytes more than it had, more than remained of the log, and a
+/// record that claims more than remains is what a torn last write looks like. Recovery
+/// cut the log there and started, without the 28,632 bytes of acknowledged records after
+/// it, instead of refusing with `Corrupt`. A damaged record is now a torn tail only if
+/// no valid record of a later position follows it.
+#[test]
+fn a_damaged_length_in_the_middle_of_the_log_is_refused_not_cut() {
+    replay(1_000_011, 10_000);
+}
