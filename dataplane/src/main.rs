@@ -129,8 +129,10 @@ fn main() -> anyhow::Result<()> {
 
 /// `dataplane serve`: runs until SIGINT or SIGTERM, then closes connections and stops.
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    // Logs on stderr; stdout carries only the line that says where the server listens.
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
         .init();
     let config = args.config()?;
     let server = Server::start(config).context("start the data plane")?;

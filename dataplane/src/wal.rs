@@ -164,7 +164,12 @@ pub(crate) fn recover(
                 bytes.len()
             );
         }
-        let end = records_end(&bytes);
+        // Earlier segments end at their first zero-length header (a damaged length there
+        // makes the next segment's first position a gap: an error, never a silent cut).
+        // The last segment goes to recovery whole: it tells a torn tail (nothing valid
+        // after it) from damage (valid records after it) itself.
+        let last = Some(sequence) == found.last().map(|(s, _)| s);
+        let end = if last { bytes.len() } else { records_end(&bytes) };
         starts.push((*sequence, path.clone(), log.len(), end));
         log.extend_from_slice(&bytes[..end]);
     }
@@ -193,7 +198,8 @@ pub(crate) fn recover(
     // Cut whatever follows the valid records: zero it on disk, drop later segments.
     let (sequence, path, start, end) = starts.iter().rev().find(|(_, _, start, _)| *start <= valid).cloned().unwrap();
     let valid_in_segment = (valid - start) as u64;
-    if valid - start < end || starts.last().map(|s| s.0) != Some(sequence) {
+    let leftovers = log[valid..start + end].iter().any(|&b| b != 0);
+    if leftovers || starts.last().map(|s| s.0) != Some(sequence) {
         warn!(file = %path.display(), offset = valid_in_segment, "cutting a torn or damaged log tail");
         zero_from(&path, valid_in_segment, segment_bytes)?;
         for (later, later_path, _, _) in starts.iter().filter(|s| s.0 > sequence) {
