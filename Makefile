@@ -14,6 +14,8 @@ OPS ?= 10000
 SHARDS ?=
 JOBS ?= 2
 LONG_OPS ?= 100000000
+# Kill/restart cycles of `make crash-long`.
+CRASH_CYCLES ?= 300
 SHARDS_FLAG := $(if $(SHARDS),--shards $(SHARDS),)
 FUZZ_SECONDS ?= 60
 # Benchmarks run pinned to one core; the other core is left for the OS and the build.
@@ -29,7 +31,7 @@ MESH_SECONDS ?= 2
 # Where cargo puts the release binaries (CARGO_TARGET_DIR when set).
 BIN_DIR := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: help run sim-seeds test lint unit sim sim-long fuzz bench bench-e2e bench-mesh memory certs crash-long check-toolchain
+.PHONY: help run sim-seeds test lint unit sim sim-long fuzz bench bench-e2e bench-mesh bench-disk memory certs crash-long check-toolchain
 
 help:
 	@echo "make run        start the data plane (every core, dev certificates) and run the example checkout client"
@@ -42,7 +44,9 @@ help:
 	@echo "make bench-e2e  one-core data plane on SERVER_CPU, stockplane-e2e on DRIVER_CPU: saturate (batched,"
 	@echo "                one request per frame) and latency at half saturation; report in perf-reports/"
 	@echo "make bench-mesh messages/s between two pinned executors over the channel mesh, report in perf-reports/"
+	@echo "make bench-disk the disk's fdatasync p50/p99 and the recovery time of a 10M-SKU, 1M-hold shard"
 	@echo "make memory     bytes per SKU-location and per live hold, report in perf-reports/"
+	@echo "make crash-long CRASH_CYCLES kill -9/restart cycles of the real server under load (default 300)"
 	@echo "make certs      development certificates (CA, server, one client per role) in target/certs"
 
 check-toolchain:
@@ -118,6 +122,16 @@ bench-mesh: check-toolchain
 	  $(BIN_DIR)/mesh --seconds $(MESH_SECONDS) 2>&1 | tee $$report; status=$$?; \
 	echo "report: $$report"; exit $$status
 
+# The disk's own fdatasync latency (overwrite and append) and the recovery time of one shard
+# with 10,000,000 SKUs and 1,000,000 live holds from its log (page cache dropped when root).
+bench-disk: check-toolchain
+	$(CARGO) build --release -p stockplane-benches --bin fsync --bin recovery
+	@mkdir -p $(REPORT_DIR)
+	@set -o pipefail; report=$(REPORT_DIR)/disk-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
+	{ STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) $(BIN_DIR)/fsync --dir target && echo && \
+	  STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) taskset -c $(BENCH_CORE) $(BIN_DIR)/recovery --dir target; } \
+	  2>&1 | tee $$report; status=$$?; echo "report: $$report"; exit $$status
+
 memory: check-toolchain
 	@mkdir -p $(REPORT_DIR)
 	@report=$(REPORT_DIR)/memory-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
@@ -125,6 +139,10 @@ memory: check-toolchain
 	  echo "command: $(CARGO) run --release -p stockplane-benches --bin memory"; echo; } > $$report; \
 	$(CARGO) run --release -p stockplane-benches --bin memory 2>&1 | tee -a $$report; \
 	echo "report: $$report"
+
+# Hundreds of SIGKILL/restart cycles of the real server (make test runs 20).
+crash-long: check-toolchain
+	CRASH_CYCLES=$(CRASH_CYCLES) $(CARGO) test --release -p stockplane-dataplane --test crash -- --nocapture
 
 certs: check-toolchain ## Write development certificates (CA, server, one client per role) to target/certs
 	$(CARGO) run --release -q -p stockplane-dataplane -- certs --dir target/certs

@@ -89,6 +89,8 @@ pub struct Driver {
     pub outcomes: Outcomes,
     /// WAL bytes drained so far.
     pub wal_bytes: u64,
+    /// When set, every WAL record drained is appended here (to build a log).
+    pub kept_log: Option<Vec<u8>>,
 }
 
 impl Driver {
@@ -110,6 +112,9 @@ impl Driver {
     pub fn drain(&mut self, shard: &mut Shard) {
         if let Some(position) = shard.poll_wal_append(&mut self.wal) {
             self.wal_bytes += self.wal.len() as u64;
+            if let Some(log) = self.kept_log.as_mut() {
+                log.extend_from_slice(&self.wal);
+            }
             shard.handle_durable(position);
         }
         while let Some(reply) = shard.poll_reply() {

@@ -85,7 +85,7 @@ fn io(error: glommio::GlommioError<()>) -> std::io::Error {
 }
 
 /// The directory of shard `shard`'s log.
-pub(crate) fn shard_dir(data_dir: &Path, shard: u32) -> PathBuf {
+pub fn shard_dir(data_dir: &Path, shard: u32) -> PathBuf {
     data_dir.join(format!("shard-{shard}"))
 }
 
@@ -126,17 +126,20 @@ fn records_end(bytes: &[u8]) -> usize {
 
 /// Where the writer continues after recovery.
 #[derive(Debug, Clone)]
-pub(crate) struct WalStart {
+pub struct WalStart {
+    /// The shard's log directory.
     pub dir: PathBuf,
+    /// The segment the writer continues in.
     pub sequence: u64,
     /// Bytes of records in the segment `sequence`.
     pub end: u64,
+    /// The size of every segment.
     pub segment_bytes: u64,
 }
 
 /// Rebuilds shard `config.shard` from its log in `data_dir` (creating an empty log if
 /// there is none). `cut_corrupt` cuts the log at a damaged record instead of failing.
-pub(crate) fn recover(
+pub fn recover(
     data_dir: &Path,
     config: &ShardConfig,
     now: Tick,
@@ -210,6 +213,31 @@ pub(crate) fn recover(
     info!(shard = config.shard, records = shard.wal_head(), bytes = valid, "log replayed");
     let start = WalStart { dir, sequence, end: valid_in_segment, segment_bytes };
     Ok((shard, start))
+}
+
+/// Lays `records` (whole encoded records, from position 1) out as shard `shard`'s log in
+/// `data_dir`, in segments as the writer fills them, with plain synced writes: for tools
+/// and benchmarks that need a log without running a server.
+pub fn write_log(data_dir: &Path, shard: u32, segment_bytes: u64, records: &[u8]) -> anyhow::Result<()> {
+    let dir = shard_dir(data_dir, shard);
+    fs::create_dir_all(&dir)?;
+    let mut rest = records;
+    let mut sequence = 1;
+    loop {
+        let fits = fitting_records(rest, segment_bytes as usize);
+        let path = segment_path(&dir, sequence);
+        let mut file = fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+        file.write_all(&rest[..fits])?;
+        file.set_len(segment_bytes)?;
+        file.sync_all()?;
+        rest = &rest[fits..];
+        if rest.is_empty() {
+            break;
+        }
+        sequence += 1;
+    }
+    fs::File::open(&dir)?.sync_all()?;
+    Ok(())
 }
 
 /// Zeroes `path` from `offset` to its end, and syncs it.

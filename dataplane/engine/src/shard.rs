@@ -41,6 +41,8 @@ pub(crate) const NONE: u32 = u32::MAX;
 /// The cursor of a hold's first line in `Shard::hold_line` walks.
 const FIRST_LINE: u32 = u32::MAX - 1;
 const PREFETCH_CHUNK: usize = 32;
+/// Records between the one recovery prefetches for and the one it applies.
+const RECOVER_PREFETCH: usize = 16;
 
 pub(crate) type FixedMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 
@@ -324,7 +326,31 @@ impl Shard {
     pub fn recover(config: &ShardConfig, now: Tick, log: &[u8]) -> Result<(Shard, usize), RecoverError> {
         let mut shard = Shard::new(config, now)?;
         let mut offset = 0;
+        // Replay is bound by cache misses on the index buckets of records' SKUs and holds:
+        // fetch those of the record `RECOVER_PREFETCH` ahead while applying this one.
+        let mut ahead = 0;
+        let mut ahead_records = 0usize;
+        let mut records = 0usize;
         while offset < log.len() {
+            while ahead_records < records + RECOVER_PREFETCH && ahead + wal::HEADER_BYTES <= log.len() {
+                let len = u16::from_le_bytes([log[ahead], log[ahead + 1]]) as usize;
+                if len < wal::HEADER_BYTES || ahead + len > log.len() {
+                    break;
+                }
+                match wal::peek_keys(&log[ahead..ahead + len]) {
+                    (Some(sku), hold) => {
+                        shard.skus.prefetch(sku);
+                        if let Some(hold) = hold {
+                            shard.holds.prefetch(hold);
+                        }
+                    }
+                    (None, Some(hold)) => shard.holds.prefetch(hold),
+                    (None, None) => {}
+                }
+                ahead += len;
+                ahead_records += 1;
+            }
+            records += 1;
             let (record, position, len) = match wal::decode(&log[offset..]) {
                 Ok(decoded) => decoded,
                 Err(source) => {

@@ -532,6 +532,25 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The SKU (of the first line) and the hold a record names, read from its bytes without
+/// checking them, for prefetching during recovery: `decode` checks the record later.
+pub(crate) fn peek_keys(bytes: &[u8]) -> (Option<u64>, Option<u128>) {
+    let u64_at = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let u128_at = |at: usize| bytes.get(at..at + 16).map(|b| u128::from_le_bytes(b.try_into().expect("16 bytes")));
+    let (Some(&kind), Some(&flags)) = (bytes.get(2), bytes.get(3)) else { return (None, None) };
+    match kind {
+        // SkuUpserted: sku at 16.
+        1 => (u64_at(16), None),
+        // Adjusted: sku at 16 + 16.
+        2 => (u64_at(32), None),
+        // Held: hold at 16; lines at 16 + 32, or 16 + 48 for a participant's lines.
+        3 => (u64_at(if flags == 1 { 64 } else { 48 }), u128_at(16)),
+        // Records that name a hold first.
+        4..=10 | 14 => (None, u128_at(16)),
+        _ => (None, None),
+    }
+}
+
 /// Decodes the record at the start of `bytes`: the record, its position and its length.
 ///
 /// Checks the length, the checksum and the payload's shape; never panics on any input.
