@@ -103,14 +103,22 @@ bench: check-toolchain
 
 # benches/e2e.sh starts the server, runs the driver three times and stops the server
 # (also on failure); each run prints its own header (date, machine, commit, command).
+# One report: the disk's own fdatasync latency, then the server without its disk
+# (--durability none), then with every reply after its fdatasync (--durability sync).
 bench-e2e: check-toolchain
 	$(CARGO) build --release -p stockplane-dataplane -p stockplane-loadgen --bins
+	$(CARGO) build --release -p stockplane-benches --bin fsync
 	@test -f target/certs/ca.pem || $(BIN_DIR)/dataplane certs --dir target/certs
 	@mkdir -p $(REPORT_DIR)
 	@set -o pipefail; report=$(REPORT_DIR)/e2e-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
-	STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
-	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS) \
-	  benches/e2e.sh $(BIN_DIR) 2>&1 | tee $$report; status=$$?; \
+	export STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
+	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS); \
+	{ echo "=== the disk: fdatasync latency (the WAL's own write pattern)"; \
+	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target && echo && \
+	  echo "=== durability none: the server without its disk" && \
+	  DURABILITY=none benches/e2e.sh $(BIN_DIR) && echo && \
+	  echo "=== durability sync: every reply to a state change after the fdatasync that covers it" && \
+	  DURABILITY=sync benches/e2e.sh $(BIN_DIR); } 2>&1 | tee $$report; status=$$?; \
 	echo "report: $$report"; exit $$status
 
 # The benchmark pins its two executors itself (CPUs 0 and 1) and prints its own header.
