@@ -287,8 +287,7 @@ pub(crate) struct WalWriter {
     tail_offset: u64,
     /// The records' bytes from `tail_offset` to their end (less than a block).
     tail: Vec<u8>,
-    next: Rc<RefCell<Option<Rc<DmaFile>>>>,
-    preparing: bool,
+    next: Rc<RefCell<NextSegment>>,
     /// Statistics for metrics.
     pub syncs: u64,
     /// Bytes written to the log (records, not padding).
@@ -323,8 +322,7 @@ impl WalWriter {
             file: Rc::new(file),
             tail_offset,
             tail,
-            next: Rc::new(RefCell::new(None)),
-            preparing: false,
+            next: Rc::new(RefCell::new(NextSegment::None)),
             syncs: 0,
             bytes: 0,
         })
@@ -332,16 +330,20 @@ impl WalWriter {
 
     /// Starts preparing the next segment in the background, once per segment.
     fn prepare_next(&mut self) {
-        if self.preparing || self.next.borrow().is_some() {
+        if !matches!(*self.next.borrow(), NextSegment::None) {
             return;
         }
-        self.preparing = true;
+        *self.next.borrow_mut() = NextSegment::Preparing;
         let (dir, sequence, bytes, next) = (self.dir.clone(), self.sequence + 1, self.segment_bytes, self.next.clone());
         glommio::spawn_local(async move {
-            match prepare_segment(&dir, sequence, bytes).await {
-                Ok(file) => *next.borrow_mut() = Some(Rc::new(file)),
-                Err(error) => warn!(error = format!("{error:#}"), "preparing the next WAL segment failed; will retry"),
-            }
+            let prepared = prepare_segment(&dir, sequence, bytes).await;
+            *next.borrow_mut() = match prepared {
+                Ok(file) => NextSegment::Ready(Rc::new(file)),
+                Err(error) => {
+                    warn!(error = format!("{error:#}"), "preparing the next WAL segment failed; will retry");
+                    NextSegment::Failed
+                }
+            };
         })
         .detach();
     }
@@ -398,19 +400,40 @@ impl WalWriter {
     }
 
     async fn rotate(&mut self) -> anyhow::Result<()> {
-        let next = self.next.borrow_mut().take();
-        let file = match next {
-            Some(file) => file,
-            None => Rc::new(prepare_segment(&self.dir, self.sequence + 1, self.segment_bytes).await?),
+        // Take the segment prepared in the background; if it is still being prepared,
+        // wait for it (preparing the same file twice at once would race on its name).
+        let file = loop {
+            let state = std::mem::replace(&mut *self.next.borrow_mut(), NextSegment::None);
+            match state {
+                NextSegment::Ready(file) => break file,
+                NextSegment::Preparing => {
+                    *self.next.borrow_mut() = NextSegment::Preparing;
+                    glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+                }
+                NextSegment::None | NextSegment::Failed => {
+                    break Rc::new(prepare_segment(&self.dir, self.sequence + 1, self.segment_bytes).await?)
+                }
+            }
         };
         self.sequence += 1;
         self.file = file;
         self.tail_offset = 0;
         self.tail.clear();
-        self.preparing = false;
         info!(segment = self.sequence, "WAL segment started");
         Ok(())
     }
+}
+
+/// The segment after the current one.
+enum NextSegment {
+    /// Not asked for yet (or taken).
+    None,
+    /// Being zero-filled by a background task.
+    Preparing,
+    /// Ready for the writer.
+    Ready(Rc<DmaFile>),
+    /// The background task failed; the writer prepares it itself when it needs it.
+    Failed,
 }
 
 /// How many bytes of whole records at the front of `bytes` fit in `room`.
@@ -450,8 +473,14 @@ async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64) -> anyho
     }
     file.fdatasync().await.map_err(io)?;
     file.rename(&path).await.map_err(io).with_context(|| format!("rename {}", temp.display()))?;
-    let directory = glommio::io::Directory::open(dir).await.map_err(io)?;
-    directory.sync().await.map_err(io)?;
+    // The rename must survive a crash too: sync the directory (on glommio's blocking
+    // thread, once per segment, off the reactor).
+    let dir = dir.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || {
+            fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", dir.display()))
+        })
+        .await?;
     Ok(file)
 }
 

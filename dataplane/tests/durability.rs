@@ -118,7 +118,7 @@ async fn holds_that_expired_while_the_server_was_down_expire_once_on_start() {
     while (SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64) <= expires_at_ms + 5 {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut server = TestServer { server: start_on(&dir), dir, ca };
+    let mut server = TestServer { server: start_on(&dir, 2), dir, ca };
     for round in 0..2 {
         let checkout = server.client("checkout").await;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -138,8 +138,8 @@ async fn holds_that_expired_while_the_server_was_down_expire_once_on_start() {
     server.stop();
 }
 
-fn start_on(dir: &std::path::Path) -> stockplane_dataplane::Server {
-    let mut config = test_config(2);
+fn start_on(dir: &std::path::Path, cores: usize) -> stockplane_dataplane::Server {
+    let mut config = test_config(cores);
     config.tls.cert = dir.join("server.pem");
     config.tls.key = dir.join("server.key");
     config.tls.client_ca = dir.join("ca.pem");
@@ -214,4 +214,42 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
     text
+}
+
+#[tokio::test]
+async fn the_log_moves_to_new_segments_and_recovers_across_them() {
+    // 1 MiB segments; about 60,000 adjustments of 56 bytes fill three of them.
+    let server = start(1, |_| {});
+    let control = server.client("control").await;
+    stock(&control, &[9], 1).await;
+    let conn = server.raw("control").await;
+    let mut next = 1u128 << 90;
+    for _ in 0..60 {
+        let requests: Vec<Request> = (0..1_000)
+            .map(|i| {
+                next += 1;
+                Request { id: i, op: Op::Adjust { adjustment: next, sku: 9, location: LOCATION, delta: 1 } }
+            })
+            .collect();
+        let responses = round_trip(&conn, requests).await;
+        assert!(
+            responses.iter().all(|r| r.status == Status::Ok),
+            "{:?}",
+            responses.iter().find(|r| r.status != Status::Ok)
+        );
+    }
+    control.close().await;
+    let segments = std::fs::read_dir(server.dir.join("data").join("shard-0"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".seg"))
+        .count();
+    assert!(segments >= 3, "only {segments} segments");
+    let TestServer { server: running, dir, ca } = server;
+    let hashes = running.stop().unwrap();
+    let server = TestServer { server: start_on(&dir, 1), dir, ca };
+    let checkout = server.client("checkout").await;
+    assert_eq!(levels(&checkout, &[9]).await, vec![(9, 60_001, 0)]);
+    assert_eq!(server.server.recovered_state_hashes(), &hashes[..]);
+    checkout.close().await;
+    server.stop();
 }

@@ -489,3 +489,19 @@ fn a_failed_cart_can_be_reserved_again() {
     assert_eq!(c.level(a, 1), (8, 0));
     c.check();
 }
+
+#[test]
+fn a_shard_rebuilt_after_many_adjustments_has_the_same_state() {
+    let mut c = Cluster::new(1, |config| {
+        config.adjustments_retained_max = 64;
+        config.journal_entries_max = 64;
+    });
+    assert_eq!(c.call(CONTROL, Op::UpsertSku { sku: 9, location: 1, backorder_limit: 0 }).status, Status::Ok);
+    for adjustment in 0..1_000u128 {
+        let reply = c.call(CONTROL, Op::Adjust { adjustment: adjustment + 1, sku: 9, location: 1, delta: 1 });
+        assert_eq!(reply.status, Status::Ok);
+    }
+    let config = c.shards[0].config().clone();
+    let (rebuilt, _) = Shard::recover(&config, c.now, &c.logs[0]).expect("recover");
+    assert_eq!(rebuilt.state_hash(), c.shards[0].state_hash());
+}
