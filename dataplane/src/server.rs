@@ -216,6 +216,12 @@ fn quic_config(config: &Config, crypto: rustls::ServerConfig) -> anyhow::Result<
         .receive_window(q.connection_receive_window_bytes.into())
         .send_window(q.send_window_bytes)
         .datagram_receive_buffer_size(None);
+    // Ask clients to acknowledge within a millisecond: with durable replies a frame's
+    // answer can leave milliseconds after the frame, and a client's acknowledgements then
+    // wait out QUIC's default 25 ms delay instead of riding on the reply.
+    let mut acks = quinn_proto::AckFrequencyConfig::default();
+    acks.max_ack_delay(Some(Duration::from_millis(1)));
+    transport.ack_frequency_config(Some(acks));
     let mut cubic = quinn_proto::congestion::CubicConfig::default();
     cubic.initial_window(q.initial_window_bytes);
     transport.congestion_controller_factory(Arc::new(cubic));
