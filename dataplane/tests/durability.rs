@@ -40,16 +40,11 @@ async fn hold_state(client: &Client, hold: HoldId) -> HoldState {
     }
 }
 
-/// Starts a server on an existing certificate and data directory.
+/// Stops a server and starts another on its certificates and data directory.
 fn restart(server: TestServer) -> TestServer {
     let TestServer { server, dir, ca } = server;
     server.stop().unwrap();
-    let mut config = test_config(2);
-    config.tls.cert = dir.join("server.pem");
-    config.tls.key = dir.join("server.key");
-    config.tls.client_ca = dir.join("ca.pem");
-    config.data_dir = dir.join("data");
-    TestServer { server: stockplane_dataplane::Server::start(config).unwrap(), dir, ca }
+    TestServer { server: start_on(&dir, 2), dir, ca }
 }
 
 #[tokio::test]
@@ -79,12 +74,7 @@ async fn a_restart_rebuilds_exactly_the_state_that_was_there() {
     checkout.close().await;
     let TestServer { server, dir, ca } = server;
     let hashes = server.stop().unwrap();
-    let mut config = test_config(2);
-    config.tls.cert = dir.join("server.pem");
-    config.tls.key = dir.join("server.key");
-    config.tls.client_ca = dir.join("ca.pem");
-    config.data_dir = dir.join("data");
-    let server = TestServer { server: stockplane_dataplane::Server::start(config).unwrap(), dir, ca };
+    let server = TestServer { server: start_on(&dir, 2), dir, ca };
     assert_eq!(server.server.recovered_state_hashes(), &hashes[..], "every shard rebuilt from its log is the same");
     let checkout = server.client("checkout").await;
     assert_eq!(levels(&checkout, &skus).await, before);
@@ -138,6 +128,7 @@ async fn holds_that_expired_while_the_server_was_down_expire_once_on_start() {
     server.stop();
 }
 
+/// Starts a server on the certificates and data directory that `start` made in `dir`.
 fn start_on(dir: &std::path::Path, cores: usize) -> stockplane_dataplane::Server {
     let mut config = test_config(cores);
     config.tls.cert = dir.join("server.pem");
