@@ -46,6 +46,8 @@ use crate::wal::{Durability, WalQueue};
 
 /// Replies in one response frame at most (a client's frame limit is 1 MiB by default).
 const RESPONSES_PER_FRAME_MAX: usize = 2_048;
+/// Datagrams handled between two flushes at most.
+const DATAGRAMS_PER_FLUSH: usize = 64;
 /// The stream slot that marks a split query's parts: replies to it go to the merger.
 const SPLIT_STREAM: u8 = u8::MAX;
 /// Frames that cores build for each other are checked like any frame, but hold no more
@@ -155,6 +157,8 @@ pub(crate) struct Core {
     started_ms: u64,
     transmit: Vec<u8>,
     received: Vec<Datagram>,
+    /// The first datagram of `received` not yet handled.
+    received_next: usize,
     encoded: AlignedVec<FRAME_ALIGN>,
     response_batch: ResponseBatch,
     forward: Vec<Vec<Request>>,
@@ -208,6 +212,7 @@ impl Core {
             started_ms,
             transmit: Vec::with_capacity(64 * 1024),
             received: Vec::with_capacity(crate::udp::RECV_BATCH * 4),
+            received_next: 0,
             encoded: AlignedVec::with_capacity(64 * 1024),
             response_batch: ResponseBatch { responses: Vec::with_capacity(RESPONSES_PER_FRAME_MAX) },
             forward: (0..shards).map(|_| Vec::new()).collect(),
@@ -288,26 +293,45 @@ impl Core {
 
     // ------------------------------------------------------------------ inputs
 
-    /// Reads one batch of datagrams (one `recvmmsg`) and handles them; returns how many
-    /// buffers were read. One batch, not everything waiting: under load the socket is
-    /// never empty, and the replies to this batch must leave (`flush`) before the next
-    /// one is read, or latency grows with the queue.
+    /// Handles up to `DATAGRAMS_PER_FLUSH` datagrams: those left from the last read, or
+    /// a new batch read from the socket (one `recvmmsg`, which with GRO can hold more than
+    /// a thousand datagrams); returns how many it handled. Not everything waiting: under
+    /// load the socket is never empty, and the replies to these must leave (`flush`)
+    /// before more is handled, or latency grows with the queue.
     pub fn receive(&mut self, now: Instant) -> anyhow::Result<usize> {
-        let mut received = mem::take(&mut self.received);
-        let count = self.udp.recv(|meta, bytes| {
-            let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
-            let mut data = BytesMut::from(bytes);
-            while !data.is_empty() {
-                let segment = data.split_to(meta.stride.min(data.len()));
-                received.push(Datagram { addr: meta.addr, dst_ip: meta.dst_ip, ecn, data: segment });
-            }
-        })?;
-        for datagram in received.drain(..) {
-            self.metrics.datagrams_in += 1;
-            self.on_datagram(now, datagram.addr, datagram.dst_ip, datagram.ecn, datagram.data);
+        if self.received_next == self.received.len() {
+            self.received.clear();
+            self.received_next = 0;
+            let mut received = mem::take(&mut self.received);
+            self.udp.recv(|meta, bytes| {
+                let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+                let mut data = BytesMut::from(bytes);
+                while !data.is_empty() {
+                    let segment = data.split_to(meta.stride.min(data.len()));
+                    received.push(Datagram { addr: meta.addr, dst_ip: meta.dst_ip, ecn, data: segment });
+                }
+            })?;
+            self.received = received;
         }
-        self.received = received;
-        Ok(count)
+        let end = self.received.len().min(self.received_next + DATAGRAMS_PER_FLUSH);
+        let mut handled = 0;
+        while self.received_next < end {
+            let index = self.received_next;
+            self.received_next += 1;
+            let datagram = mem::replace(&mut self.received[index].data, BytesMut::new());
+            let (addr, dst_ip, ecn) =
+                (self.received[index].addr, self.received[index].dst_ip, self.received[index].ecn);
+            self.metrics.datagrams_in += 1;
+            self.on_datagram(now, addr, dst_ip, ecn, datagram);
+            handled += 1;
+        }
+        Ok(handled)
+    }
+
+    /// True when datagrams already read wait to be handled (the receive task then goes on
+    /// without waiting for the socket).
+    pub fn datagrams_waiting(&self) -> bool {
+        self.received_next < self.received.len()
     }
 
     fn on_datagram(

@@ -406,7 +406,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         glommio::spawn_local(async move {
             let result: anyhow::Result<()> = async {
                 loop {
-                    readiness.readable().await.context("wait for datagrams")?;
+                    if !core.borrow().datagrams_waiting() {
+                        readiness.readable().await.context("wait for datagrams")?;
+                    } else {
+                        // Let the other tasks (the WAL writer, the mesh) run between rounds.
+                        glommio::yield_if_needed().await;
+                    }
                     let now = Instant::now();
                     let out = {
                         let mut core = core.borrow_mut();

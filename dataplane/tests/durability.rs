@@ -68,9 +68,26 @@ async fn a_restart_rebuilds_exactly_the_state_that_was_there() {
         control.close().await;
         checkout.close().await;
     }
-    // Let every participant hear its cart's decision before stopping.
+    // What the carts leave: every third sold, every third released, the rest held. Wait
+    // (within a bound) until every participant has applied its carts' decisions.
+    let mut expected: Vec<(u64, i64, i64)> = skus.iter().map(|&sku| (sku, 50, 0)).collect();
+    for i in 0..60usize {
+        for (index, qty) in [(i % 6, 1), ((i + 1) % 6, 2)] {
+            match i % 3 {
+                0 => expected[index].1 -= qty,
+                2 => expected[index].2 += qty,
+                _ => {}
+            }
+        }
+    }
+    expected.sort_by_key(|l| l.0);
     let checkout = server.client("checkout").await;
-    let before = levels(&checkout, &skus).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while levels(&checkout, &skus).await != expected {
+        assert!(Instant::now() < deadline, "the carts never settled: {:?}", levels(&checkout, &skus).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = expected;
     checkout.close().await;
     let TestServer { server, dir, ca } = server;
     let hashes = server.stop().unwrap();

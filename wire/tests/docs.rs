@@ -84,3 +84,21 @@ fn every_operation_is_documented_with_its_roles() {
         assert_eq!(row[3], "yes", "control column of {name}");
     }
 }
+
+#[test]
+fn every_connection_close_code_is_documented() {
+    use stockplane_wire::transport::close;
+    let doc = doc();
+    let rows = rows(&doc);
+    for (name, code) in [
+        ("NORMAL", close::NORMAL),
+        ("NO_ROLE", close::NO_ROLE),
+        ("SHUTTING_DOWN", close::SHUTTING_DOWN),
+        ("PROTOCOL_VIOLATION", close::PROTOCOL_VIOLATION),
+    ] {
+        let row = row(&rows, name);
+        assert_eq!(row[0], format!("`{code:#x}`"), "code of {name}");
+    }
+    assert!(doc.contains(&format!("`{}`", String::from_utf8_lossy(stockplane_wire::transport::ALPN))));
+    assert!(doc.contains(stockplane_wire::transport::ROLE_URI_PREFIX));
+}
