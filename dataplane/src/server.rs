@@ -28,8 +28,6 @@ use crate::wal::{self, Durability, WalStart, WalWriter};
 
 /// The longest a core sleeps without looking at its timers and the stop signal.
 const TICK_MAX: Duration = Duration::from_millis(1);
-/// The executor's time slice, in microseconds (glommio's default is 100 ms).
-const PREEMPT_US: u64 = 100;
 /// How often each core publishes its metrics.
 const METRICS_EVERY: Duration = Duration::from_secs(1);
 
@@ -88,10 +86,7 @@ impl Server {
             let builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{shard}"))
                 .io_memory(config.io_memory_bytes)
-                .spin_before_park(Duration::from_micros(50))
-                // A task's time slice: how long the receive loop may run before the
-                // reactor looks at completed I/O (the WAL's syncs) again.
-                .preempt_timer(Duration::from_micros(PREEMPT_US));
+                .spin_before_park(Duration::from_micros(50));
             let thread = builder
                 .spawn(move || async move {
                     let failed = context.failed.clone();
@@ -416,12 +411,11 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         glommio::spawn_local(async move {
             let result: anyhow::Result<()> = async {
                 loop {
-                    // Under load this loop never waits (a datagram is always there), so it
-                    // yields once its time slice is over: the reactor then reaps completed
-                    // WAL writes and syncs, and the other tasks run.
-                    glommio::yield_if_needed().await;
                     if !core.borrow().datagrams_waiting() {
                         readiness.readable().await.context("wait for datagrams")?;
+                    } else {
+                        // Let the other tasks (the WAL writer, the mesh) run between rounds.
+                        glommio::yield_if_needed().await;
                     }
                     let now = Instant::now();
                     let out = {
