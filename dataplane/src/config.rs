@@ -36,8 +36,8 @@ pub struct Config {
     pub limits: ClientLimits,
     /// QUIC transport settings.
     pub quic: Quic,
-    /// Bounds of each core's shard.
-    pub shard: ShardBounds,
+    /// Bounds of each core's shard (`shard` and `shards` come from `cores`, not the file).
+    pub shard: ShardConfig,
     /// Cross-core message mesh.
     pub mesh: Mesh,
 }
@@ -118,52 +118,6 @@ pub struct Quic {
     pub initial_window_bytes: u64,
 }
 
-/// The bounds of each shard (see `ShardConfig` in the engine for what each one bounds).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ShardBounds {
-    /// Distinct SKUs per shard.
-    pub skus_max: u32,
-    /// SKU-locations (stock rows) per shard.
-    pub sku_locations_max: u32,
-    /// Live holds per shard.
-    pub holds_max: u32,
-    /// Finished holds kept for retries.
-    pub holds_finished_max: u32,
-    /// Hold lines beyond each hold's first.
-    pub hold_extra_lines_max: u32,
-    /// Lines in one cart (at most 64).
-    pub cart_lines_max: u32,
-    /// Cross-shard carts coordinated at once.
-    pub carts_max: u32,
-    /// Finished carts kept for retries.
-    pub carts_finished_max: u32,
-    /// Units in one line.
-    pub qty_max: u32,
-    /// Shortest hold TTL.
-    pub hold_ttl_ms_min: u32,
-    /// Longest hold TTL.
-    pub hold_ttl_ms_max: u32,
-    /// Largest absolute stock adjustment.
-    pub adjust_delta_max: u64,
-    /// Adjustment ids remembered for retries.
-    pub adjustments_retained_max: u32,
-    /// Journal entries kept in memory.
-    pub journal_entries_max: u32,
-    /// Journal entries per read.
-    pub journal_read_max: u32,
-    /// SKUs in one stock query.
-    pub query_items_max: u32,
-    /// Holds listed by one holds query.
-    pub query_holds_max: u32,
-    /// Replies waiting for durability before the shard answers `Busy`.
-    pub outbox_max: u32,
-    /// Resend interval of unanswered cross-shard cart messages.
-    pub peer_retransmit_ms: u32,
-    /// How long a cart coordinator waits for every vote.
-    pub peer_timeout_ms: u32,
-}
-
 /// The cross-core message mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -185,7 +139,7 @@ impl Default for Config {
             tls: TlsFiles::default(),
             limits: ClientLimits::default(),
             quic: Quic::default(),
-            shard: ShardBounds::default(),
+            shard: ShardConfig::default(),
             mesh: Mesh::default(),
         }
     }
@@ -229,34 +183,6 @@ impl Default for Quic {
     }
 }
 
-impl Default for ShardBounds {
-    fn default() -> ShardBounds {
-        let c = ShardConfig::new(0, 1);
-        ShardBounds {
-            skus_max: c.skus_max,
-            sku_locations_max: c.sku_locations_max,
-            holds_max: c.holds_max,
-            holds_finished_max: c.holds_finished_max,
-            hold_extra_lines_max: c.hold_extra_lines_max,
-            cart_lines_max: c.cart_lines_max,
-            carts_max: c.carts_max,
-            carts_finished_max: c.carts_finished_max,
-            qty_max: c.qty_max,
-            hold_ttl_ms_min: c.hold_ttl_ms_min,
-            hold_ttl_ms_max: c.hold_ttl_ms_max,
-            adjust_delta_max: c.adjust_delta_max,
-            adjustments_retained_max: c.adjustments_retained_max,
-            journal_entries_max: c.journal_entries_max,
-            journal_read_max: c.journal_read_max,
-            query_items_max: c.query_items_max,
-            query_holds_max: c.query_holds_max,
-            outbox_max: c.outbox_max,
-            peer_retransmit_ms: c.peer_retransmit_ms,
-            peer_timeout_ms: c.peer_timeout_ms,
-        }
-    }
-}
-
 impl Default for Mesh {
     fn default() -> Mesh {
         Mesh { channel_messages_max: 1_024 }
@@ -295,31 +221,7 @@ impl Config {
 
     /// The engine configuration of shard `shard` of `shards`.
     pub fn shard_config(&self, shard: u32, shards: u32) -> ShardConfig {
-        let b = &self.shard;
-        ShardConfig {
-            shard,
-            shards,
-            skus_max: b.skus_max,
-            sku_locations_max: b.sku_locations_max,
-            holds_max: b.holds_max,
-            holds_finished_max: b.holds_finished_max,
-            hold_extra_lines_max: b.hold_extra_lines_max,
-            cart_lines_max: b.cart_lines_max,
-            carts_max: b.carts_max,
-            carts_finished_max: b.carts_finished_max,
-            qty_max: b.qty_max,
-            hold_ttl_ms_min: b.hold_ttl_ms_min,
-            hold_ttl_ms_max: b.hold_ttl_ms_max,
-            adjust_delta_max: b.adjust_delta_max,
-            adjustments_retained_max: b.adjustments_retained_max,
-            journal_entries_max: b.journal_entries_max,
-            journal_read_max: b.journal_read_max,
-            query_items_max: b.query_items_max,
-            query_holds_max: b.query_holds_max,
-            outbox_max: b.outbox_max,
-            peer_retransmit_ms: b.peer_retransmit_ms,
-            peer_timeout_ms: b.peer_timeout_ms,
-        }
+        ShardConfig { shard, shards, ..self.shard.clone() }
     }
 
     /// Checks the settings against each other, before anything starts.

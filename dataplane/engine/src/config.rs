@@ -1,5 +1,6 @@
 //! A shard's configuration: its place among the shards, and a bound on everything it keeps.
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::route::ShardId;
@@ -8,11 +9,17 @@ use crate::route::ShardId;
 ///
 /// The shard allocates its tables for these bounds when it is created and never grows
 /// them, so its memory is known up front and a full table answers `busy`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The bounds are also the `[shard]` table of the data plane's configuration file; the
+/// shard's place (`shard`, `shards`) is the driver's to set, never the file's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShardConfig {
     /// This shard's number.
+    #[serde(skip)]
     pub shard: ShardId,
     /// How many shards share the SKUs.
+    #[serde(skip)]
     pub shards: u32,
     /// Distinct SKUs this shard can hold.
     pub skus_max: u32,
@@ -54,6 +61,13 @@ pub struct ShardConfig {
     pub peer_retransmit_ms: u32,
     /// How long a coordinator waits for every participant's vote before giving up.
     pub peer_timeout_ms: u32,
+}
+
+impl Default for ShardConfig {
+    /// The defaults of [`ShardConfig::new`] for the only shard of one.
+    fn default() -> ShardConfig {
+        ShardConfig::new(0, 1)
+    }
 }
 
 impl ShardConfig {
