@@ -113,7 +113,6 @@ struct Conn {
     refilled_at: Instant,
     timeout: Option<Instant>,
     dirty: bool,
-    closing: bool,
 }
 
 /// A stock query whose SKUs live on several shards, waiting for its parts.
@@ -258,6 +257,7 @@ impl Core {
     /// The WAL writer made every record up to `position` durable.
     pub fn on_durable(&mut self, position: u64) {
         self.wal_writing = false;
+        self.metrics.wal_syncs += 1;
         if let Durability::Sync = self.durability {
             self.shard.handle_durable(position);
         }
@@ -269,6 +269,11 @@ impl Core {
         self.wal_writing = false;
         self.wal_queue.pending.clear();
         self.wal_queue.failed = Some(reason);
+    }
+
+    /// True once the WAL failed (state changes are refused from then on).
+    pub fn wal_failed(&self) -> bool {
+        self.wal_queue.failed.is_some()
     }
 
     /// Bytes of records acknowledged (batch durability) or queued but not yet on disk.
@@ -288,7 +293,7 @@ impl Core {
 
     /// Connections open on this core.
     pub fn connections(&self) -> usize {
-        self.conns.iter().filter(|c| c.is_some()).count()
+        self.conns.len() - self.conn_free.len()
     }
 
     // ------------------------------------------------------------------ inputs
@@ -398,7 +403,6 @@ impl Core {
             refilled_at: now,
             timeout: None,
             dirty: false,
-            closing: false,
         });
         if self.by_handle.len() <= handle.0 {
             self.by_handle.resize(handle.0 + 1, u16::MAX);
@@ -433,7 +437,6 @@ impl Core {
                 Ok(batch) => {
                     for request in batch.requests.iter() {
                         if changes_state(&request.op) {
-                            self.metrics.unavailable += 1;
                             let id = request.id.to_native();
                             let reply = Reply {
                                 client: origin.client,
@@ -669,7 +672,6 @@ impl Core {
             Err(error) => {
                 warn!(remote = %conn.conn.remote_address(), %error, "client certificate grants no role; closing");
                 self.metrics.connections_refused += 1;
-                conn.closing = true;
                 conn.conn.close(now, VarInt::from_u32(transport::close::NO_ROLE), error.to_string().into());
             }
         }
@@ -885,11 +887,9 @@ impl Core {
             stream.replies.push(Response { id, status, body: Body::Empty });
         };
         if conn.tokens < 1.0 {
-            self.metrics.rate_limited += 1;
             return refuse(stream, Status::RateLimited);
         }
         if conn.in_flight >= in_flight_max {
-            self.metrics.busy += 1;
             return refuse(stream, Status::Busy);
         }
         let target = route(&request.op, self.shards);
@@ -897,7 +897,6 @@ impl Core {
             return refuse(stream, status);
         }
         if self.wal_queue.failed.is_some() && changes_state(&request.op) && target == Route::Shard(self.shard_id) {
-            self.metrics.unavailable += 1;
             return refuse(stream, Status::Unavailable);
         }
         conn.tokens -= 1.0;
@@ -999,7 +998,6 @@ impl Core {
         if addr.stream == SPLIT_STREAM {
             return self.merge_split(addr, reply);
         }
-        self.metrics.count_status(reply.status);
         let Some(Some(conn)) = self.conns.get_mut(addr.conn as usize) else { return };
         if conn.generation != addr.conn_gen {
             return;
@@ -1025,6 +1023,10 @@ impl Core {
                 let take = stream.replies.len().min(RESPONSES_PER_FRAME_MAX);
                 self.response_batch.responses.clear();
                 self.response_batch.responses.extend(stream.replies.drain(..take));
+                // Every answer passes here, the engine's and the driver's own refusals.
+                for response in &self.response_batch.responses {
+                    self.metrics.count_status(response.status);
+                }
                 frame::encode_responses_into(&mut self.encoded, &self.response_batch);
                 self.metrics.frames_out += 1;
                 stream.outbound.extend_from_slice(&self.encoded);

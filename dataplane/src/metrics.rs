@@ -37,10 +37,8 @@ pub(crate) struct CoreMetrics {
     pub connections_accepted: u64,
     pub connections_refused: u64,
     pub connections_closed: u64,
-    pub rate_limited: u64,
-    pub busy: u64,
-    pub unavailable: u64,
     pub wal_bytes: u64,
+    pub wal_syncs: u64,
     pub send_errors: u64,
     pub frame_errors: [u64; 16],
     pub ops: [u64; OPS.len()],
@@ -61,10 +59,8 @@ impl CoreMetrics {
             connections_accepted: 0,
             connections_refused: 0,
             connections_closed: 0,
-            rate_limited: 0,
-            busy: 0,
-            unavailable: 0,
             wal_bytes: 0,
+            wal_syncs: 0,
             send_errors: 0,
             frame_errors: [0; 16],
             ops: [0; OPS.len()],
@@ -100,9 +96,8 @@ impl CoreMetrics {
         add("stockplane_connections_accepted_total", self.connections_accepted, before.connections_accepted);
         add("stockplane_connections_refused_total", self.connections_refused, before.connections_refused);
         add("stockplane_connections_closed_total", self.connections_closed, before.connections_closed);
-        add("stockplane_rate_limited_total", self.rate_limited, before.rate_limited);
         add("stockplane_wal_bytes_total", self.wal_bytes, before.wal_bytes);
-        add("stockplane_unavailable_total", self.unavailable, before.unavailable);
+        add("stockplane_wal_syncs_total", self.wal_syncs, before.wal_syncs);
         add("stockplane_udp_send_errors_total", self.send_errors, before.send_errors);
         for (code, (&now, &then)) in self.frame_errors.iter().zip(&before.frame_errors).enumerate() {
             if now > then {
@@ -130,7 +125,6 @@ impl CoreMetrics {
         metrics::gauge!("stockplane_udp_send_dropped", "shard" => shard.clone()).set(gauges.udp_send_dropped as f64);
         metrics::gauge!("stockplane_wal_unsynced_bytes", "shard" => shard.clone())
             .set(gauges.wal_unsynced_bytes as f64);
-        metrics::gauge!("stockplane_wal_syncs", "shard" => shard.clone()).set(gauges.wal_syncs as f64);
         metrics::gauge!("stockplane_wal_failed", "shard" => shard).set(if gauges.wal_failed { 1.0 } else { 0.0 });
         let mut snapshot = self.clone();
         snapshot.published = None;
@@ -146,6 +140,5 @@ pub(crate) struct CoreGauges {
     pub mesh_queued: usize,
     pub udp_send_dropped: u64,
     pub wal_unsynced_bytes: usize,
-    pub wal_syncs: u64,
     pub wal_failed: bool,
 }

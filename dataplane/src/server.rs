@@ -330,14 +330,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         let out = core.flush(now);
         mesh_out.send(out);
     }
-    let writer_stats = Rc::new(RefCell::new((0u64, false)));
 
     // The WAL writer: group commit.
     {
         let core = core.clone();
         let mesh_out = mesh_out.clone();
         let health = health.clone();
-        let writer_stats = writer_stats.clone();
         let batch_ms = match config.durability()? {
             Durability::Sync | Durability::None => None,
             Durability::Batch { ms } => Some(Duration::from_millis(u64::from(ms))),
@@ -365,14 +363,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                 core.flush(now)
                             };
                             mesh_out.send(out);
-                            *writer_stats.borrow_mut() = (writer.syncs, false);
                         }
                         Err(error) => {
                             let reason = format!("shard {shard}: the WAL failed: {error:#}");
                             error!(shard, error = %reason, "refusing state changes from now on");
                             health.set_not_ready(reason.clone());
                             core.borrow_mut().on_wal_failed(reason);
-                            *writer_stats.borrow_mut() = (writer.syncs, true);
                             return;
                         }
                     }
@@ -437,20 +433,17 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     {
         let core = core.clone();
         let mesh_out = mesh_out.clone();
-        let writer_stats = writer_stats.clone();
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(METRICS_EVERY).await;
                 let mut core = core.borrow_mut();
-                let (wal_syncs, wal_failed) = *writer_stats.borrow();
                 let gauges = CoreGauges {
                     live_holds: core.live_holds(),
                     connections: core.connections(),
                     mesh_queued: *mesh_out.queued.borrow(),
                     udp_send_dropped: core.udp_send_dropped(),
                     wal_unsynced_bytes: core.wal_unsynced_bytes(),
-                    wal_syncs,
-                    wal_failed,
+                    wal_failed: core.wal_failed(),
                 };
                 core.metrics.publish(&gauges);
             }

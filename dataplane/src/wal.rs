@@ -288,10 +288,6 @@ pub(crate) struct WalWriter {
     /// The records' bytes from `tail_offset` to their end (less than a block).
     tail: Vec<u8>,
     next: Rc<RefCell<NextSegment>>,
-    /// Statistics for metrics.
-    pub syncs: u64,
-    /// Bytes written to the log (records, not padding).
-    pub bytes: u64,
 }
 
 impl WalWriter {
@@ -323,8 +319,6 @@ impl WalWriter {
             tail_offset,
             tail,
             next: Rc::new(RefCell::new(NextSegment::None)),
-            syncs: 0,
-            bytes: 0,
         })
     }
 
@@ -382,8 +376,6 @@ impl WalWriter {
             bail!("short WAL write: {written} of {size} bytes");
         }
         self.file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
-        self.syncs += 1;
-        self.bytes += bytes.len() as u64;
         let end = self.tail_offset + data as u64;
         let new_tail_offset = end / BLOCK * BLOCK;
         let keep = (end - new_tail_offset) as usize;
