@@ -86,10 +86,12 @@ impl Udp {
     /// received buffer (which may hold several datagrams of `meta.stride` bytes each) and
     /// returns how many buffers were read; 0 when nothing was waiting.
     pub fn recv(&mut self, mut each: impl FnMut(&RecvMeta, &[u8])) -> io::Result<usize> {
-        let mut slices: Vec<IoSliceMut<'_>> = self.buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        // On the stack: this runs for every batch of datagrams.
+        let mut buffers = self.buffers.iter_mut();
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(buffers.next().expect("RECV_BATCH buffers")));
         match self.state.recv(UdpSockRef::from(&self.socket), &mut slices, &mut self.metas) {
             Ok(count) => {
-                drop(slices);
                 for (meta, buffer) in self.metas.iter().zip(&self.buffers).take(count) {
                     each(meta, &buffer[..meta.len]);
                 }
