@@ -147,6 +147,8 @@ pub(crate) struct Core {
     /// `ConnectionHandle.0` to connection slot.
     by_handle: Vec<u16>,
     dirty: Vec<u16>,
+    /// No connection's timer is due before this (it may be earlier than any).
+    conns_deadline: Option<Instant>,
     splits: Vec<Option<SplitQuery>>,
     split_generations: Vec<u16>,
     outgoing: Vec<Outgoing>,
@@ -202,6 +204,7 @@ impl Core {
             conn_free: Vec::new(),
             by_handle: Vec::with_capacity(connections),
             dirty: Vec::new(),
+            conns_deadline: None,
             splits: Vec::new(),
             split_generations: Vec::new(),
             outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
@@ -471,16 +474,23 @@ impl Core {
         if self.shard.poll_timeout().is_some_and(|at| at <= tick) {
             self.shard.handle_timeout(tick);
         }
+        // Connections are scanned only when the earliest of their timers is due; the scan
+        // finds the next earliest (a timer that moved later leaves it early: a scan for
+        // nothing, never a late timer).
+        if self.conns_deadline.is_none_or(|at| at > now) {
+            return;
+        }
+        self.conns_deadline = None;
         for slot in 0..self.conns.len() {
-            let due = match &self.conns[slot] {
-                Some(conn) => conn.timeout.is_some_and(|at| at <= now),
-                None => false,
-            };
-            if due {
-                let conn = self.conns[slot].as_mut().expect("checked");
-                conn.timeout = None;
-                conn.conn.handle_timeout(now);
-                self.mark_dirty(slot as u16);
+            let Some(conn) = self.conns[slot].as_mut() else { continue };
+            match conn.timeout {
+                Some(at) if at <= now => {
+                    conn.timeout = None;
+                    conn.conn.handle_timeout(now);
+                    self.mark_dirty(slot as u16);
+                }
+                Some(at) => self.conns_deadline = Some(self.conns_deadline.map_or(at, |d| d.min(at))),
+                None => {}
             }
         }
     }
@@ -491,8 +501,7 @@ impl Core {
             let tick = self.tick(now);
             now + Duration::from_millis(at.saturating_sub(tick))
         });
-        let conns = self.conns.iter().flatten().filter_map(|c| c.timeout).min();
-        match (shard, conns) {
+        match (shard, self.conns_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -636,6 +645,9 @@ impl Core {
             self.transmit = buf;
             let conn = self.conns[slot as usize].as_mut().expect("exists");
             conn.timeout = conn.conn.poll_timeout();
+            if let Some(at) = conn.timeout {
+                self.conns_deadline = Some(self.conns_deadline.map_or(at, |d| d.min(at)));
+            }
             if conn.conn.is_drained() {
                 self.remove_conn(slot);
                 return;
