@@ -143,9 +143,8 @@ bench-disk: check-toolchain
 memory: check-toolchain
 	@mkdir -p $(REPORT_DIR)
 	@report=$(REPORT_DIR)/memory-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
-	{ echo "commit: $$(git rev-parse --short HEAD 2>/dev/null)"; \
-	  echo "command: $(CARGO) run --release -p stockplane-benches --bin memory"; echo; } > $$report; \
-	$(CARGO) run --release -p stockplane-benches --bin memory 2>&1 | tee -a $$report; \
+	STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) \
+	  $(CARGO) run --release -p stockplane-benches --bin memory 2>&1 | tee $$report; \
 	echo "report: $$report"
 
 # Hundreds of SIGKILL/restart cycles of the real server (make test runs 20).

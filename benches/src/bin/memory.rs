@@ -13,7 +13,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use rkyv::util::AlignedVec;
 use stockplane_benches::{
@@ -269,31 +269,6 @@ fn steady_growth(checkpoints: &[u64]) -> Vec<(u64, i64)> {
     samples
 }
 
-fn cpu_model() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    cpuinfo
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("model name").map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Today's date (UTC) as YYYY-MM-DD, from the days since 1970 (Hinnant's civil_from_days).
-fn today() -> String {
-    let days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
 fn main() {
     let mut report = Report { rows: Vec::new() };
     skus(&mut report);
@@ -302,16 +277,8 @@ fn main() {
     holds(&mut report, default_ratio, &format!("{default_ratio} finished kept"));
     holds(&mut report, 0, "no finished kept");
 
-    let usable = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let online = cpuinfo.lines().filter(|line| line.starts_with("processor")).count();
-    println!("# stockplane shard memory, {}", today());
-    println!();
-    println!(
-        "Machine: {}, {online} CPUs online, {usable} usable by this process. Heap bytes counted by a global \
-         allocator wrapper.",
-        cpu_model()
-    );
+    print!("{}", stockplane_loadgen::machine::report_header("stockplane shard memory (benches/src/bin/memory.rs)"));
+    println!("Heap bytes counted by a global allocator wrapper.");
     println!();
     println!("| what | heap | bytes per item | note |");
     println!("|---|---:|---:|---|");
