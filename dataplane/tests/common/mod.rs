@@ -106,23 +106,19 @@ impl TestServer {
 
 /// A TLS 1.3 client configuration trusting `ca`, presenting `identity` when given.
 pub fn client_crypto(ca: &[u8], identity: Option<(&[u8], &[u8])>) -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    if let Some((cert, key)) = identity {
+        return stockplane_wire::client::tls_config(ca, cert, key).expect("TLS configuration");
+    }
+    // Without a certificate: what the client itself never does.
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca[..]) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let mut crypto = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots);
-    let mut crypto = match identity {
-        Some((cert, key)) => {
-            let certs = rustls_pemfile::certs(&mut &cert[..]).map(|c| c.unwrap()).collect();
-            let key = rustls_pemfile::private_key(&mut &key[..]).unwrap().unwrap();
-            builder.with_client_auth_cert(certs, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     crypto.alpn_protocols = vec![transport::ALPN.to_vec()];
     crypto
 }

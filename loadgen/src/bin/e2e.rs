@@ -258,22 +258,7 @@ fn tls_client_config(
     key: &[u8],
     initial_window_bytes: u64,
 ) -> anyhow::Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for der in rustls_pemfile::certs(&mut &ca[..]) {
-        roots.add(der.context("parse ca.pem")?).context("trust ca.pem")?;
-    }
-    let chain =
-        rustls_pemfile::certs(&mut &cert[..]).collect::<Result<Vec<_>, _>>().context("parse a client certificate")?;
-    let key =
-        rustls_pemfile::private_key(&mut &key[..]).context("parse a client key")?.context("no key in the file")?;
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .context("use the client certificate")?;
-    crypto.alpn_protocols = vec![transport::ALPN.to_vec()];
+    let crypto = stockplane_wire::client::tls_config(ca, cert, key).context("TLS configuration")?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).context("QUIC TLS configuration")?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();

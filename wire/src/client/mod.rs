@@ -79,6 +79,7 @@ mod batch;
 mod breaker;
 mod conn;
 mod tls;
+pub use tls::tls_config;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -19,8 +19,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the rustls client configuration from PEM bytes: `ca_pem` holds the CA
 /// certificate(s) to trust (and nothing else is trusted), `cert_pem` the client's
-/// certificate chain, `key_pem` its private key.
-pub(crate) fn tls_config(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ClientConfig, ClientError> {
+/// certificate chain, `key_pem` its private key. Public for tools that speak the
+/// protocol below the client (the end-to-end driver, tests sending malformed frames).
+pub fn tls_config(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in tls_certs(ca_pem, "CA certificate")? {
         roots.add(cert).map_err(|error| ClientError::Tls(format!("add the CA certificate: {error}")))?;
