@@ -36,7 +36,7 @@ fn wal(c: &mut Criterion) {
     let one_line = [WalLine { sku: (1 << 32) + 12_345, location: 0, qty: 1 }];
     let five_lines: Vec<WalLine> =
         (0..5).map(|i| WalLine { sku: (1 << 32) + 1_000 * i, location: 0, qty: 1 + i as u32 }).collect();
-    let committed = |hold: u128| WalRecord::Committed { hold, mask: 1 };
+    let committed = |hold: u128| WalRecord::Committed { hold, mask: 1, at_ms: 1_795_000_000_000 };
 
     let mut group = c.benchmark_group("wal_encode");
     group.throughput(Throughput::Elements(RECORDS));

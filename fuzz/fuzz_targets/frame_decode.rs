@@ -100,9 +100,11 @@ fn responses_walk(batch: &ArchivedResponseBatch) -> u64 {
                     ^ u64::from(level.backorder_limit.to_native())
             }),
             ArchivedBody::Holds(holds) => holds.iter().fold(0, |sum, info| sum ^ hold_info_walk(info)),
-            ArchivedBody::Journal { entries, next } => entries.iter().fold(next.to_native(), |sum, entry| {
+            ArchivedBody::Journal { entries, next, incarnation } => entries.iter().fold(next.to_native() ^ incarnation.to_native(), |sum, entry| {
                 let change = match &entry.change {
-                    ArchivedJournalChange::Sale { hold, qty } => hold_walk(hold) ^ u64::from(qty.to_native()),
+                    ArchivedJournalChange::Sale { hold, qty, at_ms } => {
+                        hold_walk(hold) ^ u64::from(qty.to_native()) ^ at_ms.to_native()
+                    }
                     ArchivedJournalChange::Adjustment { adjustment, delta } => {
                         fold_u128(adjustment.to_native()) ^ delta.to_native() as u64
                     }

@@ -243,6 +243,8 @@ pub enum JournalChange {
         hold: HoldId,
         /// Units sold.
         qty: u32,
+        /// When the shard committed it (data-plane milliseconds: Unix time).
+        at_ms: u64,
     },
     /// An adjustment: `on_hand` changed by `delta`.
     Adjustment {
@@ -286,6 +288,9 @@ pub enum Body {
         entries: Vec<JournalEntry>,
         /// The position after the last entry returned.
         next: u64,
+        /// The shard's incarnation: it changes when the shard starts without its data,
+        /// and with it the journal's positions start again.
+        incarnation: u64,
     },
 }
 

@@ -71,7 +71,7 @@ fn bodies() -> Vec<(&'static str, Status, Body)> {
                         position: 1000,
                         sku: 1_000_042,
                         location: 3,
-                        change: JournalChange::Sale { hold, qty: 2 },
+                        change: JournalChange::Sale { hold, qty: 2, at_ms: 1_795_000_000_000 },
                     },
                     JournalEntry {
                         position: 1001,
@@ -81,6 +81,7 @@ fn bodies() -> Vec<(&'static str, Status, Body)> {
                     },
                 ],
                 next: 1002,
+                incarnation: 0x5eed_1dea,
             },
         ),
     ]

@@ -97,7 +97,7 @@ fn stock_level() -> impl Strategy<Value = StockLevel> {
 
 fn journal_change() -> impl Strategy<Value = JournalChange> {
     prop_oneof![
-        (hold_id(), any::<u32>()).prop_map(|(hold, qty)| JournalChange::Sale { hold, qty }),
+        (hold_id(), any::<u32>(), any::<u64>()).prop_map(|(hold, qty, at_ms)| JournalChange::Sale { hold, qty, at_ms }),
         (any::<u128>(), any::<i64>()).prop_map(|(adjustment, delta)| JournalChange::Adjustment { adjustment, delta }),
     ]
 }
@@ -113,7 +113,8 @@ fn body() -> impl Strategy<Value = Body> {
         hold_info().prop_map(Body::Hold),
         vec(stock_level(), 0..4).prop_map(Body::Stock),
         vec(hold_info(), 0..3).prop_map(Body::Holds),
-        (vec(journal_entry(), 0..4), any::<u64>()).prop_map(|(entries, next)| Body::Journal { entries, next }),
+        (vec(journal_entry(), 0..4), any::<u64>(), any::<u64>())
+            .prop_map(|(entries, next, incarnation)| Body::Journal { entries, next, incarnation }),
     ]
 }
 

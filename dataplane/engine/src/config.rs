@@ -21,6 +21,12 @@ pub struct ShardConfig {
     /// How many shards share the SKUs.
     #[serde(skip)]
     pub shards: u32,
+    /// Which life of this shard's data this is: the driver draws it when it creates the
+    /// data directory and keeps it there, so a shard that restarted without its data
+    /// answers journal reads with another incarnation, and the control plane can tell
+    /// its journal from the one it drained before (0 in tests and the simulation).
+    #[serde(skip)]
+    pub incarnation: u64,
     /// Distinct SKUs this shard can hold.
     pub skus_max: u32,
     /// SKU-locations (stock rows) this shard can hold.
@@ -77,6 +83,7 @@ impl ShardConfig {
         ShardConfig {
             shard,
             shards,
+            incarnation: 0,
             skus_max: 1 << 20,
             sku_locations_max: 1 << 20,
             holds_max: 1 << 17,

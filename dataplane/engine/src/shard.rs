@@ -1004,7 +1004,7 @@ impl Shard {
                 };
                 match mask {
                     Ok(mask) => {
-                        self.log(WalRecord::Committed { hold, mask });
+                        self.log(WalRecord::Committed { hold, mask, at_ms: self.now });
                         Status::Committed
                     }
                     Err(status) => status,
@@ -1211,7 +1211,12 @@ impl Shard {
         let start = (from - first) as usize;
         let entries: Vec<JournalEntry> = self.journal.range(start..start + count as usize).copied().collect();
         // Entries leave only once durable, like any answer about state changes.
-        self.reply_after_log(origin.client, id, Status::Ok, Body::Journal { entries, next: from + count });
+        self.reply_after_log(
+            origin.client,
+            id,
+            Status::Ok,
+            Body::Journal { entries, next: from + count, incarnation: self.config.incarnation },
+        );
     }
 
     // ---------------------------------------------------------------- apply
@@ -1248,7 +1253,7 @@ impl Shard {
                 record.phase = Phase::Held;
                 Ok(())
             }
-            WalRecord::Committed { hold, mask } => {
+            WalRecord::Committed { hold, mask, at_ms } => {
                 let slot = self.live_slot(hold)?;
                 let (mut cursor, mut index) = (FIRST_LINE, 0);
                 while cursor != NONE {
@@ -1258,7 +1263,7 @@ impl Shard {
                     if mask & (1 << index) != 0 {
                         stock.on_hand -= i64::from(qty);
                         let (sku, location) = (stock.sku, stock.location);
-                        self.journal_push(sku, location, JournalChange::Sale { hold: HoldId(hold), qty });
+                        self.journal_push(sku, location, JournalChange::Sale { hold: HoldId(hold), qty, at_ms });
                     }
                     (cursor, index) = (next, index + 1);
                 }

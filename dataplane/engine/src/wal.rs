@@ -187,6 +187,9 @@ pub enum WalRecord<'a> {
         hold: u128,
         /// Bit `i`: line `i` is sold.
         mask: u64,
+        /// When the shard decided the sale (data-plane milliseconds); the journal's sales
+        /// carry it to the control plane's ledger.
+        at_ms: u64,
     },
     /// The hold's lines are released by request.
     Released {
@@ -381,9 +384,10 @@ impl WalRecord<'_> {
                 w.u128(hold);
                 (kind::KEPT, 0)
             }
-            WalRecord::Committed { hold, mask } => {
+            WalRecord::Committed { hold, mask, at_ms } => {
                 w.u128(hold);
                 w.u64(mask);
+                w.u64(at_ms);
                 (kind::COMMITTED, 0)
             }
             WalRecord::Released { hold } => {
@@ -461,7 +465,8 @@ impl WalRecord<'_> {
             | WalRecord::Expired { .. }
             | WalRecord::Unpinned { .. }
             | WalRecord::CartForgotten { .. } => 16,
-            WalRecord::Committed { .. } | WalRecord::Extended { .. } | WalRecord::Pinned { .. } => 24,
+            WalRecord::Extended { .. } | WalRecord::Pinned { .. } => 24,
+            WalRecord::Committed { .. } => 32,
             WalRecord::CartOpened { ref lines, .. } => 40 + lines.len() * LINE_BYTES,
             WalRecord::CartStarted { .. } => 32,
             WalRecord::CartDecided { .. } => 26,
@@ -599,7 +604,7 @@ pub fn decode(bytes: &[u8]) -> Result<(WalRecord<'_>, u64, usize), WalDecodeErro
             WalRecord::Held { hold, expires_at_ms, fingerprint, prepared_for, lines }
         }
         kind::KEPT => WalRecord::Kept { hold: r.u128()? },
-        kind::COMMITTED => WalRecord::Committed { hold: r.u128()?, mask: r.u64()? },
+        kind::COMMITTED => WalRecord::Committed { hold: r.u128()?, mask: r.u64()?, at_ms: r.u64()? },
         kind::RELEASED => WalRecord::Released { hold: r.u128()? },
         kind::EXPIRED => WalRecord::Expired { hold: r.u128()? },
         kind::EXTENDED => WalRecord::Extended { hold: r.u128()?, expires_at_ms: r.u64()? },
@@ -656,7 +661,7 @@ mod tests {
         Upsert(u64, u32, u32),
         Adjust(u128, u64, u32, i64),
         Held(u128, u64, u32, Option<(u32, u64)>, Vec<WalLine>),
-        Commit(u128, u64),
+        Commit(u128, u64, u64),
         Release(u128),
         Pinned(u128, u64),
         Opened(u128, u64, u32, u64, Vec<WalLine>),
@@ -680,7 +685,7 @@ mod tests {
                     prepared_for: *prepared_for,
                     lines: Lines::Slice(lines),
                 },
-                Owned::Commit(hold, mask) => WalRecord::Committed { hold: *hold, mask: *mask },
+                Owned::Commit(hold, mask, at_ms) => WalRecord::Committed { hold: *hold, mask: *mask, at_ms: *at_ms },
                 Owned::Release(hold) => WalRecord::Released { hold: *hold },
                 Owned::Pinned(hold, txn) => WalRecord::Pinned { hold: *hold, txn: *txn },
                 Owned::Opened(hold, txn, fingerprint, expires_at_ms, lines) => WalRecord::CartOpened {
@@ -717,7 +722,7 @@ mod tests {
                 .prop_map(|(a, b, c, d)| Owned::Adjust(a, b, c, d)),
             (any::<u128>(), any::<u64>(), any::<u32>(), any::<Option<(u32, u64)>>(), lines.clone())
                 .prop_map(|(a, b, c, d, e)| Owned::Held(a, b, c, d, e)),
-            (any::<u128>(), any::<u64>()).prop_map(|(a, b)| Owned::Commit(a, b)),
+            (any::<u128>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Owned::Commit(a, b, c)),
             any::<u128>().prop_map(Owned::Release),
             (any::<u128>(), any::<u64>()).prop_map(|(a, b)| Owned::Pinned(a, b)),
             (any::<u128>(), any::<u64>(), any::<u32>(), any::<u64>(), lines)

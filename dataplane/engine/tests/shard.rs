@@ -178,10 +178,11 @@ fn journal_lists_sales_and_adjustments_in_order() {
     assert_eq!(c.level(100, 1), (10, 0));
     assert_eq!(c.level(200, 1), (2, 0));
     let reply = c.call(CONTROL, Op::Journal { shard: 0, from: 1, max_entries: 100 });
-    let Body::Journal { entries, next } = reply.body else { panic!("no journal body") };
+    let Body::Journal { entries, next, .. } = reply.body else { panic!("no journal body") };
     assert_eq!(entries.len(), 4, "three stock adjustments and one sale");
     assert_eq!(next, 5);
-    assert_eq!(entries[3].change, JournalChange::Sale { hold: HoldId(1), qty: 1 });
+    // The sale carries the time the shard committed it.
+    assert_eq!(entries[3].change, JournalChange::Sale { hold: HoldId(1), qty: 1, at_ms: c.now });
     assert!(entries.windows(2).all(|w| w[1].position == w[0].position + 1));
 }
 

@@ -255,7 +255,7 @@ impl Model {
                 effects.push(Effect::ShareKept { hold });
                 Ok(())
             }
-            WalRecord::Committed { hold, mask } => {
+            WalRecord::Committed { hold, mask, .. } => {
                 let h = self.live(hold)?.clone();
                 for (index, &(sku, location, qty)) in h.lines.iter().enumerate() {
                     let row = self.rows.get_mut(&(sku, location)).expect("held rows exist");

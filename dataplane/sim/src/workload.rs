@@ -312,7 +312,7 @@ impl Sim {
         if self.clients[control].journal_from[shard as usize] != from {
             return; // An answer to an earlier read, already booked.
         }
-        let Body::Journal { entries, next } = &reply.body else {
+        let Body::Journal { entries, next, .. } = &reply.body else {
             violation!(self, "a journal read is answered Ok without entries")
         };
         let journal = &self.nodes[shard as usize].durable.journal;
@@ -326,7 +326,7 @@ impl Sim {
             };
             let same = (sku, location) == (entry.sku, entry.location)
                 && match (change, entry.change) {
-                    (ModelChange::Sale { hold, qty }, JournalChange::Sale { hold: h, qty: q }) => {
+                    (ModelChange::Sale { hold, qty }, JournalChange::Sale { hold: h, qty: q, .. }) => {
                         hold == h.0 && qty == q
                     }
                     (

@@ -145,7 +145,7 @@ impl Shard {
                 }
                 Decision::Abort if live && txn == part.reserve_txn => self.log(WalRecord::Released { hold }),
                 Decision::Commit { mask } if record.phase == Phase::Pinned && txn == part.pin_txn => {
-                    self.log(WalRecord::Committed { hold, mask })
+                    self.log(WalRecord::Committed { hold, mask, at_ms: self.now })
                 }
                 Decision::Unpin if record.phase == Phase::Pinned && txn == part.pin_txn => {
                     self.log(WalRecord::Unpinned { hold });
