@@ -51,6 +51,8 @@ impl Server {
             .context("load the TLS certificates")?;
         let server_config = Arc::new(quic_config(&config, crypto)?);
         check_shard_count(&config.data_dir, cores)?;
+        let mut config = config;
+        config.shard.incarnation = data_dir_incarnation(&config.data_dir)?;
         // Recovery before any executor starts: a shard that cannot start stops the server
         // here, with no core left waiting for it in the mesh.
         let recovered = recover_all(&config, cores)?;
@@ -199,6 +201,35 @@ fn check_shard_count(data_dir: &std::path::Path, cores: usize) -> anyhow::Result
     }
 }
 
+/// The incarnation of a data directory: drawn when the directory is first used and kept
+/// in it (`incarnation`), so it changes exactly when the shards start without their data.
+/// Drawn from the clock and the process id: it must differ between lives of one
+/// directory, not be secret.
+fn data_dir_incarnation(data_dir: &std::path::Path) -> anyhow::Result<u64> {
+    let path = data_dir.join("incarnation");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().with_context(|| format!("read {}", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let nanos =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+            // splitmix64's finaliser, so that close clocks give far-apart values.
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            let incarnation = (x ^ (x >> 31)).max(1);
+            let tmp = data_dir.join("incarnation.tmp");
+            std::fs::write(&tmp, format!("{incarnation}\n")).with_context(|| format!("write {}", tmp.display()))?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("sync {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
+            std::fs::File::open(data_dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("sync {}", data_dir.display()))?;
+            Ok(incarnation)
+        }
+        Err(error) => Err(error).with_context(|| format!("read {}", path.display())),
+    }
+}
+
 fn available_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
@@ -315,6 +346,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         }
     }
     let mesh_out = Rc::new(MeshOut { senders, peer_of, queued: RefCell::new(0) });
+    // The core's tasks, cancelled when it stops: a detached task left pending would keep
+    // the core, and with it the socket's share of the port, alive after the stop.
+    let mut tasks: Vec<glommio::task::JoinHandle<()>> = Vec::new();
     let (udp, readiness) = Udp::new(socket)?;
     // The shard as its log left it, then the writer at the log's end.
     let (engine, wal_start) = recovered;
@@ -342,41 +376,43 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         };
         let sync_seconds = metrics::histogram!("stockplane_wal_sync_seconds", "shard" => shard.to_string());
         let batch_bytes = metrics::histogram!("stockplane_wal_batch_bytes", "shard" => shard.to_string());
-        glommio::spawn_local(async move {
-            let mut spare = Vec::new();
-            while wal_woken.recv().await.is_some() {
-                if let Some(interval) = batch_ms {
-                    glommio::timer::sleep(interval).await;
-                }
-                loop {
-                    let taken = core.borrow_mut().take_wal(std::mem::take(&mut spare));
-                    let Some((bytes, position)) = taken else { break };
-                    let started = Instant::now();
-                    match writer.append(&bytes).await {
-                        Ok(()) => {
-                            sync_seconds.record(started.elapsed().as_secs_f64());
-                            batch_bytes.record(bytes.len() as f64);
-                            let now = Instant::now();
-                            let out = {
-                                let mut core = core.borrow_mut();
-                                core.on_durable(position);
-                                core.flush(now)
-                            };
-                            mesh_out.send(out);
-                        }
-                        Err(error) => {
-                            let reason = format!("shard {shard}: the WAL failed: {error:#}");
-                            error!(shard, error = %reason, "refusing state changes from now on");
-                            health.set_not_ready(reason.clone());
-                            core.borrow_mut().on_wal_failed(reason);
-                            return;
-                        }
+        tasks.push(
+            glommio::spawn_local(async move {
+                let mut spare = Vec::new();
+                while wal_woken.recv().await.is_some() {
+                    if let Some(interval) = batch_ms {
+                        glommio::timer::sleep(interval).await;
                     }
-                    spare = bytes;
+                    loop {
+                        let taken = core.borrow_mut().take_wal(std::mem::take(&mut spare));
+                        let Some((bytes, position)) = taken else { break };
+                        let started = Instant::now();
+                        match writer.append(&bytes).await {
+                            Ok(()) => {
+                                sync_seconds.record(started.elapsed().as_secs_f64());
+                                batch_bytes.record(bytes.len() as f64);
+                                let now = Instant::now();
+                                let out = {
+                                    let mut core = core.borrow_mut();
+                                    core.on_durable(position);
+                                    core.flush(now)
+                                };
+                                mesh_out.send(out);
+                            }
+                            Err(error) => {
+                                let reason = format!("shard {shard}: the WAL failed: {error:#}");
+                                error!(shard, error = %reason, "refusing state changes from now on");
+                                health.set_not_ready(reason.clone());
+                                core.borrow_mut().on_wal_failed(reason);
+                                return;
+                            }
+                        }
+                        spare = bytes;
+                    }
                 }
-            }
-        })
-        .detach();
+            })
+            .detach(),
+        );
     }
     let service = metrics::histogram!("stockplane_service_seconds", "shard" => shard.to_string());
 
@@ -384,18 +420,20 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     for (_, receiver) in receivers.streams() {
         let core = core.clone();
         let mesh_out = mesh_out.clone();
-        glommio::spawn_local(async move {
-            while let Some(message) = receiver.recv().await {
-                let now = Instant::now();
-                let out = {
-                    let mut core = core.borrow_mut();
-                    core.on_mesh(now, message);
-                    core.flush(now)
-                };
-                mesh_out.send(out);
-            }
-        })
-        .detach();
+        tasks.push(
+            glommio::spawn_local(async move {
+                while let Some(message) = receiver.recv().await {
+                    let now = Instant::now();
+                    let out = {
+                        let mut core = core.borrow_mut();
+                        core.on_mesh(now, message);
+                        core.flush(now)
+                    };
+                    mesh_out.send(out);
+                }
+            })
+            .detach(),
+        );
     }
 
     // Datagrams. A socket error ends the task and, through `socket_error`, the core.
@@ -404,51 +442,55 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         let core = core.clone();
         let mesh_out = mesh_out.clone();
         let socket_error = socket_error.clone();
-        glommio::spawn_local(async move {
-            let result: anyhow::Result<()> = async {
-                loop {
-                    if !core.borrow().datagrams_waiting() {
-                        readiness.readable().await.context("wait for datagrams")?;
-                    } else {
-                        // Let the other tasks (the WAL writer, the mesh) run between rounds.
-                        glommio::yield_if_needed().await;
+        tasks.push(
+            glommio::spawn_local(async move {
+                let result: anyhow::Result<()> = async {
+                    loop {
+                        if !core.borrow().datagrams_waiting() {
+                            readiness.readable().await.context("wait for datagrams")?;
+                        } else {
+                            // Let the other tasks (the WAL writer, the mesh) run between rounds.
+                            glommio::yield_if_needed().await;
+                        }
+                        let now = Instant::now();
+                        let out = {
+                            let mut core = core.borrow_mut();
+                            core.receive(now).context("receive datagrams")?;
+                            core.flush(now)
+                        };
+                        mesh_out.send(out);
+                        service.record(now.elapsed().as_secs_f64());
                     }
-                    let now = Instant::now();
-                    let out = {
-                        let mut core = core.borrow_mut();
-                        core.receive(now).context("receive datagrams")?;
-                        core.flush(now)
-                    };
-                    mesh_out.send(out);
-                    service.record(now.elapsed().as_secs_f64());
                 }
-            }
-            .await;
-            *socket_error.borrow_mut() = result.err();
-        })
-        .detach();
+                .await;
+                *socket_error.borrow_mut() = result.err();
+            })
+            .detach(),
+        );
     }
 
     // Metrics.
     {
         let core = core.clone();
         let mesh_out = mesh_out.clone();
-        glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(METRICS_EVERY).await;
-                let mut core = core.borrow_mut();
-                let gauges = CoreGauges {
-                    live_holds: core.live_holds(),
-                    connections: core.connections(),
-                    mesh_queued: *mesh_out.queued.borrow(),
-                    udp_send_dropped: core.udp_send_dropped(),
-                    wal_unsynced_bytes: core.wal_unsynced_bytes(),
-                    wal_failed: core.wal_failed(),
-                };
-                core.metrics.publish(&gauges);
-            }
-        })
-        .detach();
+        tasks.push(
+            glommio::spawn_local(async move {
+                loop {
+                    glommio::timer::sleep(METRICS_EVERY).await;
+                    let mut core = core.borrow_mut();
+                    let gauges = CoreGauges {
+                        live_holds: core.live_holds(),
+                        connections: core.connections(),
+                        mesh_queued: *mesh_out.queued.borrow(),
+                        udp_send_dropped: core.udp_send_dropped(),
+                        wal_unsynced_bytes: core.wal_unsynced_bytes(),
+                        wal_failed: core.wal_failed(),
+                    };
+                    core.metrics.publish(&gauges);
+                }
+            })
+            .detach(),
+        );
     }
 
     ready.fetch_add(1, Ordering::AcqRel);
@@ -456,7 +498,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
 
     // Timers and the stop signal, on this task.
     let mut stopping_since = None;
-    loop {
+    let stopped: anyhow::Result<u64> = loop {
         let now = Instant::now();
         let wait = core.borrow().next_deadline(now).map_or(TICK_MAX, |at| at.saturating_duration_since(now));
         glommio::timer::sleep(wait.min(TICK_MAX)).await;
@@ -477,14 +519,18 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             let core = core.borrow();
             let closed = core.drained() || now.duration_since(since) > Duration::from_millis(500);
             if closed && core.wal_idle() {
-                break;
+                break Ok(core.state_hash());
             }
         }
         if let Some(error) = socket_error.borrow_mut().take() {
-            return Err(error);
+            break Err(error);
         }
+    };
+    for task in tasks {
+        task.cancel();
+        task.await;
     }
-    let hash = core.borrow().state_hash();
+    let hash = stopped?;
     info!(shard, state_hash = format!("{hash:016x}"), "core stopped");
     Ok(hash)
 }

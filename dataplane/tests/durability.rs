@@ -261,3 +261,15 @@ async fn the_log_moves_to_new_segments_and_recovers_across_them() {
     checkout.close().await;
     server.stop();
 }
+
+/// A stopped server gives its port back, so a restart in the same process can bind it
+/// again. It once did not: the cores' detached tasks (receive, WAL writer, mesh, metrics)
+/// stayed pending after the stop and kept every core's socket open.
+#[test]
+fn a_stopped_server_frees_its_port() {
+    let server = common::start(2, |_| {});
+    let addr = server.server.addr();
+    server.stop();
+    let rebound = std::net::UdpSocket::bind(addr);
+    assert!(rebound.is_ok(), "the port is still taken after the stop: {rebound:?}");
+}
