@@ -1,0 +1,270 @@
+//! The sync with a real data plane over QUIC and a real PostgreSQL: the catalog and
+//! stock pushed as deltas, sales drained exactly once, a data plane that restarts (with
+//! its WAL, or empty) caught up by itself, and reconcile exactly zero when idle.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use stockplane_control_plane::db::{AdjustOutcome, AdjustmentAsk, Change, Db};
+use stockplane_control_plane::reconcile::reconcile;
+use stockplane_control_plane::App;
+use stockplane_engine::shard_for;
+use stockplane_wire::{CartLine, HoldId, SkuAt, Status};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Creates `skus` SKUs (1..=skus) at locations 1 and 2, each with `on_hand` units asked for
+/// through an adjustment.
+async fn seed(db: &Db, shards: u32, skus: u64, on_hand: i64) {
+    db.location_create(1, "north").await.unwrap();
+    db.location_create(2, "south").await.unwrap();
+    for sku in 1..=skus {
+        db.sku_create(sku, &format!("sku {sku}"), 0).await.unwrap();
+        for location in [1, 2] {
+            let ask = AdjustmentAsk {
+                key: format!("seed-{sku}-{location}"),
+                sku,
+                location,
+                change: Change::SetTo(on_hand),
+                reason: "seed".into(),
+            };
+            let outcome = db.adjustment_ask(&ask, shard_for(sku, shards)).await.unwrap();
+            assert!(matches!(outcome, AdjustOutcome::Created(_)), "{outcome:?}");
+        }
+    }
+}
+
+/// Waits until the data plane holds `on_hand` for every seeded row.
+async fn wait_pushed(dataplane: &TestDataplane, skus: u64, on_hand: i64) {
+    let client = dataplane.client("checkout").await;
+    eventually("the stock to reach the data plane", WAIT, || {
+        let client = client.clone();
+        async move {
+            for sku in 1..=skus {
+                let outcome = client.query_stock(vec![SkuAt { sku, location: None }]).await.ok()?;
+                let stockplane_wire::Body::Stock(levels) = outcome.body else { return None };
+                if levels.len() != 2 || levels.iter().any(|l| l.on_hand != on_hand) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+}
+
+async fn sales_count(app: &App) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM sales").fetch_one(app.db.pool()).await.unwrap()
+}
+
+async fn wait_drained(app: &App, lines: i64) {
+    eventually("every sale to be drained", WAIT, || async { (sales_count(app).await == lines).then_some(()) }).await;
+}
+
+/// Reserves and commits `carts` two-line carts (SKUs i and i+1 at location 1, one unit
+/// each); returns the committed lines.
+async fn sell(dataplane: &TestDataplane, carts: u64, skus: u64, seed: u128) -> i64 {
+    let client = dataplane.client("checkout").await;
+    let mut lines = 0;
+    for cart in 0..carts {
+        let hold = HoldId(seed << 64 | u128::from(cart));
+        let a = cart % skus + 1;
+        let b = a % skus + 1;
+        let cart_lines =
+            vec![CartLine { sku: a, location: Some(1), qty: 1 }, CartLine { sku: b, location: Some(1), qty: 1 }];
+        let reserved = client.reserve(hold, 60_000, cart_lines).await.unwrap();
+        assert_eq!(reserved.status, Status::Reserved);
+        let committed = client.commit(hold, None).await.unwrap();
+        assert_eq!(committed.status, Status::Committed);
+        lines += 2;
+    }
+    lines
+}
+
+async fn assert_reconciles(app: &App, dataplane: &TestDataplane) {
+    let control = dataplane.control().await;
+    let report = reconcile(&app.db, &control).await.unwrap();
+    assert!(report.differences.is_empty(), "the books do not reconcile: {report:#?}");
+    assert!(report.rows > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_is_pushed_and_sales_drain_exactly_once() {
+    let dataplane = TestDataplane::start(2);
+    let app = control_plane(control_config(&fresh_database().await, Some(&dataplane)), true).await;
+    let shards = app.link.wait().await.shards();
+    assert_eq!(shards, 2);
+    seed(&app.db, shards, 8, 100).await;
+    wait_pushed(&dataplane, 8, 100).await;
+
+    let before_sales = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let lines = sell(&dataplane, 40, 8, 1).await;
+    wait_drained(&app, lines).await;
+    // Each ledger row has the shard's commit time, which came before the drain wrote it.
+    let times: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT committed_at, drained_at FROM sales").fetch_all(app.db.pool()).await.unwrap();
+    assert!(times.iter().all(|(committed, drained)| *committed > before_sales && committed <= drained), "{times:?}");
+    // Every sold unit is in the ledger once, and the books fell by as much.
+    let sold: i64 = sqlx::query_scalar("SELECT sum(qty)::bigint FROM sales").fetch_one(app.db.pool()).await.unwrap();
+    assert_eq!(sold, lines);
+    let on_hand: i64 = sqlx::query_scalar("SELECT sum(on_hand)::bigint FROM stock_levels WHERE location = 1")
+        .fetch_one(app.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(on_hand, 8 * 100 - lines);
+    assert_reconciles(&app, &dataplane).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adjustment_retried_ten_times_is_applied_once() {
+    let dataplane = TestDataplane::start(1);
+    let app = control_plane(control_config(&fresh_database().await, Some(&dataplane)), true).await;
+    let shards = app.link.wait().await.shards();
+    seed(&app.db, shards, 1, 10).await;
+    wait_pushed(&dataplane, 1, 10).await;
+    let ask =
+        AdjustmentAsk { key: "restock-7".into(), sku: 1, location: 1, change: Change::Delta(5), reason: "".into() };
+    let first = app.db.adjustment_ask(&ask, 0).await.unwrap();
+    let AdjustOutcome::Created(first) = first else { panic!("{first:?}") };
+    for _ in 0..10 {
+        let again = app.db.adjustment_ask(&ask, 0).await.unwrap();
+        let AdjustOutcome::Replayed(again) = again else { panic!("a retry makes nothing new: {again:?}") };
+        assert_eq!((again.id, again.delta), (first.id, first.delta));
+        // And pushed directly, by its id, ten times too: the shard applies it once.
+        let control = dataplane.control().await;
+        let outcome = control.client().adjust(first.id.as_u128(), 1, 1, 5).await.unwrap();
+        assert_eq!(outcome.status, Status::Ok);
+    }
+    let other = AdjustmentAsk { change: Change::Delta(6), ..ask };
+    assert!(app.db.adjustment_ask(&other, 0).await.is_err(), "the same key with another delta is refused");
+    eventually("the books to hold the adjustment once", WAIT, || async {
+        let books = app.db.books(1, Some(1)).await.unwrap();
+        (books[0].on_hand == 15 && books[0].pending_delta == 0).then_some(())
+    })
+    .await;
+    assert_reconciles(&app, &dataplane).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_that_restarts_with_its_wal_or_empty_catches_up() {
+    let mut dataplane = TestDataplane::start(2);
+    let app = control_plane(control_config(&fresh_database().await, Some(&dataplane)), true).await;
+    let shards = app.link.wait().await.shards();
+    seed(&app.db, shards, 6, 50).await;
+    wait_pushed(&dataplane, 6, 50).await;
+    let mut lines = sell(&dataplane, 10, 6, 1).await;
+    wait_drained(&app, lines).await;
+
+    // Restart from its WAL: nothing to redo, and the drain goes on where it was.
+    dataplane.restart("data");
+    lines += sell(&dataplane, 10, 6, 2).await;
+    wait_drained(&app, lines).await;
+    assert_reconciles(&app, &dataplane).await;
+
+    // Restart empty: the shards are told the catalog and the books' stock again.
+    dataplane.restart("data-empty");
+    let books: Vec<(i64, i64, i64)> =
+        sqlx::query_as("SELECT sku, location, on_hand FROM stock_levels ORDER BY sku, location")
+            .fetch_all(app.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(books.len(), 12);
+    let client = dataplane.client("checkout").await;
+    eventually("the empty data plane to be bootstrapped from the books", WAIT, || {
+        let (client, books) = (client.clone(), books.clone());
+        async move {
+            for (sku, location, on_hand) in books {
+                let item = SkuAt { sku: sku as u64, location: Some(location as u32) };
+                let outcome = client.query_stock(vec![item]).await.ok()?;
+                let stockplane_wire::Body::Stock(levels) = outcome.body else { return None };
+                if levels.first()?.on_hand != on_hand {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    lines += sell(&dataplane, 10, 6, 3).await;
+    wait_drained(&app, lines).await;
+    eventually("the bootstrap adjustments to drain", WAIT, || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM adjustments WHERE journal_position IS NULL")
+            .fetch_one(app.db.pool())
+            .await
+            .unwrap();
+        (pending == 0).then_some(())
+    })
+    .await;
+    assert_reconciles(&app, &dataplane).await;
+}
+
+/// A drain batch written again (after a crash between its commit and the position's
+/// move), or a batch that overlaps one already written, adds to the books only what was
+/// not there: the ledger's key and the adjustments' ids make every write idempotent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_batch_written_twice_or_overlapping_counts_once() {
+    use stockplane_control_plane::db::{DrainedEntry, DrainedKind};
+    let db = Db::connect(&fresh_database().await, 4, 30_000).await.unwrap();
+    db.shards_learn(1).await.unwrap();
+    db.location_create(1, "north").await.unwrap();
+    db.sku_create(5, "five", 0).await.unwrap();
+    db.stock_rows_create_many(&[(5, 1, 0)]).await.unwrap();
+    let sale = |position: u64| DrainedEntry {
+        position,
+        sku: 5,
+        location: 1,
+        kind: DrainedKind::Sale { hold: u128::from(position), qty: 2, at_ms: 1_795_000_000_000 + position },
+    };
+    let restock =
+        DrainedEntry { position: 1, sku: 5, location: 1, kind: DrainedKind::Adjustment { id: 77, delta: 100 } };
+    let first: Vec<DrainedEntry> = [restock].into_iter().chain((2..=4).map(sale)).collect();
+    assert_eq!(db.drain_write(0, 1, &first).await.unwrap(), 4);
+    assert_eq!(db.drain_write(0, 1, &first).await.unwrap(), 0, "the same batch again writes nothing");
+    let overlapping: Vec<DrainedEntry> = (3..=6).map(sale).collect();
+    assert_eq!(db.drain_write(0, 1, &overlapping).await.unwrap(), 2, "only positions 5 and 6 are new");
+    let books = db.books(5, Some(1)).await.unwrap();
+    assert_eq!((books[0].on_hand, books[0].sold), (100 - 5 * 2, 5 * 2));
+    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM sales").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(ledger, 5);
+    // The position moves only from where it is.
+    assert!(db.drain_advance(0, 1, 1, 7).await.unwrap());
+    assert!(!db.drain_advance(0, 1, 1, 7).await.unwrap());
+    assert_eq!(db.position(0).await.unwrap().drained, 7);
+}
+
+/// A shard that restarted without its data, and whose new journal grew past the old
+/// drained position before the drain looked, is still recognised by its incarnation:
+/// the drain begins a new epoch instead of reading the new journal as the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_shard_is_known_by_its_incarnation_not_its_journal_length() {
+    use stockplane_control_plane::sync::{drain_pass, push_pass, DrainOptions};
+    let mut dataplane = TestDataplane::start(1);
+    let app = control_plane(control_config(&fresh_database().await, Some(&dataplane)), false).await;
+    let control = dataplane.control().await;
+    app.db.shards_learn(1).await.unwrap();
+    seed(&app.db, 1, 2, 50).await;
+    while !push_pass(&app.db, &control, 0, 64).await.unwrap().is_idle() {}
+    let options = DrainOptions { batch_entries: 64, read_entries: 16, writers: 1 };
+    let lines = sell(&dataplane, 3, 2, 1).await;
+    let pass = drain_pass(&app.db, &control, 0, options).await.unwrap();
+    assert_eq!(pass.entries as i64, 4 + lines, "the seed's four adjustments and the sales");
+    let drained = app.db.position(0).await.unwrap().drained;
+
+    dataplane.restart("data-empty");
+    // The new shard's journal outgrows the old drained position (adjustments from a tool
+    // the control plane does not know).
+    let tool = dataplane.client("control").await;
+    assert_eq!(tool.upsert_sku(9, 1, 0).await.unwrap().status, Status::Ok);
+    for id in 0..drained + 5 {
+        assert_eq!(tool.adjust(u128::from(id) + 1_000, 9, 1, 1).await.unwrap().status, Status::Ok);
+    }
+    let control = dataplane.control().await;
+    let pass = drain_pass(&app.db, &control, 0, options).await.unwrap();
+    assert!(pass.new_epoch, "the new incarnation begins a new epoch");
+    let position = app.db.position(0).await.unwrap();
+    assert_eq!((position.epoch, position.drained), (2, 1));
+    let sold: i64 = sqlx::query_scalar("SELECT count(*) FROM sales").fetch_one(app.db.pool()).await.unwrap();
+    assert_eq!(sold, lines, "nothing of the new journal was read as the old one");
+}
