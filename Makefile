@@ -1,8 +1,9 @@
 # stockplane: every command a newcomer, CI or an SRE runs. `make help` lists them.
 #
 # Nothing here assumes a server the project did not start. The main job (`make run`)
-# starts the data plane on this machine and drives it with the example checkout client;
-# the durability and control plane issues will add to it.
+# brings up PostgreSQL (a private cluster under target/pg unless DATABASE_URL is set), the
+# data plane and the control plane on this machine, seeds a demo catalog through the API,
+# drives the data plane with the example checkout client and reconciles the books.
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -28,13 +29,18 @@ E2E_SECONDS ?= 10
 E2E_WARMUP ?= 2
 E2E_SKUS ?= 100000
 MESH_SECONDS ?= 2
+# The control plane's sync benchmark: lines drained, SKUs bootstrapped.
+SYNC_LINES ?= 2000000
+SYNC_SKUS ?= 1000000
 # Where cargo puts the release binaries (CARGO_TARGET_DIR when set).
 BIN_DIR := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: help run sim-seeds test lint unit sim sim-long fuzz bench bench-e2e bench-mesh bench-disk memory certs crash-long check-toolchain
+.PHONY: help run pg pg-stop sim-seeds test lint unit sim sim-long fuzz bench bench-e2e bench-sync bench-mesh bench-disk memory certs crash-long check-toolchain
 
 help:
-	@echo "make run        start the data plane (every core, dev certificates) and run the example checkout client"
+	@echo "make run        PostgreSQL, the data plane and the control plane; a demo catalog through the API,"
+	@echo "                the example checkout client, the drained sales and reconcile"
+	@echo "make pg         start the private PostgreSQL under target/pg (make pg-stop stops it)"
 	@echo "make sim-seeds  run the seeded multi-shard simulation, SEEDS seeds of OPS operations"
 	@echo "make test       fmt, clippy -D warnings, every test (what CI runs)"
 	@echo "make sim SEED=n replay one simulation seed (OPS=m if it ran with other than 10000)"
@@ -43,6 +49,8 @@ help:
 	@echo "make bench      criterion benchmarks pinned to core BENCH_CORE, report in perf-reports/"
 	@echo "make bench-e2e  one-core data plane on SERVER_CPU, stockplane-e2e on DRIVER_CPU: saturate (batched,"
 	@echo "                one request per frame) and latency at half saturation; report in perf-reports/"
+	@echo "make bench-sync the control plane: drain SYNC_LINES committed lines into PostgreSQL, and bootstrap"
+	@echo "                SYNC_SKUS SKUs into an empty data plane (data plane on SERVER_CPU, the rest on DRIVER_CPU)"
 	@echo "make bench-mesh messages/s between two pinned executors over the channel mesh, report in perf-reports/"
 	@echo "make bench-disk the disk's fdatasync p50/p99 and the recovery time of a 10M-SKU, 1M-hold shard"
 	@echo "make memory     bytes per SKU-location and per live hold, report in perf-reports/"
@@ -55,9 +63,15 @@ check-toolchain:
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 
 run: check-toolchain
-	$(CARGO) build --release -p stockplane-dataplane --bin dataplane
+	$(CARGO) build --release -p stockplane-dataplane --bin dataplane -p stockplane-control-plane --bin control-plane
 	$(CARGO) build --release -p stockplane-wire --features client --example checkout
-	scripts/run-demo.sh
+	BIN=$(BIN_DIR) scripts/run-demo.sh
+
+pg:
+	@scripts/pg.sh start target/pg
+
+pg-stop:
+	@scripts/pg.sh stop target/pg
 
 sim-seeds: check-toolchain
 	$(CARGO) run --release -p stockplane-sim -- --seeds $(SEEDS) --ops $(OPS) --jobs $(JOBS) -v $(SHARDS_FLAG)
@@ -68,8 +82,11 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The control plane's tests use the PostgreSQL that DATABASE_URL names, or else the
+# private cluster under target/pg, started (and installed, when missing) here.
 unit:
-	$(CARGO) test --workspace --exclude stockplane-sim
+	export DATABASE_URL=$${DATABASE_URL:-$$(scripts/pg.sh start target/pg)} && \
+	  $(CARGO) test --workspace --exclude stockplane-sim
 	# The simulation runs optimised: two million operations with faults, every seed
 	# printed before it runs (a failure names the command that replays it).
 	$(CARGO) test --release -p stockplane-sim -- --nocapture
@@ -119,6 +136,17 @@ bench-e2e: check-toolchain
 	  DURABILITY=none benches/e2e.sh $(BIN_DIR) && echo && \
 	  echo "=== durability sync: every reply to a state change after the fdatasync that covers it" && \
 	  DURABILITY=sync benches/e2e.sh $(BIN_DIR); } 2>&1 | tee $$report; status=$$?; \
+	echo "report: $$report"; exit $$status
+
+# benches/sync.sh starts a fresh data plane for each of its two runs and a fresh database
+# in PostgreSQL (the private cluster unless DATABASE_URL is set).
+bench-sync: check-toolchain
+	$(CARGO) build --release -p stockplane-dataplane --bin dataplane -p stockplane-benches --bin sync
+	@test -f target/certs/ca.pem || $(BIN_DIR)/dataplane certs --dir target/certs
+	@mkdir -p $(REPORT_DIR)
+	@set -o pipefail; report=$(REPORT_DIR)/sync-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
+	STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
+	  SYNC_LINES=$(SYNC_LINES) SYNC_SKUS=$(SYNC_SKUS) benches/sync.sh $(BIN_DIR) 2>&1 | tee $$report; status=$$?; \
 	echo "report: $$report"; exit $$status
 
 # The benchmark pins its two executors itself (CPUs 0 and 1) and prints its own header.

@@ -5,7 +5,8 @@
 //!     --addr 127.0.0.1:7400 --certs target/certs
 //! ```
 //!
-//! With the control certificate it creates a few demo SKUs and restocks them; with the
+//! With the control certificate it creates a few demo SKUs and restocks them (unless
+//! `--catalog-ready`: the control plane has stocked them, 10 units each); with the
 //! checkout certificate it reserves a cart, reads the stock, commits, reserves another
 //! cart and releases it, tries to reserve more than is available, and repeats a reserve
 //! with the same hold id to show that the retry returns the first answer. Hold and
@@ -30,19 +31,21 @@ const HOLD_TTL_MS: u32 = 60_000;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    let (addr, certs) = args()?;
+    let (addr, certs, catalog_ready) = args()?;
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     println!("data plane {addr}, certificates in {}, run {run:#x}", certs.display());
 
-    let control = Client::connect(config(addr, &certs, "control")).await?;
-    println!("\n== control: catalog and stock");
-    for (i, sku) in SKUS.into_iter().enumerate() {
-        show(&format!("upsert sku {sku} at location {LOCATION}"), &control.upsert_sku(sku, LOCATION, 0).await?);
-        let adjustment = run.wrapping_add(i as u128);
-        let outcome = control.adjust(adjustment, sku, LOCATION, RESTOCK_UNITS).await?;
-        show(&format!("restock sku {sku} with {RESTOCK_UNITS} units"), &outcome);
+    if !catalog_ready {
+        let control = Client::connect(config(addr, &certs, "control")).await?;
+        println!("\n== control: catalog and stock");
+        for (i, sku) in SKUS.into_iter().enumerate() {
+            show(&format!("upsert sku {sku} at location {LOCATION}"), &control.upsert_sku(sku, LOCATION, 0).await?);
+            let adjustment = run.wrapping_add(i as u128);
+            let outcome = control.adjust(adjustment, sku, LOCATION, RESTOCK_UNITS).await?;
+            show(&format!("restock sku {sku} with {RESTOCK_UNITS} units"), &outcome);
+        }
+        control.close().await;
     }
-    control.close().await;
 
     let checkout = Client::connect(config(addr, &certs, "checkout")).await?;
     let stock: Vec<SkuAt> = SKUS.iter().map(|&sku| SkuAt { sku, location: Some(LOCATION) }).collect();
@@ -81,24 +84,26 @@ async fn main() -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// `--addr` and `--certs`, with their defaults.
-fn args() -> Result<(SocketAddr, PathBuf), Box<dyn Error>> {
+/// `--addr`, `--certs` and `--catalog-ready`, with their defaults.
+fn args() -> Result<(SocketAddr, PathBuf, bool), Box<dyn Error>> {
     let mut addr: SocketAddr = "127.0.0.1:7400".parse()?;
     let mut certs = PathBuf::from("target/certs");
+    let mut catalog_ready = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--addr" => addr = value()?.parse()?,
             "--certs" => certs = PathBuf::from(value()?),
+            "--catalog-ready" => catalog_ready = true,
             "-h" | "--help" => {
-                println!("usage: checkout [--addr 127.0.0.1:7400] [--certs target/certs]");
+                println!("usage: checkout [--addr 127.0.0.1:7400] [--certs target/certs] [--catalog-ready]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}; try --help").into()),
         }
     }
-    Ok((addr, certs))
+    Ok((addr, certs, catalog_ready))
 }
 
 /// A one-connection client configuration with the certificate of `role`.
@@ -139,6 +144,6 @@ fn show(step: &str, outcome: &Outcome) {
                 println!("   hold {:#x} {:?}, lines {:?}", hold.hold.0, hold.state, hold.lines);
             }
         }
-        Body::Journal { entries, next } => println!("   {} journal entries, next {next}", entries.len()),
+        Body::Journal { entries, next, .. } => println!("   {} journal entries, next {next}", entries.len()),
     }
 }
