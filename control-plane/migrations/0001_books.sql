@@ -13,12 +13,19 @@ CREATE TABLE skus (
     sku              BIGINT PRIMARY KEY CHECK (sku >= 0),
     name             TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
     backorder_limit  BIGINT NOT NULL DEFAULT 0 CHECK (backorder_limit BETWEEN 0 AND 4294967295),
-    -- Bumped on every change, so the pusher can tell which stock rows the data plane
-    -- has not yet been told of.
+    -- Bumped on every change (its stock rows are then queued for a push again).
     version          BIGINT NOT NULL DEFAULT 1,
     created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at       TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- The order in which the data plane must be told of things: every stock row and every
+-- adjustment to push takes the next value when it is made, and again whenever it must
+-- be told anew (its SKU changed, or the shard restarted empty). Each shard's pusher
+-- tells its shard everything above the shard's pushed_seq in this order, and moves
+-- pushed_seq past what the shard acknowledged: one cursor per shard instead of a flag
+-- per row, so acknowledging a batch costs one row update, not one per stock row.
+CREATE SEQUENCE push_seq;
 
 -- One row per SKU and location that the data plane should know.
 CREATE TABLE stock_levels (
@@ -30,20 +37,16 @@ CREATE TABLE stock_levels (
     on_hand          BIGINT NOT NULL DEFAULT 0,
     -- Units sold here, as drained.
     sold             BIGINT NOT NULL DEFAULT 0,
-    -- What the shard acknowledged of the catalog: the SKU version and the shard's epoch
-    -- of the last upsert it answered Ok. NULL: not yet told.
-    upserted_version BIGINT,
-    upserted_epoch   BIGINT,
-    -- True while the shard must be told of the row (new, its SKU changed, or the shard
-    -- restarted empty): the pusher's work list, found through a partial index.
-    upsert_due       BOOLEAN NOT NULL DEFAULT true,
+    -- Where the row stands in the order of pushes: the shard has been told of the row
+    -- as it is now once its pushed_seq reaches this.
+    push_seq         BIGINT NOT NULL DEFAULT nextval('push_seq'),
     PRIMARY KEY (sku, location)
 )
 -- The drain rewrites on_hand and sold of many rows per batch; room on each page lets
 -- PostgreSQL update them in place (HOT: no index entry per update).
 WITH (fillfactor = 50);
+CREATE INDEX stock_levels_push ON stock_levels (shard, push_seq);
 CREATE INDEX stock_levels_by_shard ON stock_levels (shard);
-CREATE INDEX stock_levels_upsert_due ON stock_levels (shard) WHERE upsert_due;
 
 -- Every intended change of on_hand. The id is the data plane's adjustment id (a u128).
 CREATE TABLE adjustments (
@@ -61,19 +64,22 @@ CREATE TABLE adjustments (
     kind             TEXT NOT NULL CHECK (kind IN ('adjust', 'set', 'bootstrap', 'foreign')),
     set_to           BIGINT,
     reason           TEXT NOT NULL DEFAULT '',
-    -- pending: not yet acknowledged; applied: the shard answered Ok; rejected: the shard
-    -- refused it (status says why) and it never changes the books.
+    -- pending: not yet seen in the shard's journal; applied: the drain found it there;
+    -- rejected: the shard refused it (status says why) and it never changes the books.
     state            TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'applied', 'rejected')),
     status           TEXT,
-    -- The shard's epoch the adjustment is meant for (re-sent in a new epoch if lost).
+    -- The shard's epoch when it was recorded or last queued again.
     epoch            BIGINT NOT NULL,
+    -- Where it stands in the order of pushes (see push_seq); NULL: never pushed from
+    -- here (foreign: seen in a journal without being asked for here).
+    push_seq         BIGINT DEFAULT nextval('push_seq'),
     created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     applied_at       TIMESTAMPTZ,
     -- Where the drain found it in the shard's journal; NULL until drained.
     journal_epoch    BIGINT,
     journal_position BIGINT
 );
-CREATE INDEX adjustments_pending ON adjustments (shard, created_at) WHERE state = 'pending';
+CREATE INDEX adjustments_push ON adjustments (shard, push_seq) WHERE push_seq IS NOT NULL;
 CREATE INDEX adjustments_by_row ON adjustments (sku, location);
 
 -- The sales ledger: one row per committed line, exactly once.
@@ -108,6 +114,9 @@ CREATE TABLE shard_positions (
     -- The shard's incarnation this epoch drains (NULL until first seen): a shard that
     -- answers journal reads with another one started without its data.
     incarnation BIGINT,
+    -- The pusher's cursor: the shard has acknowledged every stock row and adjustment of
+    -- its own whose push_seq is at most this (rejected ones excepted).
+    pushed_seq  BIGINT NOT NULL DEFAULT 0,
     updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 

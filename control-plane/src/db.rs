@@ -4,18 +4,26 @@
 //! PostgreSQL is the system of record for the catalog and the books (DESIGN.md); the data
 //! plane's WAL is the record only of live holds and of commits not yet drained. So we keep:
 //! - **locations** and **skus**: the catalog the back office manages. A SKU's `version`
-//!   goes up with every change, so the pusher can see which rows a shard has not been
-//!   told of.
+//!   goes up with every change.
 //! - **stock_levels**: one row per SKU and location that the data plane must know. Its
 //!   `on_hand` is *the books*: every adjustment the data plane applied minus every sale it
 //!   committed, both as read from the shard's journal. Only the drain writes it, in the
 //!   same transaction that moves the drained position, which is what makes it exact.
-//!   `upserted_version` and `upserted_epoch` are the *observed* state: what the owning
-//!   shard acknowledged of the catalog.
+//! - **push_seq** (a sequence), on stock rows and adjustments, with each shard's
+//!   `pushed_seq`: the *intended* state is every row and adjustment of the shard in
+//!   `push_seq` order, the *observed* state is the shard's cursor into that order (it has
+//!   acknowledged everything at or below it). A row or adjustment that must be told again
+//!   (its SKU changed, the shard restarted empty, the shard forgot a row) takes a new,
+//!   higher value. Acknowledging a batch moves one cursor instead of updating a flag on
+//!   every row, which is what makes the bootstrap of a million rows cheap. Every writer
+//!   of `push_seq` holds a shared advisory lock until it commits, and the pusher reads
+//!   the sequence's value under the exclusive lock: so no value at or below what it read
+//!   can still commit later, and the cursor never skips a row.
 //! - **adjustments**: every *intended* change of stock, with the 128-bit id the data plane
 //!   deduplicates by. A back-office "set on hand to N" is stored as the delta it amounts
 //!   to against the books at that moment, never as an absolute value, so it cannot race
-//!   with sales in flight. `state` says whether the shard has acknowledged it.
+//!   with sales in flight. `state` says whether the drain has seen it in the shard's
+//!   journal (applied) or the shard refused it (rejected).
 //! - **sales**: the ledger, one row per committed line, keyed by (shard, epoch, journal
 //!   position), so a batch drained twice cannot be written twice.
 //! - **shard_positions**: per shard, the next journal position to drain (everything below
@@ -37,6 +45,10 @@ use uuid::Uuid;
 
 /// The advisory lock key of shard 0's books (shard k uses this plus k).
 const BOOKS_LOCK_BASE: i64 = 0x5354_4f43_4b00_0000;
+
+/// The advisory lock that orders `push_seq`: shared by every writer of the sequence until
+/// it commits, taken exclusively by the pusher to read the sequence's stable value.
+pub const PUSH_LOCK: i64 = 0x5354_4f43_4b50_5553;
 
 /// Migrations, embedded in the binary; run on start.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -249,22 +261,49 @@ pub enum DrainedKind {
     },
 }
 
-/// A stock row the shard must be told of (an upsert), with what to tell it.
+/// What a shard must be told next, in `push_seq` order: everything above its cursor up
+/// to `upto`, the stock rows (upserts) before the adjustments.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PushBatch {
+    /// The shard's epoch.
+    pub epoch: i64,
+    /// The shard's incarnation this epoch, once seen.
+    pub incarnation: Option<u64>,
+    /// The shard's cursor: everything at or below it is acknowledged.
+    pub cursor: i64,
+    /// The batch covers `push_seq` values in `(cursor, upto]`.
+    pub upto: i64,
+    /// Stock rows to upsert.
+    pub rows: Vec<PushRow>,
+    /// Adjustments to push.
+    pub adjustments: Vec<PushAdjustment>,
+}
+
+impl PushBatch {
+    /// True if there is nothing to tell the shard.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.adjustments.is_empty()
+    }
+}
+
+/// A stock row to upsert, with what to tell the shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpsertDue {
+pub struct PushRow {
+    /// Its place in the order of pushes.
+    pub seq: i64,
     /// The SKU.
     pub sku: u64,
     /// The location.
     pub location: u32,
     /// The SKU's backorder limit.
     pub backorder_limit: u32,
-    /// The SKU's version being told.
-    pub version: i64,
 }
 
-/// A pending adjustment to push.
+/// An adjustment to push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PushDue {
+pub struct PushAdjustment {
+    /// Its place in the order of pushes.
+    pub seq: i64,
     /// Its id.
     pub id: u128,
     /// The SKU.
@@ -272,6 +311,19 @@ pub struct PushDue {
     /// The location.
     pub location: u32,
     /// Units added.
+    pub delta: i64,
+}
+
+/// A bootstrap adjustment not yet seen in its shard's journal (reconcile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootstrapPending {
+    /// Its id.
+    pub id: Uuid,
+    /// The SKU.
+    pub sku: u64,
+    /// The location.
+    pub location: u32,
+    /// The books' figure it hands to the shard.
     pub delta: i64,
 }
 
@@ -315,6 +367,13 @@ fn adjustment_of(row: &sqlx::postgres::PgRow) -> Adjustment {
 
 const ADJUSTMENT_COLUMNS: &str =
     "id, idempotency_key, sku, location, delta, kind, set_to, reason, state, status, created_at, applied_at";
+
+/// Takes the shared push lock until the transaction ends: before any write that takes a
+/// `push_seq` value.
+async fn push_lock_shared(tx: &mut Transaction<'_, Postgres>) -> Result<(), DbError> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(PUSH_LOCK).execute(&mut **tx).await?;
+    Ok(())
+}
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
@@ -456,11 +515,12 @@ impl Db {
         Ok(done.rows_affected())
     }
 
-    /// Changes a SKU's name or backorder limit (bumping its version, and marking its
-    /// stock rows due for an upsert).
+    /// Changes a SKU's name or backorder limit (bumping its version, and queueing its
+    /// stock rows for an upsert again).
     pub async fn sku_update(&self, sku: u64, name: Option<&str>, backorder_limit: Option<u32>) -> Result<Sku, DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE stock_levels SET upsert_due = true WHERE sku = $1")
+        push_lock_shared(&mut tx).await?;
+        sqlx::query("UPDATE stock_levels SET push_seq = nextval('push_seq') WHERE sku = $1")
             .bind(sku as i64)
             .execute(&mut *tx)
             .await?;
@@ -501,6 +561,8 @@ impl Db {
         let skus: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
         let locations: Vec<i64> = rows.iter().map(|r| i64::from(r.1)).collect();
         let shards: Vec<i32> = rows.iter().map(|r| r.2 as i32).collect();
+        let mut tx = self.pool.begin().await?;
+        push_lock_shared(&mut tx).await?;
         let done = sqlx::query(
             "INSERT INTO stock_levels (sku, location, shard)
              SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::int[]) ON CONFLICT DO NOTHING",
@@ -508,8 +570,9 @@ impl Db {
         .bind(&skus)
         .bind(&locations)
         .bind(&shards)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -522,6 +585,8 @@ impl Db {
         let locations: Vec<i64> = rows.iter().map(|r| i64::from(r.1)).collect();
         let shards: Vec<i32> = rows.iter().map(|r| r.2 as i32).collect();
         let deltas: Vec<i64> = rows.iter().map(|r| r.3).collect();
+        let mut tx = self.pool.begin().await?;
+        push_lock_shared(&mut tx).await?;
         let done = sqlx::query(
             "INSERT INTO adjustments (id, sku, location, shard, delta, kind, reason, epoch)
              SELECT u.id, u.sku, u.location, u.shard, u.delta, 'adjust', $6,
@@ -535,8 +600,9 @@ impl Db {
         .bind(&shards)
         .bind(&deltas)
         .bind(reason)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -605,6 +671,7 @@ impl Db {
         if exists.is_none() {
             return Err(DbError::NotFound("location"));
         }
+        push_lock_shared(&mut tx).await?;
         sqlx::query("INSERT INTO stock_levels (sku, location, shard) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(ask.sku as i64)
             .bind(i64::from(ask.location))
@@ -808,10 +875,13 @@ impl Db {
     }
 
     /// Starts a new epoch for a shard that lost its state: the drain starts again at 1,
-    /// every stock row of the shard must be upserted again, every adjustment the shard
-    /// acknowledged but the books never saw drained is pending again, and for every row
-    /// with stock in the books a bootstrap adjustment hands that figure to the shard.
-    /// Applies only if the shard is still in `epoch`. Returns the new epoch.
+    /// and everything the shard must be told again is queued again in `push_seq` order:
+    /// every stock row of the shard, then for every row with stock in the books a
+    /// bootstrap adjustment that hands that figure to the shard, then every adjustment
+    /// the books never saw drained (the shard deduplicates by id one it already has).
+    /// Bootstrap adjustments of earlier epochs that were never drained are superseded by
+    /// the new ones (rejected), so no shard is handed the books twice. Applies only if
+    /// the shard is still in `epoch`. Returns the new epoch.
     pub async fn epoch_begin(&self, shard: u32, epoch: i64) -> Result<Option<i64>, DbError> {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
@@ -826,24 +896,34 @@ impl Db {
             return Ok(None);
         }
         let new_epoch = epoch + 1;
-        sqlx::query("UPDATE stock_levels SET upsert_due = true WHERE shard = $1")
+        push_lock_shared(&mut tx).await?;
+        sqlx::query(
+            "UPDATE adjustments SET state = 'rejected', status = 'superseded by a later bootstrap'
+             WHERE shard = $1 AND kind = 'bootstrap' AND journal_position IS NULL AND state = 'pending'",
+        )
+        .bind(shard as i32)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE stock_levels SET push_seq = nextval('push_seq') WHERE shard = $1")
             .bind(shard as i32)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE adjustments SET state = 'pending', epoch = $2 WHERE shard = $1 AND state = 'applied' AND journal_position IS NULL")
-            .bind(shard as i32)
-            .bind(new_epoch)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE adjustments SET epoch = $2 WHERE shard = $1 AND state = 'pending'")
-            .bind(shard as i32)
-            .bind(new_epoch)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
             "INSERT INTO adjustments (id, sku, location, shard, delta, kind, reason, epoch)
              SELECT gen_random_uuid(), sku, location, shard, on_hand, 'bootstrap', 'the shard restarted empty', $2
-             FROM stock_levels WHERE shard = $1 AND on_hand <> 0",
+             FROM stock_levels WHERE shard = $1 AND on_hand <> 0 ORDER BY push_seq",
+        )
+        .bind(shard as i32)
+        .bind(new_epoch)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "WITH again AS (SELECT id FROM adjustments
+                            WHERE shard = $1 AND kind <> 'bootstrap' AND journal_position IS NULL
+                              AND state <> 'rejected' AND push_seq IS NOT NULL
+                            ORDER BY push_seq)
+             UPDATE adjustments a SET push_seq = nextval('push_seq'), epoch = $2, state = 'pending'
+             FROM again WHERE a.id = again.id",
         )
         .bind(shard as i32)
         .bind(new_epoch)
@@ -862,98 +942,18 @@ impl Db {
         Ok(rows)
     }
 
-    /// Bootstrap adjustments no shard has acknowledged yet, summed per SKU and location
-    /// (reconcile).
-    pub async fn bootstrap_pending(&self) -> Result<HashMap<(u64, u32), i64>, DbError> {
+    /// Bootstrap adjustments not yet seen in their shard's journal (reconcile).
+    pub async fn bootstrap_pending(&self) -> Result<Vec<BootstrapPending>, DbError> {
         let rows = sqlx::query(
-            "SELECT sku, location, sum(delta)::bigint AS delta FROM adjustments
-             WHERE kind = 'bootstrap' AND state = 'pending' GROUP BY sku, location",
+            "SELECT id, sku, location, delta FROM adjustments
+             WHERE kind = 'bootstrap' AND state = 'pending' AND journal_position IS NULL",
         )
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .iter()
-            .map(|r| ((r.get::<i64, _>("sku") as u64, r.get::<i64, _>("location") as u32), r.get::<i64, _>("delta")))
-            .collect())
-    }
-
-    /// Stock rows of a shard that the shard must be told of, at most `limit`.
-    pub async fn upserts_due(&self, shard: u32, limit: u32) -> Result<Vec<UpsertDue>, DbError> {
-        let rows = sqlx::query(
-            "WITH due AS (SELECT sku, location FROM stock_levels WHERE shard = $1 AND upsert_due LIMIT $2)
-             SELECT due.sku, due.location, k.backorder_limit, k.version FROM due JOIN skus k ON k.sku = due.sku",
-        )
-        .bind(shard as i32)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| UpsertDue {
-                sku: r.get::<i64, _>("sku") as u64,
-                location: r.get::<i64, _>("location") as u32,
-                backorder_limit: r.get::<i64, _>("backorder_limit") as u32,
-                version: r.get("version"),
-            })
-            .collect())
-    }
-
-    /// Records that the shard acknowledged these upserts in `epoch`; a row whose SKU
-    /// changed meanwhile stays due.
-    pub async fn upserts_done(&self, epoch: i64, done: &[UpsertDue]) -> Result<(), DbError> {
-        let skus: Vec<i64> = done.iter().map(|d| d.sku as i64).collect();
-        let locations: Vec<i64> = done.iter().map(|d| i64::from(d.location)).collect();
-        let versions: Vec<i64> = done.iter().map(|d| d.version).collect();
-        sqlx::query(
-            "UPDATE stock_levels s SET upserted_version = u.version, upserted_epoch = $1,
-                    upsert_due = (k.version <> u.version)
-             FROM UNNEST($2::bigint[], $3::bigint[], $4::bigint[]) AS u(sku, location, version), skus k
-             WHERE s.sku = u.sku AND s.location = u.location AND k.sku = u.sku",
-        )
-        .bind(epoch)
-        .bind(&skus)
-        .bind(&locations)
-        .bind(&versions)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Forgets that the shard knows these rows (it answered that it does not), so they
-    /// are upserted again.
-    pub async fn upserts_forget(&self, rows: &[PushDue]) -> Result<(), DbError> {
-        let skus: Vec<i64> = rows.iter().map(|r| r.sku as i64).collect();
-        let locations: Vec<i64> = rows.iter().map(|r| i64::from(r.location)).collect();
-        sqlx::query(
-            "UPDATE stock_levels s SET upserted_epoch = NULL, upsert_due = true
-             FROM UNNEST($1::bigint[], $2::bigint[]) AS u(sku, location)
-             WHERE s.sku = u.sku AND s.location = u.location",
-        )
-        .bind(&skus)
-        .bind(&locations)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Pending adjustments of a shard whose stock row the shard already knows, oldest
-    /// first, at most `limit`.
-    pub async fn pushes_due(&self, shard: u32, epoch: i64, limit: u32) -> Result<Vec<PushDue>, DbError> {
-        let rows = sqlx::query(
-            "SELECT a.id, a.sku, a.location, a.delta FROM adjustments a
-             JOIN stock_levels s ON s.sku = a.sku AND s.location = a.location
-             WHERE a.shard = $1 AND a.state = 'pending' AND s.upserted_epoch = $2
-             ORDER BY a.created_at LIMIT $3",
-        )
-        .bind(shard as i32)
-        .bind(epoch)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| PushDue {
-                id: r.get::<Uuid, _>("id").as_u128(),
+            .map(|r| BootstrapPending {
+                id: r.get("id"),
                 sku: r.get::<i64, _>("sku") as u64,
                 location: r.get::<i64, _>("location") as u32,
                 delta: r.get("delta"),
@@ -961,16 +961,128 @@ impl Db {
             .collect())
     }
 
-    /// Records the shard's answers to pushed adjustments: applied (Ok), or rejected with
-    /// the status's name.
-    pub async fn pushes_done(&self, applied: &[u128], rejected: &[(u128, String)]) -> Result<(), DbError> {
-        let applied: Vec<Uuid> = applied.iter().map(|&id| Uuid::from_u128(id)).collect();
-        sqlx::query(
-            "UPDATE adjustments SET state = 'applied', applied_at = now() WHERE id = ANY($1) AND state = 'pending'",
+    /// What `shard` must be told next: up to `limit` stock rows and up to `limit`
+    /// adjustments above its cursor, in `push_seq` order, cut where the first of the two
+    /// lists was cut so that nothing in `(cursor, upto]` is left out. Only values that
+    /// can no longer change are read: the sequence's value is taken under the exclusive
+    /// push lock, which waits for every writer that took a value to commit or abort.
+    pub async fn push_batch(&self, shard: u32, limit: u32) -> Result<PushBatch, DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PUSH_LOCK).execute(&mut *tx).await?;
+        let (last, called): (i64, bool) =
+            sqlx::query_as("SELECT last_value, is_called FROM push_seq").fetch_one(&mut *tx).await?;
+        let row = sqlx::query("SELECT epoch, incarnation, pushed_seq FROM shard_positions WHERE shard = $1")
+            .bind(shard as i32)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(DbError::ShardsUnknown)?;
+        tx.commit().await?;
+        let horizon = if called { last } else { 0 };
+        let mut batch = PushBatch {
+            epoch: row.get("epoch"),
+            incarnation: row.get::<Option<i64>, _>("incarnation").map(|i| i as u64),
+            cursor: row.get("pushed_seq"),
+            upto: horizon,
+            ..PushBatch::default()
+        };
+        if horizon <= batch.cursor {
+            batch.upto = batch.cursor;
+            return Ok(batch);
+        }
+        let rows = sqlx::query(
+            "SELECT s.push_seq, s.sku, s.location, k.backorder_limit FROM stock_levels s JOIN skus k ON k.sku = s.sku
+             WHERE s.shard = $1 AND s.push_seq > $2 AND s.push_seq <= $3 ORDER BY s.push_seq LIMIT $4",
         )
-        .bind(&applied)
-        .execute(&self.pool)
+        .bind(shard as i32)
+        .bind(batch.cursor)
+        .bind(horizon)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
         .await?;
+        batch.rows = rows
+            .iter()
+            .map(|r| PushRow {
+                seq: r.get("push_seq"),
+                sku: r.get::<i64, _>("sku") as u64,
+                location: r.get::<i64, _>("location") as u32,
+                backorder_limit: r.get::<i64, _>("backorder_limit") as u32,
+            })
+            .collect();
+        if batch.rows.len() == limit as usize {
+            batch.upto = batch.rows.last().map_or(horizon, |r| r.seq);
+        }
+        let adjustments = sqlx::query(
+            "SELECT push_seq, id, sku, location, delta FROM adjustments
+             WHERE shard = $1 AND push_seq > $2 AND push_seq <= $3 AND state <> 'rejected'
+             ORDER BY push_seq LIMIT $4",
+        )
+        .bind(shard as i32)
+        .bind(batch.cursor)
+        .bind(batch.upto)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        batch.adjustments = adjustments
+            .iter()
+            .map(|r| PushAdjustment {
+                seq: r.get("push_seq"),
+                id: r.get::<Uuid, _>("id").as_u128(),
+                sku: r.get::<i64, _>("sku") as u64,
+                location: r.get::<i64, _>("location") as u32,
+                delta: r.get("delta"),
+            })
+            .collect();
+        if batch.adjustments.len() == limit as usize {
+            let last = batch.adjustments.last().map_or(batch.upto, |a| a.seq);
+            batch.upto = last;
+            batch.rows.retain(|r| r.seq <= last);
+        }
+        Ok(batch)
+    }
+
+    /// Moves the shard's push cursor from `from` to `to`: the shard acknowledged
+    /// everything in between. Applies only if the cursor is still at `from` (another
+    /// pusher moved it otherwise). Returns whether it applied.
+    pub async fn push_advance(&self, shard: u32, from: i64, to: i64) -> Result<bool, DbError> {
+        let moved = sqlx::query("UPDATE shard_positions SET pushed_seq = $3 WHERE shard = $1 AND pushed_seq = $2")
+            .bind(shard as i32)
+            .bind(from)
+            .bind(to)
+            .execute(&self.pool)
+            .await?;
+        Ok(moved.rows_affected() == 1)
+    }
+
+    /// Queues stock rows and adjustments to be told again, in that order, after
+    /// everything queued so far: the shard answered that it does not know the rows.
+    pub async fn push_again(&self, rows: &[(u64, u32)], adjustments: &[u128]) -> Result<(), DbError> {
+        let skus: Vec<i64> = rows.iter().map(|r| r.0 as i64).collect();
+        let locations: Vec<i64> = rows.iter().map(|r| i64::from(r.1)).collect();
+        let ids: Vec<Uuid> = adjustments.iter().map(|&id| Uuid::from_u128(id)).collect();
+        let mut tx = self.pool.begin().await?;
+        push_lock_shared(&mut tx).await?;
+        sqlx::query(
+            "UPDATE stock_levels s SET push_seq = nextval('push_seq')
+             FROM UNNEST($1::bigint[], $2::bigint[]) AS u(sku, location)
+             WHERE s.sku = u.sku AND s.location = u.location",
+        )
+        .bind(&skus)
+        .bind(&locations)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE adjustments SET push_seq = nextval('push_seq') WHERE id = ANY($1) AND state = 'pending'")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records adjustments the shard refused for good, with the status's name.
+    pub async fn pushes_rejected(&self, rejected: &[(u128, String)]) -> Result<(), DbError> {
+        if rejected.is_empty() {
+            return Ok(());
+        }
         let ids: Vec<Uuid> = rejected.iter().map(|r| Uuid::from_u128(r.0)).collect();
         let statuses: Vec<&str> = rejected.iter().map(|r| r.1.as_str()).collect();
         sqlx::query(
@@ -982,6 +1094,21 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Stock rows and adjustments of `shard` not yet acknowledged (above its cursor).
+    pub async fn push_backlog(&self, shard: u32) -> Result<(i64, i64), DbError> {
+        let backlog: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM stock_levels s WHERE s.shard = p.shard AND s.push_seq > p.pushed_seq),
+                    (SELECT count(*) FROM adjustments a WHERE a.shard = p.shard AND a.push_seq > p.pushed_seq
+                                                          AND a.state <> 'rejected')
+             FROM shard_positions p WHERE p.shard = $1",
+        )
+        .bind(shard as i32)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(DbError::ShardsUnknown)?;
+        Ok(backlog)
     }
 }
 
@@ -1147,8 +1274,8 @@ async fn drain_write_in(
         // the books (a bootstrap adjustment hands the books' own figure to the shard).
         let newly: Vec<(i64, i64, i64, String)> = sqlx::query_as(
             "INSERT INTO adjustments (id, sku, location, shard, delta, kind, state, epoch, applied_at,
-                                      journal_epoch, journal_position)
-             SELECT u.id, u.sku, u.location, $1, u.delta, 'foreign', 'applied', $2, now(), $2, u.position
+                                      journal_epoch, journal_position, push_seq)
+             SELECT u.id, u.sku, u.location, $1, u.delta, 'foreign', 'applied', $2, now(), $2, u.position, NULL
              FROM UNNEST($3::uuid[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
                   AS u(id, position, sku, location, delta)
              ON CONFLICT (id) DO UPDATE SET state = 'applied', status = NULL,

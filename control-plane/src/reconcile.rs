@@ -113,12 +113,19 @@ pub async fn reconcile(db: &Db, dataplane: &Dataplane) -> anyhow::Result<Report>
     }
     let ids: Vec<Uuid> = tail_adjustments.iter().map(|a| a.0).collect();
     let bootstrap: HashSet<Uuid> = db.bootstrap_ids_among(&ids).await?.into_iter().collect();
-    for (id, sku, location, delta) in tail_adjustments {
+    for &(id, sku, location, delta) in &tail_adjustments {
         if !bootstrap.contains(&id) {
             *undrained.entry((sku, location)).or_default() += delta;
         }
     }
-    let bootstrap_pending = db.bootstrap_pending().await?;
+    // Bootstrap adjustments in neither the books nor the journal's tail: not received.
+    let tail: HashSet<Uuid> = tail_adjustments.iter().map(|a| a.0).collect();
+    let mut bootstrap_pending: HashMap<(u64, u32), i64> = HashMap::new();
+    for pending in db.bootstrap_pending().await? {
+        if !tail.contains(&pending.id) {
+            *bootstrap_pending.entry((pending.sku, pending.location)).or_default() += pending.delta;
+        }
+    }
     let shard_ids: Vec<u32> = positions.iter().map(|p| p.shard).collect();
     let books = db.books_of_shards(&shard_ids).await?;
     let items: Vec<SkuAt> = books.keys().map(|&(sku, location)| SkuAt { sku, location: Some(location) }).collect();

@@ -13,16 +13,17 @@
 //! in flight at once, their books updates queued behind the shard's advisory lock.
 //!
 //! **Push (books → data plane).** One pusher per shard closes the gap between what
-//! PostgreSQL intends and what the shard acknowledged: stock rows the shard has not
-//! been told of (upserts, at the SKU's version, in the shard's epoch), then pending
-//! adjustments, by their ids, so a push retried after a lost answer is applied once.
+//! PostgreSQL intends and what the shard acknowledged: every stock row (an upsert) and
+//! adjustment (by its id, so a push retried after a lost answer is applied once) above
+//! the shard's cursor, in `push_seq` order ([`Db::push_batch`]), after which the cursor
+//! moves past what the shard acknowledged ([`Db::push_advance`]).
 //!
 //! **A shard that restarted empty.** It answers with another incarnation than the one
 //! this epoch drains (or its journal is shorter than the books' drained position); the drainer then begins a new epoch ([`Db::epoch_begin`]): the drain starts
-//! again at 1, every row is upserted again, adjustments that never came back through
-//! the journal are pending again, and a bootstrap adjustment gives each row the books'
-//! on-hand figure. An empty data plane at first start is the same case without the
-//! epoch change: every row is due for an upsert, every adjustment pending.
+//! again at 1, and every row, a bootstrap adjustment that gives each row the books'
+//! on-hand figure, and every adjustment that never came back through the journal are
+//! queued again. An empty data plane at first start is the same case without the epoch
+//! change: everything is above the cursor.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::app::App;
 use crate::dataplane::{CallError, Dataplane, JournalRead};
-use crate::db::{Db, DrainedEntry, DrainedKind, PushDue, UpsertDue};
+use crate::db::{Db, DrainedEntry, DrainedKind, PushAdjustment};
 
 /// Starts a drainer and a pusher for every shard once the data plane is reached.
 pub fn spawn(app: App) {
@@ -424,68 +425,91 @@ impl PushPass {
     }
 }
 
-/// One pass of the pusher for `shard`: upserts due, then adjustments due, each a batch of
-/// at most `batch`, the calls concurrent.
+/// One pass of the pusher for `shard`: the next batch in `push_seq` order (at most
+/// `batch` stock rows and `batch` adjustments), the upserts first, then the adjustments,
+/// each group's calls concurrent; then the shard's cursor moves past what it
+/// acknowledged, stopping before the first call that failed (tried again next pass:
+/// upserts are idempotent and adjustments deduplicated by id, so telling the shard
+/// again what it already has changes nothing). Nothing is pushed to a shard that
+/// answers as another incarnation than the one its epoch drains: it restarted empty,
+/// and the drain begins its new epoch first.
 pub async fn push_pass(db: &Db, dataplane: &Dataplane, shard: u32, batch: u32) -> anyhow::Result<PushPass> {
     let mut pass = PushPass::default();
-    let position = db.position(shard).await?;
-    let due = db.upserts_due(shard, batch).await?;
-    if !due.is_empty() {
-        let mut calls = tokio::task::JoinSet::new();
-        for up in due {
-            let client = dataplane.client().clone();
-            calls.spawn(async move { (up, client.upsert_sku(up.sku, up.location, up.backorder_limit).await) });
+    let due = db.push_batch(shard, batch).await?;
+    if due.is_empty() {
+        if due.upto > due.cursor {
+            // Values taken by writes that were rolled back: nothing to tell.
+            db.push_advance(shard, due.cursor, due.upto).await?;
         }
-        let mut done: Vec<UpsertDue> = Vec::new();
-        let started = Instant::now();
-        while let Some(joined) = calls.join_next().await {
-            match joined.expect("an upsert task does not panic") {
-                (up, Ok(outcome)) if outcome.status == Status::Ok => done.push(up),
-                (up, Ok(outcome)) => {
-                    tracing::debug!(sku = up.sku, location = up.location, status = ?outcome.status, "an upsert was refused");
-                    pass.failed += 1;
-                }
-                (_, Err(_)) => pass.failed += 1,
-            }
-        }
-        pass.dataplane += started.elapsed();
-        db.upserts_done(position.epoch, &done).await?;
-        pass.upserted = done.len() as u64;
+        return Ok(pass);
     }
-    let due = db.pushes_due(shard, position.epoch, batch).await?;
-    if !due.is_empty() {
-        let mut calls = tokio::task::JoinSet::new();
-        for push in due {
-            let client = dataplane.client().clone();
-            calls.spawn(async move { (push, client.adjust(push.id, push.sku, push.location, push.delta).await) });
+    if let Ok(JournalRead::Entries { incarnation, .. }) = dataplane.journal(shard, 1, 1).await {
+        if db.incarnation_note(shard, due.epoch, incarnation).await? != Some(incarnation) {
+            tracing::info!(shard, incarnation, "the shard answers as a new incarnation; pushing after its new epoch");
+            pass.failed += 1;
+            return Ok(pass);
         }
-        let (mut applied, mut rejected, mut unknown) = (Vec::new(), Vec::new(), Vec::<PushDue>::new());
-        let started = Instant::now();
-        while let Some(joined) = calls.join_next().await {
-            match joined.expect("a push task does not panic") {
-                (push, Ok(outcome)) => match outcome.status {
-                    Status::Ok => applied.push(push.id),
-                    // The shard does not know the row: it lost it, so it must be told again.
-                    Status::UnknownSku => unknown.push(push),
-                    status if status.is_retryable() => pass.failed += 1,
-                    status => rejected.push((push.id, format!("{status:?}"))),
-                },
-                (_, Err(_)) => pass.failed += 1,
+    }
+    // The first place in the order where the shard did not acknowledge: the cursor
+    // stops before it.
+    let mut stop = i64::MAX;
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for row in due.rows.iter().copied() {
+        let client = dataplane.client().clone();
+        calls.spawn(async move { (row, client.upsert_sku(row.sku, row.location, row.backorder_limit).await) });
+    }
+    while let Some(joined) = calls.join_next().await {
+        match joined.expect("an upsert task does not panic") {
+            (_, Ok(outcome)) if outcome.status == Status::Ok => pass.upserted += 1,
+            (row, Ok(outcome)) => {
+                tracing::debug!(sku = row.sku, location = row.location, status = ?outcome.status, "an upsert was refused");
+                pass.failed += 1;
+                stop = stop.min(row.seq);
+            }
+            (row, Err(_)) => {
+                pass.failed += 1;
+                stop = stop.min(row.seq);
             }
         }
-        pass.dataplane += started.elapsed();
-        if !unknown.is_empty() {
-            tracing::warn!(
-                shard,
-                rows = unknown.len(),
-                "the shard does not know rows it acknowledged; telling it again"
-            );
-            db.upserts_forget(&unknown).await?;
-            pass.failed += unknown.len() as u64;
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for push in due.adjustments.iter().copied().filter(|a| a.seq < stop) {
+        let client = dataplane.client().clone();
+        calls.spawn(async move { (push, client.adjust(push.id, push.sku, push.location, push.delta).await) });
+    }
+    let (mut rejected, mut unknown) = (Vec::new(), Vec::<PushAdjustment>::new());
+    while let Some(joined) = calls.join_next().await {
+        match joined.expect("a push task does not panic") {
+            (push, Ok(outcome)) => match outcome.status {
+                Status::Ok => pass.applied += 1,
+                // The shard does not know the row: it lost it, so it must be told again.
+                Status::UnknownSku => unknown.push(push),
+                status if status.is_retryable() => {
+                    pass.failed += 1;
+                    stop = stop.min(push.seq);
+                }
+                status => rejected.push((push.id, format!("{status:?}"))),
+            },
+            (push, Err(_)) => {
+                pass.failed += 1;
+                stop = stop.min(push.seq);
+            }
         }
-        pass.applied = applied.len() as u64;
-        pass.rejected = rejected.len() as u64;
-        db.pushes_done(&applied, &rejected).await?;
+    }
+    pass.dataplane += started.elapsed();
+    if !unknown.is_empty() {
+        tracing::warn!(shard, rows = unknown.len(), "the shard does not know rows it acknowledged; telling it again");
+        let rows: Vec<(u64, u32)> = unknown.iter().map(|a| (a.sku, a.location)).collect();
+        let ids: Vec<u128> = unknown.iter().map(|a| a.id).collect();
+        db.push_again(&rows, &ids).await?;
+        pass.failed += unknown.len() as u64;
+    }
+    pass.rejected = rejected.len() as u64;
+    db.pushes_rejected(&rejected).await?;
+    let to = if stop == i64::MAX { due.upto } else { stop - 1 };
+    if to > due.cursor && !db.push_advance(shard, due.cursor, to).await? {
+        tracing::warn!(shard, "the push cursor moved under us (another pusher)");
     }
     Ok(pass)
 }

@@ -268,3 +268,110 @@ async fn a_restarted_shard_is_known_by_its_incarnation_not_its_journal_length() 
     let sold: i64 = sqlx::query_scalar("SELECT count(*) FROM sales").fetch_one(app.db.pool()).await.unwrap();
     assert_eq!(sold, lines, "nothing of the new journal was read as the old one");
 }
+
+/// The pusher's cursor never skips a row whose transaction commits after a later one:
+/// a writer that took a place in the push order holds the shared push lock until it
+/// commits, and the pusher reads the order's end only under the exclusive lock, so it
+/// waits for that writer and then finds its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_order_waits_for_a_writer_that_took_a_place_in_it() {
+    use stockplane_control_plane::db::PUSH_LOCK;
+    let db = Db::connect(&fresh_database().await, 4, 30_000).await.unwrap();
+    db.shards_learn(1).await.unwrap();
+    db.location_create(1, "north").await.unwrap();
+    db.sku_create(5, "five", 0).await.unwrap();
+    db.sku_create(6, "six", 0).await.unwrap();
+    // A writer takes a place for SKU 5's row and stays open.
+    let mut writer = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(PUSH_LOCK).execute(&mut *writer).await.unwrap();
+    sqlx::query("INSERT INTO stock_levels (sku, location, shard) VALUES (5, 1, 0)")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    // A later writer commits first.
+    db.stock_rows_create_many(&[(6, 1, 0)]).await.unwrap();
+    let pusher = {
+        let db = db.clone();
+        tokio::spawn(async move { db.push_batch(0, 100).await.unwrap() })
+    };
+    eventually("the pusher to wait for the push lock", WAIT, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    assert!(!pusher.is_finished(), "the pusher read the order while a writer could still commit into it");
+    writer.commit().await.unwrap();
+    let batch = pusher.await.unwrap();
+    let skus: Vec<u64> = batch.rows.iter().map(|r| r.sku).collect();
+    assert_eq!(skus, vec![5, 6], "both rows, in the order their places were taken");
+    assert!(db.push_advance(0, batch.cursor, batch.upto).await.unwrap());
+    assert_eq!(db.push_backlog(0).await.unwrap(), (0, 0));
+    assert!(!db.push_advance(0, batch.cursor, batch.upto).await.unwrap(), "the cursor moves only from where it is");
+}
+
+/// The cursor moves past what the shard acknowledged and no further: with the data
+/// plane away nothing is acknowledged and everything stays queued; once it is back, one
+/// pass tells it all. A SKU that changes afterwards queues its rows again, and a shard
+/// that forgot a row it had acknowledged is told the row again before its adjustment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_cursor_moves_only_past_what_the_shard_acknowledged() {
+    use stockplane_control_plane::sync::push_pass;
+    let mut dataplane = TestDataplane::start(1);
+    let app = control_plane(control_config(&fresh_database().await, Some(&dataplane)), false).await;
+    // Calls to a data plane that is away fail after 200 ms, not the default 5 s.
+    let impatient =
+        stockplane_control_plane::config::DataplaneConfig { call_timeout_ms: 200, ..dataplane.link_config() };
+    let control = stockplane_control_plane::dataplane::Dataplane::connect(&impatient).await.unwrap();
+    app.db.shards_learn(1).await.unwrap();
+    seed(&app.db, 1, 3, 20).await;
+    assert_eq!(app.db.push_backlog(0).await.unwrap(), (6, 6));
+
+    dataplane.stop();
+    let pass = push_pass(&app.db, &control, 0, 64).await.unwrap();
+    assert!(pass.failed > 0 && pass.upserted + pass.applied == 0, "{pass:?}");
+    assert_eq!(app.db.push_backlog(0).await.unwrap(), (6, 6), "nothing acknowledged, nothing skipped");
+
+    dataplane.restart("data");
+    let control = dataplane.control().await;
+    let pass = push_pass(&app.db, &control, 0, 64).await.unwrap();
+    assert_eq!((pass.upserted, pass.applied, pass.failed), (6, 6, 0));
+    assert_eq!(app.db.push_backlog(0).await.unwrap(), (0, 0));
+    wait_pushed(&dataplane, 3, 20).await;
+    assert!(push_pass(&app.db, &control, 0, 64).await.unwrap().is_idle());
+
+    // A SKU that changes is told again at both its locations, with its new limit.
+    app.db.sku_update(2, None, Some(7)).await.unwrap();
+    assert_eq!(app.db.push_backlog(0).await.unwrap(), (2, 0));
+    let pass = push_pass(&app.db, &control, 0, 64).await.unwrap();
+    assert_eq!((pass.upserted, pass.applied), (2, 0));
+    let client = dataplane.client("checkout").await;
+    let outcome = client.query_stock(vec![SkuAt { sku: 2, location: Some(1) }]).await.unwrap();
+    let stockplane_wire::Body::Stock(levels) = outcome.body else { panic!("{outcome:?}") };
+    assert_eq!(levels[0].backorder_limit, 7);
+
+    // The shard forgets a row (it restarted empty, unseen by the drain): the adjustment
+    // for it is refused UnknownSku, and the row and then the adjustment are queued
+    // again and told in that order, so the next pass applies it.
+    app.db.location_create(3, "east").await.unwrap();
+    let ask = AdjustmentAsk { key: "east-1".into(), sku: 1, location: 3, change: Change::Delta(4), reason: "".into() };
+    assert!(matches!(app.db.adjustment_ask(&ask, 0).await.unwrap(), AdjustOutcome::Created(_)));
+    sqlx::query(
+        "UPDATE shard_positions SET pushed_seq = (SELECT push_seq FROM stock_levels WHERE sku = 1 AND location = 3)",
+    )
+    .execute(app.db.pool())
+    .await
+    .unwrap();
+    let pass = push_pass(&app.db, &control, 0, 64).await.unwrap();
+    assert_eq!((pass.applied, pass.failed), (0, 1), "the shard does not know the row: {pass:?}");
+    assert_eq!(app.db.push_backlog(0).await.unwrap(), (1, 1), "the row and its adjustment are queued again");
+    let pass = push_pass(&app.db, &control, 0, 64).await.unwrap();
+    assert_eq!((pass.upserted, pass.applied, pass.failed), (1, 1, 0));
+    let outcome = client.query_stock(vec![SkuAt { sku: 1, location: Some(3) }]).await.unwrap();
+    let stockplane_wire::Body::Stock(levels) = outcome.body else { panic!("{outcome:?}") };
+    assert_eq!(levels[0].on_hand, 4);
+}

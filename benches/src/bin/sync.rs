@@ -286,11 +286,13 @@ async fn bootstrap(db: &Db, dataplane: &Dataplane, skus: u64, batch: u32) -> any
         "bootstrap: {upserted} upserts and {applied} adjustments acknowledged by an empty data plane in {seconds:.2} s ({:.0} SKUs/s, batch {batch} per shard and round)",
         skus as f64 / seconds
     );
-    let due: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM stock_levels WHERE upsert_due").fetch_one(db.pool()).await?;
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM adjustments WHERE state <> 'applied'").fetch_one(db.pool()).await?;
-    anyhow::ensure!(due == 0 && pending == 0, "{due} rows still due, {pending} adjustments not applied");
+    for shard in 0..dataplane.shards() {
+        let (rows, adjustments) = db.push_backlog(shard).await?;
+        anyhow::ensure!(
+            rows == 0 && adjustments == 0,
+            "shard {shard}: {rows} rows and {adjustments} adjustments not acknowledged"
+        );
+    }
     let sample: Vec<SkuAt> =
         (0..1_000).map(|i| SkuAt { sku: i * (skus / 1_000).max(1) + 1, location: Some(1) }).collect();
     let sample: Vec<SkuAt> = sample.into_iter().filter(|s| s.sku <= skus).collect();
@@ -302,6 +304,9 @@ async fn bootstrap(db: &Db, dataplane: &Dataplane, skus: u64, batch: u32) -> any
         sample.len()
     );
     anyhow::ensure!(levels.iter().all(|l| l.on_hand == 100), "a sampled SKU does not hold 100 units");
-    println!("check: nothing left due in PostgreSQL; {} sampled SKUs hold 100 units at the data plane", levels.len());
+    println!(
+        "check: nothing left unacknowledged in PostgreSQL; {} sampled SKUs hold 100 units at the data plane",
+        levels.len()
+    );
     Ok(())
 }

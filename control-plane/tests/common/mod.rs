@@ -73,6 +73,8 @@ pub struct TestDataplane {
     pub server: Option<Server>,
     pub dir: PathBuf,
     pub cores: usize,
+    /// The port it listens on, kept across restarts.
+    pub port: u16,
 }
 
 /// A fresh directory under the system's temporary folder.
@@ -126,7 +128,8 @@ impl TestDataplane {
         let dir = temp_dir("dp");
         write_dev_certs(&dir).expect("write certificates");
         let server = Server::start(dataplane_config(&dir, cores, "data")).expect("start the data plane");
-        TestDataplane { server: Some(server), dir, cores }
+        let port = server.addr().port();
+        TestDataplane { server: Some(server), dir, cores, port }
     }
 
     /// The running server.
@@ -141,10 +144,10 @@ impl TestDataplane {
         }
     }
 
-    /// Starts it again on the same port, from its data (or from a fresh, empty data
-    /// directory named `data`).
+    /// Starts it again (stopping it first if it runs) on the same port, from its data
+    /// (or from a fresh, empty data directory named `data`).
     pub fn restart(&mut self, data: &str) {
-        let port = self.server().addr().port();
+        let port = self.port;
         self.stop();
         let mut config = dataplane_config(&self.dir, self.cores, data);
         config.listen = format!("127.0.0.1:{port}").parse().unwrap();
