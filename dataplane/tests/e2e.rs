@@ -500,3 +500,34 @@ async fn carts_quantities_and_ttls_out_of_bounds_are_invalid() {
     assert_eq!(level(&checkout, skus[4]).await, (100, 0, 100), "refused carts held nothing");
     server.stop();
 }
+
+/// `call_many` sends a batch larger than a frame across every shard and answers each op
+/// in its own place, mixed statuses included: what the control plane's pusher relies
+/// on when it matches answers to the rows and adjustments it sent.
+#[tokio::test]
+async fn many_calls_at_once_are_answered_in_order() {
+    let server = start(2, |_| {});
+    let control = server.client("control").await;
+    let skus: Vec<u64> = (1..=1_000).collect();
+    let upserts = skus.iter().map(|&sku| Op::UpsertSku { sku, location: LOCATION, backorder_limit: 0 }).collect();
+    let answers = control.call_many(upserts).await;
+    assert_eq!(answers.len(), skus.len());
+    assert!(answers.iter().all(|a| matches!(a, Ok(o) if o.status == Status::Ok)), "every upsert is acknowledged");
+    // Even SKUs get sku units; odd positions name a SKU nobody made, answered UnknownSku.
+    let adjusts: Vec<Op> = (0..2_000u64)
+        .map(|i| {
+            let sku = if i % 2 == 0 { i / 2 + 1 } else { 1_000_000 + i };
+            Op::Adjust { adjustment: u128::from(i) + 1, sku, location: LOCATION, delta: sku as i64 }
+        })
+        .collect();
+    let answers = control.call_many(adjusts).await;
+    for (i, answer) in answers.iter().enumerate() {
+        let expected = if i % 2 == 0 { Status::Ok } else { Status::UnknownSku };
+        assert_eq!(answer.as_ref().map(|o| o.status).ok(), Some(expected), "answer {i}");
+    }
+    let checkout = server.client("checkout").await;
+    for sku in [1, 500, 1_000] {
+        assert_eq!(level(&checkout, sku).await.0, sku as i64);
+    }
+    assert!(control.call_many(Vec::new()).await.is_empty());
+}

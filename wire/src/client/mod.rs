@@ -381,71 +381,134 @@ impl Client {
     /// Sends `op` and returns the data plane's answer, batching it with concurrent calls
     /// and retrying as the module documentation describes.
     pub async fn call(&self, op: Op) -> Result<Outcome, ClientError> {
+        let mut answers = self.call_many(vec![op]).await;
+        answers.pop().expect("one answer per call")
+    }
+
+    /// Sends every op of `ops` and returns their answers in the same order, each retried
+    /// as [`Client::call`] retries. For bulk work (the control plane pushing a catalog):
+    /// the calls go into frames without a task, a timer and a breaker check each, so a
+    /// large batch costs far less of the caller's CPU than as many concurrent `call`s.
+    /// One attempt of the whole batch counts once for the circuit breaker: a success if
+    /// any call was answered, a failure otherwise.
+    pub async fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Outcome, ClientError>> {
         let config = &self.inner.config;
+        let mut answers: Vec<Option<Result<Outcome, ClientError>>> = (0..ops.len()).map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..ops.len()).collect();
         let mut backoff = config.retry_backoff;
         let mut attempts = 0;
-        loop {
-            if self.inner.closed.load(Ordering::Acquire) {
-                return Err(ClientError::Closed);
-            }
-            if !self.inner.breaker().admit(Instant::now()) {
-                return Err(ClientError::CircuitOpen);
+        while !todo.is_empty() {
+            let refusal: Option<fn() -> ClientError> = if self.inner.closed.load(Ordering::Acquire) {
+                Some(|| ClientError::Closed)
+            } else if !self.inner.breaker().admit(Instant::now()) {
+                Some(|| ClientError::CircuitOpen)
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
+                for &index in &todo {
+                    answers[index] = Some(Err(refusal()));
+                }
+                break;
             }
             attempts += 1;
             let last = attempts > config.retries;
-            match self.call_attempt(op.clone()).await {
-                Ok(response) => {
-                    self.inner.breaker().record_success();
-                    if !response.status.is_retryable() || last {
-                        return Ok(Outcome { status: response.status, body: response.body });
+            let attempt = self.call_many_attempt(&ops, &todo).await;
+            let (mut answered, mut failed, mut again) = (false, false, Vec::new());
+            for (&index, result) in todo.iter().zip(attempt) {
+                let answer = match result {
+                    Ok(response) => {
+                        answered = true;
+                        if response.status.is_retryable() && !last {
+                            tracing::debug!(status = ?response.status, attempts, "retrying a refused call");
+                            again.push(index);
+                            continue;
+                        }
+                        Ok(Outcome { status: response.status, body: response.body })
                     }
-                    tracing::debug!(status = ?response.status, attempts, "retrying a refused call");
-                }
-                Err(AttemptFailure::TooLarge { bytes, max }) => {
-                    return Err(ClientError::RequestTooLarge { bytes, max })
-                }
-                Err(AttemptFailure::Closed) => return Err(ClientError::Closed),
-                Err(failure) => {
-                    self.inner.breaker().record_failure(Instant::now());
-                    if last {
-                        return Err(match failure {
-                            AttemptFailure::Timeout => ClientError::Timeout { attempts, timeout: config.call_timeout },
-                            AttemptFailure::Transport(last) => ClientError::Transport { attempts, last },
-                            AttemptFailure::TooLarge { .. } | AttemptFailure::Closed => {
-                                unreachable!("returned above")
+                    Err(AttemptFailure::TooLarge { bytes, max }) => Err(ClientError::RequestTooLarge { bytes, max }),
+                    Err(AttemptFailure::Closed) => Err(ClientError::Closed),
+                    Err(failure) => {
+                        failed = true;
+                        if !last {
+                            again.push(index);
+                            continue;
+                        }
+                        match failure {
+                            AttemptFailure::Timeout => {
+                                Err(ClientError::Timeout { attempts, timeout: config.call_timeout })
                             }
-                        });
+                            AttemptFailure::Transport(last) => Err(ClientError::Transport { attempts, last }),
+                            AttemptFailure::TooLarge { .. } | AttemptFailure::Closed => unreachable!("matched above"),
+                        }
                     }
-                }
+                };
+                answers[index] = Some(answer);
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(config.retry_backoff_max);
+            if answered {
+                self.inner.breaker().record_success();
+            } else if failed {
+                self.inner.breaker().record_failure(Instant::now());
+            }
+            todo = again;
+            if !todo.is_empty() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.retry_backoff_max);
+            }
         }
+        answers.into_iter().map(|answer| answer.expect("every call is answered or refused")).collect()
     }
 
-    /// One attempt: pick a connection, queue the call, wait for its answer, all within
-    /// the call timeout.
-    async fn call_attempt(&self, op: Op) -> Result<Response, AttemptFailure> {
-        let attempt = async {
-            let conn = self.inner.conn_pick().await.map_err(AttemptFailure::Transport)?;
-            let (reply, answer) = oneshot::channel();
-            if conn.submit(Call { op, reply }).await.is_err() {
-                return Err(AttemptFailure::Transport("the connection closed".into()));
-            }
-            match answer.await {
-                Ok(Ok(response)) => Ok(response),
-                Ok(Err(Lost::Connection(reason))) => Err(AttemptFailure::Transport(reason.to_string())),
-                Ok(Err(Lost::TooLarge { bytes, max })) => Err(AttemptFailure::TooLarge { bytes, max }),
-                Err(_) => Err(AttemptFailure::Transport("the connection dropped the call".into())),
+    /// One attempt of the calls `todo` (indexes into `ops`): queue them on the pool's
+    /// connections in frame-sized runs, then wait for their answers, all within one call
+    /// timeout. Returns one result per index of `todo`, in its order.
+    async fn call_many_attempt(&self, ops: &[Op], todo: &[usize]) -> Vec<Result<Response, AttemptFailure>> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.call_timeout;
+        let mut waiting: Vec<Result<oneshot::Receiver<Result<Response, Lost>>, AttemptFailure>> =
+            Vec::with_capacity(todo.len());
+        let queue = async {
+            for run in todo.chunks(self.inner.config.batch_requests_max.max(1)) {
+                let conn = match self.inner.conn_pick().await {
+                    Ok(conn) => conn,
+                    Err(reason) => {
+                        waiting.extend(run.iter().map(|_| Err(AttemptFailure::Transport(reason.clone()))));
+                        continue;
+                    }
+                };
+                for &index in run {
+                    let (reply, answer) = oneshot::channel();
+                    waiting.push(match conn.submit(Call { op: ops[index].clone(), reply }).await {
+                        Ok(()) => Ok(answer),
+                        Err(_) => Err(AttemptFailure::Transport("the connection closed".into())),
+                    });
+                }
             }
         };
-        match tokio::time::timeout(self.inner.config.call_timeout, attempt).await {
-            Ok(Err(AttemptFailure::Transport(_))) if self.inner.closed.load(Ordering::Acquire) => {
-                Err(AttemptFailure::Closed)
+        let _ = tokio::time::timeout_at(deadline, queue).await;
+        let mut results = Vec::with_capacity(todo.len());
+        let collect = async {
+            for waited in waiting.drain(..) {
+                results.push(match waited {
+                    Err(failure) => Err(failure),
+                    Ok(answer) => match answer.await {
+                        Ok(Ok(response)) => Ok(response),
+                        Ok(Err(Lost::Connection(reason))) => Err(AttemptFailure::Transport(reason.to_string())),
+                        Ok(Err(Lost::TooLarge { bytes, max })) => Err(AttemptFailure::TooLarge { bytes, max }),
+                        Err(_) => Err(AttemptFailure::Transport("the connection dropped the call".into())),
+                    },
+                });
             }
-            Ok(result) => result,
-            Err(_) => Err(AttemptFailure::Timeout),
+        };
+        let _ = tokio::time::timeout_at(deadline, collect).await;
+        // Whatever was not queued or answered by the deadline timed out.
+        results.resize_with(todo.len(), || Err(AttemptFailure::Timeout));
+        let closed = self.inner.closed.load(Ordering::Acquire);
+        for result in &mut results {
+            if closed && matches!(result, Err(AttemptFailure::Transport(_))) {
+                *result = Err(AttemptFailure::Closed);
+            }
         }
+        results
     }
 
     /// Holds every line of a cart until `ttl_ms` from now, all or nothing (`Reserved`
