@@ -122,7 +122,7 @@ impl Default for DataplaneConfig {
             ca: "target/certs/ca.pem".into(),
             cert: "target/certs/control.pem".into(),
             key: "target/certs/control.key".into(),
-            connections: 2,
+            connections: 4,
             call_timeout_ms: 5_000,
         }
     }
@@ -136,7 +136,7 @@ impl Default for DrainConfig {
 
 impl Default for PushConfig {
     fn default() -> PushConfig {
-        PushConfig { batch: 4_096, idle_ms: 200 }
+        PushConfig { batch: 32_768, idle_ms: 200 }
     }
 }
 

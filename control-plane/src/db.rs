@@ -420,17 +420,18 @@ impl Db {
     /// Refuses a count that differs from the one recorded: SKUs would move between shards.
     pub async fn shards_learn(&self, shards: u32) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        let known: Option<i32> =
-            sqlx::query_scalar("SELECT shards FROM dataplane FOR UPDATE").fetch_optional(&mut *tx).await?;
-        match known {
-            Some(known) if known as u32 != shards => {
-                anyhow::bail!("the data plane has {shards} shards, but the books were made for {known}")
-            }
-            Some(_) => sqlx::query("UPDATE dataplane SET seen_at = now()").execute(&mut *tx).await?,
-            None => {
-                sqlx::query("INSERT INTO dataplane (shards) VALUES ($1)").bind(shards as i32).execute(&mut *tx).await?
-            }
-        };
+        // One statement, so that two callers at once (the link connecting while an
+        // operator's command does too) cannot both find the table empty.
+        let known: i32 = sqlx::query_scalar(
+            "INSERT INTO dataplane (shards) VALUES ($1)
+             ON CONFLICT (id) DO UPDATE SET seen_at = now() RETURNING shards",
+        )
+        .bind(shards as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        if known as u32 != shards {
+            anyhow::bail!("the data plane has {shards} shards, but the books were made for {known}");
+        }
         sqlx::query("INSERT INTO shard_positions (shard) SELECT generate_series(0, $1 - 1) ON CONFLICT DO NOTHING")
             .bind(shards as i32)
             .execute(&mut *tx)
@@ -990,7 +991,11 @@ impl Db {
             return Ok(batch);
         }
         let rows = sqlx::query(
-            "SELECT s.push_seq, s.sku, s.location, k.backorder_limit FROM stock_levels s JOIN skus k ON k.sku = s.sku
+            // The SKU's limit by a lookup per row returned, not a join: right after a bulk
+            // load PostgreSQL has no statistics yet and joined the whole catalog per batch.
+            "SELECT s.push_seq, s.sku, s.location,
+                    (SELECT k.backorder_limit FROM skus k WHERE k.sku = s.sku) AS backorder_limit
+             FROM stock_levels s
              WHERE s.shard = $1 AND s.push_seq > $2 AND s.push_seq <= $3 ORDER BY s.push_seq LIMIT $4",
         )
         .bind(shard as i32)

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use stockplane_wire::{JournalChange, JournalEntry, Status};
+use stockplane_wire::{JournalChange, JournalEntry, Op, Status};
 use tokio::sync::mpsc;
 
 use crate::app::App;
@@ -454,44 +454,34 @@ pub async fn push_pass(db: &Db, dataplane: &Dataplane, shard: u32, batch: u32) -
     // stops before it.
     let mut stop = i64::MAX;
     let started = Instant::now();
-    let mut calls = tokio::task::JoinSet::new();
-    for row in due.rows.iter().copied() {
-        let client = dataplane.client().clone();
-        calls.spawn(async move { (row, client.upsert_sku(row.sku, row.location, row.backorder_limit).await) });
-    }
-    while let Some(joined) = calls.join_next().await {
-        match joined.expect("an upsert task does not panic") {
-            (_, Ok(outcome)) if outcome.status == Status::Ok => pass.upserted += 1,
-            (row, Ok(outcome)) => {
-                tracing::debug!(sku = row.sku, location = row.location, status = ?outcome.status, "an upsert was refused");
-                pass.failed += 1;
-                stop = stop.min(row.seq);
-            }
-            (row, Err(_)) => {
+    let upserts = due
+        .rows
+        .iter()
+        .map(|row| Op::UpsertSku { sku: row.sku, location: row.location, backorder_limit: row.backorder_limit })
+        .collect();
+    for (row, answer) in due.rows.iter().zip(dataplane.client().call_many(upserts).await) {
+        match answer {
+            Ok(outcome) if outcome.status == Status::Ok => pass.upserted += 1,
+            answer => {
+                tracing::debug!(sku = row.sku, location = row.location, ?answer, "an upsert was not acknowledged");
                 pass.failed += 1;
                 stop = stop.min(row.seq);
             }
         }
     }
-    let mut calls = tokio::task::JoinSet::new();
-    for push in due.adjustments.iter().copied().filter(|a| a.seq < stop) {
-        let client = dataplane.client().clone();
-        calls.spawn(async move { (push, client.adjust(push.id, push.sku, push.location, push.delta).await) });
-    }
+    let pushes: Vec<PushAdjustment> = due.adjustments.iter().copied().filter(|a| a.seq < stop).collect();
+    let adjusts = pushes
+        .iter()
+        .map(|a| Op::Adjust { adjustment: a.id, sku: a.sku, location: a.location, delta: a.delta })
+        .collect();
     let (mut rejected, mut unknown) = (Vec::new(), Vec::<PushAdjustment>::new());
-    while let Some(joined) = calls.join_next().await {
-        match joined.expect("a push task does not panic") {
-            (push, Ok(outcome)) => match outcome.status {
-                Status::Ok => pass.applied += 1,
-                // The shard does not know the row: it lost it, so it must be told again.
-                Status::UnknownSku => unknown.push(push),
-                status if status.is_retryable() => {
-                    pass.failed += 1;
-                    stop = stop.min(push.seq);
-                }
-                status => rejected.push((push.id, format!("{status:?}"))),
-            },
-            (push, Err(_)) => {
+    for (push, answer) in pushes.iter().zip(dataplane.client().call_many(adjusts).await) {
+        match answer.map(|outcome| outcome.status) {
+            Ok(Status::Ok) => pass.applied += 1,
+            // The shard does not know the row: it lost it, so it must be told again.
+            Ok(Status::UnknownSku) => unknown.push(*push),
+            Ok(status) if !status.is_retryable() => rejected.push((push.id, format!("{status:?}"))),
+            Ok(_) | Err(_) => {
                 pass.failed += 1;
                 stop = stop.min(push.seq);
             }

@@ -375,3 +375,18 @@ async fn the_push_cursor_moves_only_past_what_the_shard_acknowledged() {
     let stockplane_wire::Body::Stock(levels) = outcome.body else { panic!("{outcome:?}") };
     assert_eq!(levels[0].on_hand, 4);
 }
+
+/// Two callers learning the data plane's shape at once (the link connecting while an
+/// operator's command does too) both succeed; a shape that differs from the books' is
+/// refused. It once failed with a duplicate key: both found the table empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_planes_shape_is_learnt_once_by_concurrent_callers() {
+    let db = Db::connect(&fresh_database().await, 4, 30_000).await.unwrap();
+    let (a, b) = tokio::join!(db.shards_learn(2), db.shards_learn(2));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(db.shards().await.unwrap(), Some(2));
+    assert_eq!(db.positions().await.unwrap().len(), 2);
+    let refused = db.shards_learn(3).await.unwrap_err();
+    assert!(refused.to_string().contains("made for 2"), "{refused:#}");
+}

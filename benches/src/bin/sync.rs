@@ -63,7 +63,7 @@ enum Mode {
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
         /// Journal entries per PostgreSQL transaction.
-        #[arg(long, default_value_t = 16_384)]
+        #[arg(long, default_value_t = 32_768)]
         batch_entries: u32,
         /// Transactions in flight per shard.
         #[arg(long, default_value_t = 2)]
@@ -74,8 +74,9 @@ enum Mode {
         /// SKUs (each at location 1, with 100 units).
         #[arg(long, default_value_t = 1_000_000)]
         skus: u64,
-        /// Upserts or adjustments per push round and shard.
-        #[arg(long, default_value_t = 8_192)]
+        /// Upserts and adjustments per push round and shard (the control plane's
+        /// default `push.batch`).
+        #[arg(long, default_value_t = 32_768)]
         batch: u32,
     },
 }
