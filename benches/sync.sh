@@ -2,13 +2,15 @@
 # The control plane's sync benchmark (`make bench-sync`): a one-core data plane pinned to
 # SERVER_CPU, the benchmark (the control plane's drain and pusher, in process) pinned to
 # DRIVER_CPU, and PostgreSQL, when it is the private cluster this project started
-# (target/pg), pinned as each run says. Three runs, each on a fresh data plane and a
+# (target/pg), pinned as each run says. Four runs, each on a fresh data plane and a
 # fresh database:
 #   1. drain: SYNC_LINES committed cart lines drained into PostgreSQL, one transaction
 #      at a time, PostgreSQL on DRIVER_CPU;
 #   2. the same with SYNC_WRITERS (2) transactions in flight, PostgreSQL on SYNC_PG_CPUS;
 #   3. bootstrap: SYNC_SKUS SKUs pushed from PostgreSQL into an empty data plane,
-#      PostgreSQL on DRIVER_CPU.
+#      PostgreSQL on DRIVER_CPU;
+#   4. rebootstrap: the same SKUs, drained by the books from an earlier life of the data
+#      plane, told again to a data plane that restarted empty (a new epoch).
 # Prints everything on stdout; the Makefile tees it into perf-reports/.
 #
 # Usage: benches/sync.sh BIN_DIR (with the release `dataplane` and `sync` binaries).
@@ -98,5 +100,12 @@ start_server
 echo "=== bootstrap: $skus SKUs from PostgreSQL into an empty data plane"
 taskset -c "$driver_cpu" "$bin/sync" --dataplane "$addr" --certs "$certs" --database-url "$(fresh_database)" \
   bootstrap --skus "$skus" || status=1
+stop_server
+echo
+
+start_server
+echo "=== rebootstrap: $skus SKUs from books drained from an earlier life of a data plane that restarted empty"
+taskset -c "$driver_cpu" "$bin/sync" --dataplane "$addr" --certs "$certs" --database-url "$(fresh_database)" \
+  rebootstrap --skus "$skus" || status=1
 stop_server
 exit "$status"
