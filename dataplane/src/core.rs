@@ -1031,15 +1031,27 @@ impl Core {
         let conn = self.conns[slot as usize].as_mut().expect("exists");
         for index in 0..conn.streams.len() {
             let Some(stream) = conn.streams[index].as_mut() else { continue };
+            // A frame holds what fits in the smaller of our frame limit and the protocol's
+            // default (what a client reads with): answers to many large queries are
+            // halved into more frames until each fits.
+            let frame_max = self.limits.frame_bytes_max.min(Limits::FRAME_BYTES_MAX_DEFAULT) as usize;
             while !stream.replies.is_empty() {
                 let take = stream.replies.len().min(RESPONSES_PER_FRAME_MAX);
                 self.response_batch.responses.clear();
                 self.response_batch.responses.extend(stream.replies.drain(..take));
+                loop {
+                    frame::encode_responses_into(&mut self.encoded, &self.response_batch);
+                    let batched = self.response_batch.responses.len();
+                    if self.encoded.len() <= frame_max || batched == 1 {
+                        break;
+                    }
+                    let back = self.response_batch.responses.split_off(batched / 2);
+                    stream.replies.splice(0..0, back);
+                }
                 // Every answer passes here, the engine's and the driver's own refusals.
                 for response in &self.response_batch.responses {
                     self.metrics.count_status(response.status);
                 }
-                frame::encode_responses_into(&mut self.encoded, &self.response_batch);
                 self.metrics.frames_out += 1;
                 stream.outbound.extend_from_slice(&self.encoded);
             }

@@ -531,3 +531,24 @@ async fn many_calls_at_once_are_answered_in_order() {
     }
     assert!(control.call_many(Vec::new()).await.is_empty());
 }
+
+/// Answers that together exceed a frame are split across frames: 512 queries of 256
+/// SKU-locations each (about 5 MB of answers) sent at once come back whole. They once
+/// went out as one frame larger than a client may read, which failed the connection
+/// (the control plane's reconcile of a million rows tripped its circuit breaker).
+#[tokio::test]
+async fn answers_larger_than_a_frame_are_split_across_frames() {
+    let server = start(1, |_| {});
+    let control = server.client("control").await;
+    let skus: Vec<u64> = (1..=256).collect();
+    let upserts = skus.iter().map(|&sku| Op::UpsertSku { sku, location: LOCATION, backorder_limit: 0 }).collect();
+    assert!(control.call_many(upserts).await.iter().all(|a| matches!(a, Ok(o) if o.status == Status::Ok)));
+    let items: Vec<SkuAt> = skus.iter().map(|&sku| SkuAt { sku, location: Some(LOCATION) }).collect();
+    let queries = (0..512).map(|_| Op::QueryStock { items: items.clone() }).collect();
+    let answers = control.call_many(queries).await;
+    for (i, answer) in answers.iter().enumerate() {
+        let outcome = answer.as_ref().unwrap_or_else(|error| panic!("query {i}: {error}"));
+        let Body::Stock(levels) = &outcome.body else { panic!("query {i}: {outcome:?}") };
+        assert_eq!(levels.len(), 256, "query {i}");
+    }
+}
