@@ -21,10 +21,11 @@ CREATE TABLE skus (
 
 -- The order in which the data plane must be told of things: every stock row and every
 -- adjustment to push takes the next value when it is made, and again whenever it must
--- be told anew (its SKU changed, or the shard restarted empty). Each shard's pusher
--- tells its shard everything above the shard's pushed_seq in this order, and moves
--- pushed_seq past what the shard acknowledged: one cursor per shard instead of a flag
--- per row, so acknowledging a batch costs one row update, not one per stock row.
+-- be told anew (its SKU changed, or the shard forgot it). Each shard's pusher tells its
+-- shard everything above the shard's pushed_seq in this order (adjustments already
+-- drained excepted), and moves pushed_seq past what the shard acknowledged: one cursor
+-- per shard instead of a flag per row, so acknowledging a batch costs one row update,
+-- not one per stock row. A shard that restarted empty gets its cursor set back to 0.
 CREATE SEQUENCE push_seq;
 
 -- One row per SKU and location that the data plane should know.

@@ -12,9 +12,10 @@
 //! - **push_seq** (a sequence), on stock rows and adjustments, with each shard's
 //!   `pushed_seq`: the *intended* state is every row and adjustment of the shard in
 //!   `push_seq` order, the *observed* state is the shard's cursor into that order (it has
-//!   acknowledged everything at or below it). A row or adjustment that must be told again
-//!   (its SKU changed, the shard restarted empty, the shard forgot a row) takes a new,
-//!   higher value. Acknowledging a batch moves one cursor instead of updating a flag on
+//!   acknowledged everything at or below it; drained adjustments are never told again).
+//!   A row or adjustment that must be told again (its SKU changed, the shard forgot a
+//!   row) takes a new, higher value; a shard that restarted empty has its cursor set
+//!   back to 0. Acknowledging a batch moves one cursor instead of updating a flag on
 //!   every row, which is what makes the bootstrap of a million rows cheap. Every writer
 //!   of `push_seq` holds a shared advisory lock until it commits, and the pusher reads
 //!   the sequence's value under the exclusive lock: so no value at or below what it read
@@ -183,7 +184,7 @@ pub enum Change {
 /// What became of an adjustment request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdjustOutcome {
-    /// A new adjustment was recorded (pending until the data plane acknowledges it).
+    /// A new adjustment was recorded (pending until the drain finds it in the shard's journal).
     Created(Adjustment),
     /// The key was seen before with the same request: the first adjustment.
     Replayed(Adjustment),
@@ -876,17 +877,19 @@ impl Db {
     }
 
     /// Starts a new epoch for a shard that lost its state: the drain starts again at 1,
-    /// and everything the shard must be told again is queued again in `push_seq` order:
-    /// every stock row of the shard, then for every row with stock in the books a
-    /// bootstrap adjustment that hands that figure to the shard, then every adjustment
-    /// the books never saw drained (the shard deduplicates by id one it already has).
-    /// Bootstrap adjustments of earlier epochs that were never drained are superseded by
-    /// the new ones (rejected), so no shard is handed the books twice. Applies only if
-    /// the shard is still in `epoch`. Returns the new epoch.
+    /// and the shard's push cursor goes back to the start of the order, so that every
+    /// stock row is told again where it stands, without rewriting the rows. After the
+    /// rows come, for every row with stock in the books, a bootstrap adjustment that
+    /// hands that figure to the shard, then every adjustment the books never saw drained
+    /// (queued again behind the bootstrap; the shard deduplicates by id one it already
+    /// has). Bootstrap adjustments of earlier epochs that were never drained are
+    /// superseded by the new ones (rejected), so no shard is handed the books twice.
+    /// Applies only if the shard is still in `epoch`. Returns the new epoch.
     pub async fn epoch_begin(&self, shard: u32, epoch: i64) -> Result<Option<i64>, DbError> {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
-            "UPDATE shard_positions SET epoch = epoch + 1, drained = 1, incarnation = NULL, updated_at = now()
+            "UPDATE shard_positions SET epoch = epoch + 1, drained = 1, incarnation = NULL, pushed_seq = 0,
+                    updated_at = now()
              WHERE shard = $1 AND epoch = $2",
         )
         .bind(shard as i32)
@@ -905,14 +908,16 @@ impl Db {
         .bind(shard as i32)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE stock_levels SET push_seq = nextval('push_seq') WHERE shard = $1")
-            .bind(shard as i32)
-            .execute(&mut *tx)
-            .await?;
+        // Ids in the order they are made (a tag, then the place in the push order, which
+        // no other adjustment has): a million of them append to the id index instead of
+        // landing at random places in it.
         sqlx::query(
-            "INSERT INTO adjustments (id, sku, location, shard, delta, kind, reason, epoch)
-             SELECT gen_random_uuid(), sku, location, shard, on_hand, 'bootstrap', 'the shard restarted empty', $2
-             FROM stock_levels WHERE shard = $1 AND on_hand <> 0 ORDER BY push_seq",
+            "WITH rows AS (SELECT sku, location, shard, on_hand, nextval('push_seq') AS seq FROM stock_levels
+                           WHERE shard = $1 AND on_hand <> 0 ORDER BY push_seq)
+             INSERT INTO adjustments (id, sku, location, shard, delta, kind, reason, epoch, push_seq)
+             SELECT ('b0075eed' || lpad(to_hex(seq), 24, '0'))::uuid, sku, location, shard, on_hand,
+                    'bootstrap', 'the shard restarted empty', $2, seq
+             FROM rows",
         )
         .bind(shard as i32)
         .bind(new_epoch)
@@ -1019,6 +1024,7 @@ impl Db {
         let adjustments = sqlx::query(
             "SELECT push_seq, id, sku, location, delta FROM adjustments
              WHERE shard = $1 AND push_seq > $2 AND push_seq <= $3 AND state <> 'rejected'
+               AND journal_position IS NULL
              ORDER BY push_seq LIMIT $4",
         )
         .bind(shard as i32)
@@ -1106,7 +1112,7 @@ impl Db {
         let backlog: (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM stock_levels s WHERE s.shard = p.shard AND s.push_seq > p.pushed_seq),
                     (SELECT count(*) FROM adjustments a WHERE a.shard = p.shard AND a.push_seq > p.pushed_seq
-                                                          AND a.state <> 'rejected')
+                                                          AND a.state <> 'rejected' AND a.journal_position IS NULL)
              FROM shard_positions p WHERE p.shard = $1",
         )
         .bind(shard as i32)

@@ -144,6 +144,18 @@ async fn seed_books(db: &Db, shards: u32, skus: u64, units: i64) -> anyhow::Resu
     Ok(())
 }
 
+/// Fails unless every shard has acknowledged every stock row and adjustment.
+async fn push_backlog_none(db: &Db, shards: u32) -> anyhow::Result<()> {
+    for shard in 0..shards {
+        let (rows, adjustments) = db.push_backlog(shard).await?;
+        anyhow::ensure!(
+            rows == 0 && adjustments == 0,
+            "shard {shard}: {rows} rows and {adjustments} adjustments not acknowledged"
+        );
+    }
+    Ok(())
+}
+
 /// Runs push passes on every shard concurrently until none finds anything to do.
 /// Returns (upserted, applied) in all.
 async fn push_all(db: &Db, dataplane: &Dataplane, batch: u32) -> anyhow::Result<(u64, u64)> {
@@ -303,13 +315,7 @@ async fn bootstrap(db: &Db, dataplane: &Dataplane, skus: u64, batch: u32) -> any
         "bootstrap: {upserted} upserts and {applied} adjustments acknowledged by an empty data plane in {seconds:.2} s ({:.0} SKUs/s, batch {batch} per shard and round)",
         skus as f64 / seconds
     );
-    for shard in 0..dataplane.shards() {
-        let (rows, adjustments) = db.push_backlog(shard).await?;
-        anyhow::ensure!(
-            rows == 0 && adjustments == 0,
-            "shard {shard}: {rows} rows and {adjustments} adjustments not acknowledged"
-        );
-    }
+    push_backlog_none(db, dataplane.shards()).await?;
     let sample: Vec<SkuAt> =
         (0..1_000).map(|i| SkuAt { sku: i * (skus / 1_000).max(1) + 1, location: Some(1) }).collect();
     let sample: Vec<SkuAt> = sample.into_iter().filter(|s| s.sku <= skus).collect();
@@ -367,13 +373,7 @@ async fn rebootstrap(db: &Db, dataplane: &Dataplane, skus: u64, batch: u32) -> a
         "rebootstrap: new epochs begun in {epoch:.2} s, then {upserted} upserts and {applied} bootstrap adjustments acknowledged by the empty data plane: {seconds:.2} s in all ({:.0} SKUs/s, batch {batch} per shard and round)",
         skus as f64 / seconds
     );
-    for shard in 0..dataplane.shards() {
-        let (rows, adjustments) = db.push_backlog(shard).await?;
-        anyhow::ensure!(
-            rows == 0 && adjustments == 0,
-            "shard {shard}: {rows} rows and {adjustments} adjustments not acknowledged"
-        );
-    }
+    push_backlog_none(db, dataplane.shards()).await?;
     let report = reconcile(db, dataplane).await?;
     anyhow::ensure!(report.differences.is_empty(), "reconcile: {} rows differ", report.differences.len());
     println!("check: nothing left unacknowledged; reconcile: {} rows, no difference", report.rows);

@@ -200,7 +200,7 @@ fn stock_answer(outcome: AdjustOutcome, app: &App) -> Response {
     post, path = "/v1/stock/adjustments", tag = "stock",
     request_body = AdjustmentCreate,
     responses(
-        (status = 201, description = "Recorded; pending until the shard acknowledges it", body = Adjustment),
+        (status = 201, description = "Recorded; pending until the drain finds it in the shard's journal", body = Adjustment),
         (status = 200, description = "A retry: the first adjustment with this key", body = Adjustment),
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
@@ -249,7 +249,7 @@ async fn stock_ask(app: &App, ask: AdjustmentAsk) -> Result<Response, ApiError> 
     ),
     request_body = StockSet,
     responses(
-        (status = 201, description = "Recorded as an adjustment; pending until the shard acknowledges it", body = Adjustment),
+        (status = 201, description = "Recorded as an adjustment; pending until the drain finds it in the shard's journal", body = Adjustment),
         (status = 200, description = "A retry (the first adjustment with this key), or nothing to change", body = SetAnswer),
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 401, description = "No or unknown token", body = ErrorBody),
