@@ -53,7 +53,7 @@ CREATE INDEX stock_levels_by_shard ON stock_levels (shard);
 CREATE TABLE adjustments (
     id               UUID PRIMARY KEY,
     -- The back office's idempotency key; NULL for changes the control plane made itself.
-    idempotency_key  TEXT UNIQUE,
+    idempotency_key  TEXT,
     sku              BIGINT NOT NULL,
     location         BIGINT NOT NULL,
     shard            INTEGER NOT NULL,
@@ -81,6 +81,9 @@ CREATE TABLE adjustments (
     journal_position BIGINT
 );
 CREATE INDEX adjustments_push ON adjustments (shard, push_seq) WHERE push_seq IS NOT NULL;
+-- Only the back office's adjustments have keys: the index leaves out the rest (a
+-- bootstrap makes one adjustment per stock row, a million at a time).
+CREATE UNIQUE INDEX adjustments_by_key ON adjustments (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX adjustments_by_row ON adjustments (sku, location);
 
 -- The sales ledger: one row per committed line, exactly once.
