@@ -410,7 +410,8 @@ pub struct PushPass {
     pub upserted: u64,
     /// Adjustments the shard applied.
     pub applied: u64,
-    /// Adjustments the shard refused for good.
+    /// Stock rows and adjustments the shard refused for good (an adjustment whose row
+    /// was refused is refused with it).
     pub rejected: u64,
     /// Calls that failed (transport, busy): tried again next pass.
     pub failed: u64,
@@ -453,6 +454,7 @@ pub async fn push_pass(db: &Db, dataplane: &Dataplane, shard: u32, batch: u32) -
     // The first place in the order where the shard did not acknowledge: the cursor
     // stops before it.
     let mut stop = i64::MAX;
+    let mut refused_rows = std::collections::HashSet::new();
     let started = Instant::now();
     let upserts = due
         .rows
@@ -462,6 +464,14 @@ pub async fn push_pass(db: &Db, dataplane: &Dataplane, shard: u32, batch: u32) -
     for (row, answer) in due.rows.iter().zip(dataplane.client().call_many(upserts).await) {
         match answer {
             Ok(outcome) if outcome.status == Status::Ok => pass.upserted += 1,
+            // Refused for good (the row is out of the shard's bounds): telling it again
+            // would not help, and holding the cursor back would stop every row behind it.
+            Ok(outcome) if !outcome.status.is_retryable() => {
+                tracing::error!(shard, sku = row.sku, location = row.location, status = ?outcome.status, "the shard refuses a stock row");
+                metrics::counter!("stockplane_cp_upserts_refused_total", "shard" => shard.to_string()).increment(1);
+                refused_rows.insert((row.sku, row.location));
+                pass.rejected += 1;
+            }
             answer => {
                 tracing::debug!(sku = row.sku, location = row.location, ?answer, "an upsert was not acknowledged");
                 pass.failed += 1;
@@ -469,12 +479,19 @@ pub async fn push_pass(db: &Db, dataplane: &Dataplane, shard: u32, batch: u32) -
             }
         }
     }
-    let pushes: Vec<PushAdjustment> = due.adjustments.iter().copied().filter(|a| a.seq < stop).collect();
+    let (mut rejected, mut unknown) = (Vec::new(), Vec::<PushAdjustment>::new());
+    let mut pushes: Vec<PushAdjustment> = due.adjustments.iter().copied().filter(|a| a.seq < stop).collect();
+    pushes.retain(|a| {
+        let refused = refused_rows.contains(&(a.sku, a.location));
+        if refused {
+            rejected.push((a.id, "StockRowRefused".to_string()));
+        }
+        !refused
+    });
     let adjusts = pushes
         .iter()
         .map(|a| Op::Adjust { adjustment: a.id, sku: a.sku, location: a.location, delta: a.delta })
         .collect();
-    let (mut rejected, mut unknown) = (Vec::new(), Vec::<PushAdjustment>::new());
     for (push, answer) in pushes.iter().zip(dataplane.client().call_many(adjusts).await) {
         match answer.map(|outcome| outcome.status) {
             Ok(Status::Ok) => pass.applied += 1,
@@ -495,7 +512,7 @@ pub async fn push_pass(db: &Db, dataplane: &Dataplane, shard: u32, batch: u32) -
         db.push_again(&rows, &ids).await?;
         pass.failed += unknown.len() as u64;
     }
-    pass.rejected = rejected.len() as u64;
+    pass.rejected += rejected.len() as u64;
     db.pushes_rejected(&rejected).await?;
     let to = if stop == i64::MAX { due.upto } else { stop - 1 };
     if to > due.cursor && !db.push_advance(shard, due.cursor, to).await? {

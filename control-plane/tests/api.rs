@@ -188,8 +188,8 @@ async fn locations_are_created_listed_read_and_renamed() {
     assert_eq!(made.body["name"], "north");
     assert!(made.body["created_at"].is_string() && made.body["updated_at"].is_string());
     assert_eq!(made.headers[reqwest::header::LOCATION], "/v1/locations/7");
-    // The largest id the data plane can know.
-    let made = api.post("/v1/locations", json!({"id": u32::MAX, "name": "edge"})).await;
+    // The largest id the data plane can know (u32::MAX is its "any location").
+    let made = api.post("/v1/locations", json!({"id": u32::MAX - 1, "name": "edge"})).await;
     assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
     let made = api.post("/v1/locations", json!({"id": 0, "name": "zero"})).await;
     assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
@@ -201,7 +201,7 @@ async fn locations_are_created_listed_read_and_renamed() {
     let page = api.get("/v1/locations").await;
     assert_eq!(page.status, StatusCode::OK);
     let ids: Vec<u64> = page.body["items"].as_array().unwrap().iter().map(|l| l["id"].as_u64().unwrap()).collect();
-    assert_eq!(ids, vec![0, 7, u64::from(u32::MAX)]);
+    assert_eq!(ids, vec![0, 7, u64::from(u32::MAX - 1)]);
     assert_eq!(page.body["next_after"], Value::Null);
 
     // Pages: a full page names the next one's `after`.
@@ -209,7 +209,7 @@ async fn locations_are_created_listed_read_and_renamed() {
     assert_eq!(first.body["items"].as_array().unwrap().len(), 2);
     assert_eq!(first.body["next_after"], 7);
     let second = api.get("/v1/locations?after=7&limit=2").await;
-    assert_eq!(second.body["items"][0]["id"], u64::from(u32::MAX));
+    assert_eq!(second.body["items"][0]["id"], u64::from(u32::MAX - 1));
     assert_eq!(second.body["next_after"], Value::Null);
     let beyond = api.get(&format!("/v1/locations?after={}", u64::from(u32::MAX) + 5)).await;
     assert_eq!(beyond.status, StatusCode::OK);
@@ -236,6 +236,7 @@ async fn bad_location_requests_are_refused_and_change_nothing() {
         (json!({"name": "south"}), "a missing id"),
         (json!({"id": -1, "name": "south"}), "a negative id"),
         (json!({"id": u64::from(u32::MAX) + 1, "name": "south"}), "an id above u32"),
+        (json!({"id": u32::MAX, "name": "south"}), "the id the data plane keeps for any location"),
         (json!({"id": 2, "name": ""}), "an empty name"),
         (json!({"id": 2, "name": long}), "a name too long"),
         (json!({"id": 2, "name": "so\u{0}uth"}), "a NUL in the name"),

@@ -390,3 +390,37 @@ async fn the_data_planes_shape_is_learnt_once_by_concurrent_callers() {
     let refused = db.shards_learn(3).await.unwrap_err();
     assert!(refused.to_string().contains("made for 2"), "{refused:#}");
 }
+
+/// A stock row the shard refuses for good (here at the location id the data plane keeps
+/// for "any location") does not hold the push order back: the rows behind it are told,
+/// its adjustment is refused with it, and nothing is left queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_row_the_shard_refuses_does_not_hold_back_the_rows_behind_it() {
+    use stockplane_control_plane::sync::push_pass;
+    let dataplane = TestDataplane::start(1);
+    let app = control_plane(control_config(&fresh_database().await, Some(&dataplane)), false).await;
+    let control = dataplane.control().await;
+    app.db.shards_learn(1).await.unwrap();
+    app.db.location_create(u32::MAX, "any").await.unwrap();
+    app.db.location_create(1, "north").await.unwrap();
+    app.db.sku_create(1, "one", 0).await.unwrap();
+    for (key, location) in [("refused", u32::MAX), ("fine", 1)] {
+        let ask = AdjustmentAsk { key: key.into(), sku: 1, location, change: Change::Delta(3), reason: "".into() };
+        assert!(matches!(app.db.adjustment_ask(&ask, 0).await.unwrap(), AdjustOutcome::Created(_)));
+    }
+    let pass = push_pass(&app.db, &control, 0, 64).await.unwrap();
+    assert_eq!((pass.upserted, pass.applied, pass.rejected, pass.failed), (1, 1, 2, 0), "{pass:?}");
+    assert_eq!(app.db.push_backlog(0).await.unwrap(), (0, 0));
+    let states: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, status FROM adjustments WHERE location = $1")
+            .bind(i64::from(u32::MAX))
+            .fetch_all(app.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(states, vec![("rejected".to_string(), Some("StockRowRefused".to_string()))]);
+    assert!(push_pass(&app.db, &control, 0, 64).await.unwrap().is_idle());
+    let client = dataplane.client("checkout").await;
+    let outcome = client.query_stock(vec![SkuAt { sku: 1, location: Some(1) }]).await.unwrap();
+    let stockplane_wire::Body::Stock(levels) = outcome.body else { panic!("{outcome:?}") };
+    assert_eq!(levels[0].on_hand, 3);
+}

@@ -106,6 +106,12 @@ pub async fn location_create(
     Body(create): Body<LocationCreate>,
 ) -> Result<impl IntoResponse, ApiError> {
     input_text("name", &create.name, NAME_CHARS_MAX)?;
+    if create.id == stockplane_engine::wal::ANY_LOCATION {
+        return Err(ApiError::invalid(format!(
+            "id {} is reserved: the data plane reads it as \"any location\"",
+            stockplane_engine::wal::ANY_LOCATION
+        )));
+    }
     let location = app.db.location_create(create.id, &create.name).await?;
     let url = format!("/v1/locations/{}", location.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, url)], Json(location)))
