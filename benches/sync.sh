@@ -70,8 +70,13 @@ start_server() {
   addr=$(sed -E 's/^serving on ([^ ]+) .*/\1/' <<<"$(grep -m1 '^serving on' "$log")")
 }
 
+# A fresh database for each run; the previous runs' (millions of rows each) are dropped
+# first, so that the cluster does not grow with every benchmark.
 fresh_database() {
-  local name="bench_sync_$(date +%s%N)"
+  local name="bench_sync_$(date +%s%N)" old
+  for old in $(psql "$cluster" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'bench\_sync\_%'"); do
+    psql "$cluster" -qc "DROP DATABASE IF EXISTS $old WITH (FORCE)"
+  done
   psql "$cluster" -qc "CREATE DATABASE $name"
   echo "${cluster%/*}/$name"
 }

@@ -38,6 +38,9 @@ CREATE TABLE stock_levels (
     on_hand          BIGINT NOT NULL DEFAULT 0,
     -- Units sold here, as drained.
     sold             BIGINT NOT NULL DEFAULT 0,
+    -- The SKU's backorder limit, copied here (under the SKU row's lock) when the row is
+    -- made and whenever the SKU changes, so that the pusher reads rows alone.
+    backorder_limit  BIGINT NOT NULL DEFAULT 0,
     -- Where the row stands in the order of pushes: the shard has been told of the row
     -- as it is now once its pushed_seq reaches this.
     push_seq         BIGINT NOT NULL DEFAULT nextval('push_seq'),

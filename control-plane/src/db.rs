@@ -386,7 +386,9 @@ impl Db {
     pub async fn connect(url: &str, connections: u32, statement_timeout_ms: u64) -> anyhow::Result<Db> {
         let options: PgConnectOptions = url.parse().context("parse the database URL")?;
         let options = options
-            .options([("statement_timeout", statement_timeout_ms.to_string())])
+            // JIT compiles plans for seconds' worth of rows; ours touch thousands at a
+            // time by index, where its few milliseconds per statement are pure cost.
+            .options([("statement_timeout", statement_timeout_ms.to_string()), ("jit", "off".to_string())])
             .application_name("stockplane-control-plane");
         let pool = PgPoolOptions::new()
             .max_connections(connections)
@@ -522,10 +524,6 @@ impl Db {
     pub async fn sku_update(&self, sku: u64, name: Option<&str>, backorder_limit: Option<u32>) -> Result<Sku, DbError> {
         let mut tx = self.pool.begin().await?;
         push_lock_shared(&mut tx).await?;
-        sqlx::query("UPDATE stock_levels SET push_seq = nextval('push_seq') WHERE sku = $1")
-            .bind(sku as i64)
-            .execute(&mut *tx)
-            .await?;
         let row = sqlx::query(
             "UPDATE skus SET name = COALESCE($2, name), backorder_limit = COALESCE($3, backorder_limit),
                     version = version + 1, updated_at = now()
@@ -537,6 +535,11 @@ impl Db {
         .fetch_optional(&mut *tx)
         .await?;
         let sku = row.map(|r| sku_of(&r)).ok_or(DbError::NotFound("SKU"))?;
+        sqlx::query("UPDATE stock_levels SET backorder_limit = $2, push_seq = nextval('push_seq') WHERE sku = $1")
+            .bind(sku.sku as i64)
+            .bind(i64::from(sku.backorder_limit))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(sku)
     }
@@ -565,9 +568,14 @@ impl Db {
         let shards: Vec<i32> = rows.iter().map(|r| r.2 as i32).collect();
         let mut tx = self.pool.begin().await?;
         push_lock_shared(&mut tx).await?;
+        // The SKUs' limits under a share lock, as in `adjustment_ask`.
+        sqlx::query("SELECT 1 FROM skus WHERE sku = ANY($1) FOR SHARE").bind(&skus).execute(&mut *tx).await?;
         let done = sqlx::query(
-            "INSERT INTO stock_levels (sku, location, shard)
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::int[]) ON CONFLICT DO NOTHING",
+            "INSERT INTO stock_levels (sku, location, shard, backorder_limit)
+             SELECT u.sku, u.location, u.shard, k.backorder_limit
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::int[]) AS u(sku, location, shard)
+             JOIN skus k ON k.sku = u.sku
+             ON CONFLICT DO NOTHING",
         )
         .bind(&skus)
         .bind(&locations)
@@ -659,13 +667,19 @@ impl Db {
                 };
             return if same { Ok(AdjustOutcome::Replayed(existing)) } else { Err(DbError::KeyReused(ask.key.clone())) };
         }
-        let exists: Option<i64> = sqlx::query_scalar("SELECT sku FROM skus WHERE sku = $1")
-            .bind(ask.sku as i64)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
+        // The push lock before any row lock, in every writer: the pusher waits for it
+        // holding nothing, so writers cannot wait for one another in a circle.
+        push_lock_shared(&mut tx).await?;
+        // Locked until commit, so that a concurrent change of the SKU's limit waits and
+        // then finds (and queues again) the row made here.
+        let backorder_limit: Option<i64> =
+            sqlx::query_scalar("SELECT backorder_limit FROM skus WHERE sku = $1 FOR SHARE")
+                .bind(ask.sku as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(backorder_limit) = backorder_limit else {
             return Err(DbError::NotFound("SKU"));
-        }
+        };
         let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM locations WHERE id = $1")
             .bind(i64::from(ask.location))
             .fetch_optional(&mut *tx)
@@ -673,13 +687,16 @@ impl Db {
         if exists.is_none() {
             return Err(DbError::NotFound("location"));
         }
-        push_lock_shared(&mut tx).await?;
-        sqlx::query("INSERT INTO stock_levels (sku, location, shard) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
-            .bind(ask.sku as i64)
-            .bind(i64::from(ask.location))
-            .bind(shard as i32)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO stock_levels (sku, location, shard, backorder_limit) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(ask.sku as i64)
+        .bind(i64::from(ask.location))
+        .bind(shard as i32)
+        .bind(backorder_limit)
+        .execute(&mut *tx)
+        .await?;
         let on_hand: i64 =
             sqlx::query_scalar("SELECT on_hand FROM stock_levels WHERE sku = $1 AND location = $2 FOR UPDATE")
                 .bind(ask.sku as i64)
@@ -996,12 +1013,8 @@ impl Db {
             return Ok(batch);
         }
         let rows = sqlx::query(
-            // The SKU's limit by a lookup per row returned, not a join: right after a bulk
-            // load PostgreSQL has no statistics yet and joined the whole catalog per batch.
-            "SELECT s.push_seq, s.sku, s.location,
-                    (SELECT k.backorder_limit FROM skus k WHERE k.sku = s.sku) AS backorder_limit
-             FROM stock_levels s
-             WHERE s.shard = $1 AND s.push_seq > $2 AND s.push_seq <= $3 ORDER BY s.push_seq LIMIT $4",
+            "SELECT push_seq, sku, location, backorder_limit FROM stock_levels
+             WHERE shard = $1 AND push_seq > $2 AND push_seq <= $3 ORDER BY push_seq LIMIT $4",
         )
         .bind(shard as i32)
         .bind(batch.cursor)

@@ -417,6 +417,8 @@ pub struct PushPass {
     pub failed: u64,
     /// Time spent waiting for the data plane's answers.
     pub dataplane: Duration,
+    /// Time spent reading what is due from PostgreSQL.
+    pub read: Duration,
 }
 
 impl PushPass {
@@ -436,7 +438,9 @@ impl PushPass {
 /// and the drain begins its new epoch first.
 pub async fn push_pass(db: &Db, dataplane: &Dataplane, shard: u32, batch: u32) -> anyhow::Result<PushPass> {
     let mut pass = PushPass::default();
+    let reading = Instant::now();
     let due = db.push_batch(shard, batch).await?;
+    pass.read = reading.elapsed();
     if due.is_empty() {
         if due.upto > due.cursor {
             // Values taken by writes that were rolled back: nothing to tell.

@@ -163,18 +163,20 @@ async fn push_all(db: &Db, dataplane: &Dataplane, batch: u32) -> anyhow::Result<
     for shard in 0..dataplane.shards() {
         let (db, dataplane) = (db.clone(), dataplane.clone());
         tasks.spawn(async move {
-            let (mut upserted, mut applied, mut waited) = (0, 0, Duration::ZERO);
+            let (mut upserted, mut applied, mut waited, mut read) = (0, 0, Duration::ZERO, Duration::ZERO);
             let started = Instant::now();
             loop {
                 let pass = push_pass(&db, &dataplane, shard, batch).await?;
                 upserted += pass.upserted;
                 applied += pass.applied;
                 waited += pass.dataplane;
+                read += pass.read;
                 anyhow::ensure!(pass.rejected == 0, "shard {shard} rejected adjustments");
                 if pass.is_idle() {
                     println!(
-                        "shard {shard}: pushed for {:.2} s, of which {:.2} s waiting for the data plane's answers",
+                        "shard {shard}: pushed for {:.2} s, of which {:.2} s reading what is due from PostgreSQL and {:.2} s waiting for the data plane's answers",
                         started.elapsed().as_secs_f64(),
+                        read.as_secs_f64(),
                         waited.as_secs_f64()
                     );
                     return Ok((upserted, applied));

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -59,8 +59,31 @@ pub async fn fresh_database_in(cluster: &str) -> String {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000
     );
     let mut admin = sqlx::PgConnection::connect(cluster).await.expect("connect to the test cluster");
+    drop_stale_databases(&mut admin).await;
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create a test database");
     with_database(cluster, &name)
+}
+
+/// Drops, once per test process, the databases that earlier test processes made and left
+/// behind (named `cp_test_<pid>_...` after a process that no longer runs), so that the
+/// private cluster does not grow with every `make test`.
+async fn drop_stale_databases(admin: &mut sqlx::PgConnection) {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'cp\\_test\\_%'")
+        .fetch_all(&mut *admin)
+        .await
+        .expect("list test databases");
+    for name in names {
+        let pid = name.split('_').nth(2).and_then(|pid| pid.parse::<u32>().ok());
+        let gone = pid.is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists());
+        if gone {
+            // Another test process may be dropping it too: either way it goes.
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut *admin).await;
+        }
+    }
 }
 
 /// A new, empty database in the tests' cluster.
