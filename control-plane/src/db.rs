@@ -1013,6 +1013,12 @@ impl Db {
             batch.upto = batch.cursor;
             return Ok(batch);
         }
+        // Both reads walk their (shard, push_seq) index in order and stop at the limit.
+        // Right after a bulk load PostgreSQL has no statistics, guesses that few rows
+        // match, and would rather fetch all of them and sort (450 ms instead of 13 ms for
+        // 32,768 of a million rows, every batch): sorting is ruled out for these reads.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL enable_sort = off").execute(&mut *tx).await?;
         let rows = sqlx::query(
             "SELECT push_seq, sku, location, backorder_limit FROM stock_levels
              WHERE shard = $1 AND push_seq > $2 AND push_seq <= $3 ORDER BY push_seq LIMIT $4",
@@ -1021,7 +1027,7 @@ impl Db {
         .bind(batch.cursor)
         .bind(horizon)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         batch.rows = rows
             .iter()
@@ -1045,8 +1051,9 @@ impl Db {
         .bind(batch.cursor)
         .bind(batch.upto)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         batch.adjustments = adjustments
             .iter()
             .map(|r| PushAdjustment {
