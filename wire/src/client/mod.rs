@@ -347,6 +347,28 @@ enum AttemptFailure {
     Closed,
 }
 
+/// What one attempt of one call came to (see `Client::call_verdict`).
+struct Verdict {
+    /// The call's answer, or `None` to try it again.
+    answer: Option<Result<Outcome, ClientError>>,
+    /// The data plane answered it.
+    answered: bool,
+    /// The transport failed or timed out.
+    failed: bool,
+}
+
+/// The attempt's result from what its reply channel delivered.
+fn call_answer(
+    delivered: Result<Result<Response, Lost>, oneshot::error::RecvError>,
+) -> Result<Response, AttemptFailure> {
+    match delivered {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(Lost::Connection(reason))) => Err(AttemptFailure::Transport(reason.to_string())),
+        Ok(Err(Lost::TooLarge { bytes, max })) => Err(AttemptFailure::TooLarge { bytes, max }),
+        Err(_) => Err(AttemptFailure::Transport("the connection dropped the call".into())),
+    }
+}
+
 impl Client {
     /// Checks the configuration, builds TLS, and opens every connection of the pool.
     ///
@@ -381,8 +403,22 @@ impl Client {
     /// Sends `op` and returns the data plane's answer, batching it with concurrent calls
     /// and retrying as the module documentation describes.
     pub async fn call(&self, op: Op) -> Result<Outcome, ClientError> {
-        let mut answers = self.call_many(vec![op]).await;
-        answers.pop().expect("one answer per call")
+        let mut backoff = self.inner.config.retry_backoff;
+        let mut attempts = 0;
+        loop {
+            if let Some(refusal) = self.call_refusal() {
+                return Err(refusal());
+            }
+            attempts += 1;
+            let result = self.call_attempt(op.clone()).await;
+            let verdict = self.call_verdict(result, attempts);
+            self.call_record(verdict.answered, verdict.failed);
+            if let Some(answer) = verdict.answer {
+                return answer;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.inner.config.retry_backoff_max);
+        }
     }
 
     /// Sends every op of `ops` and returns their answers in the same order, each retried
@@ -392,71 +428,104 @@ impl Client {
     /// One attempt of the whole batch counts once for the circuit breaker: a success if
     /// any call was answered, a failure otherwise.
     pub async fn call_many(&self, ops: Vec<Op>) -> Vec<Result<Outcome, ClientError>> {
-        let config = &self.inner.config;
         let mut answers: Vec<Option<Result<Outcome, ClientError>>> = (0..ops.len()).map(|_| None).collect();
         let mut todo: Vec<usize> = (0..ops.len()).collect();
-        let mut backoff = config.retry_backoff;
+        let mut backoff = self.inner.config.retry_backoff;
         let mut attempts = 0;
         while !todo.is_empty() {
-            let refusal: Option<fn() -> ClientError> = if self.inner.closed.load(Ordering::Acquire) {
-                Some(|| ClientError::Closed)
-            } else if !self.inner.breaker().admit(Instant::now()) {
-                Some(|| ClientError::CircuitOpen)
-            } else {
-                None
-            };
-            if let Some(refusal) = refusal {
+            if let Some(refusal) = self.call_refusal() {
                 for &index in &todo {
                     answers[index] = Some(Err(refusal()));
                 }
                 break;
             }
             attempts += 1;
-            let last = attempts > config.retries;
             let attempt = self.call_many_attempt(&ops, &todo).await;
             let (mut answered, mut failed, mut again) = (false, false, Vec::new());
             for (&index, result) in todo.iter().zip(attempt) {
-                let answer = match result {
-                    Ok(response) => {
-                        answered = true;
-                        if response.status.is_retryable() && !last {
-                            tracing::debug!(status = ?response.status, attempts, "retrying a refused call");
-                            again.push(index);
-                            continue;
-                        }
-                        Ok(Outcome { status: response.status, body: response.body })
-                    }
-                    Err(AttemptFailure::TooLarge { bytes, max }) => Err(ClientError::RequestTooLarge { bytes, max }),
-                    Err(AttemptFailure::Closed) => Err(ClientError::Closed),
-                    Err(failure) => {
-                        failed = true;
-                        if !last {
-                            again.push(index);
-                            continue;
-                        }
-                        match failure {
-                            AttemptFailure::Timeout => {
-                                Err(ClientError::Timeout { attempts, timeout: config.call_timeout })
-                            }
-                            AttemptFailure::Transport(last) => Err(ClientError::Transport { attempts, last }),
-                            AttemptFailure::TooLarge { .. } | AttemptFailure::Closed => unreachable!("matched above"),
-                        }
-                    }
-                };
-                answers[index] = Some(answer);
+                let verdict = self.call_verdict(result, attempts);
+                answered |= verdict.answered;
+                failed |= verdict.failed;
+                match verdict.answer {
+                    Some(answer) => answers[index] = Some(answer),
+                    None => again.push(index),
+                }
             }
-            if answered {
-                self.inner.breaker().record_success();
-            } else if failed {
-                self.inner.breaker().record_failure(Instant::now());
-            }
+            self.call_record(answered, failed);
             todo = again;
             if !todo.is_empty() {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(config.retry_backoff_max);
+                backoff = (backoff * 2).min(self.inner.config.retry_backoff_max);
             }
         }
         answers.into_iter().map(|answer| answer.expect("every call is answered or refused")).collect()
+    }
+
+    /// Why no call may be sent now (the client is closed, or the breaker is open), as
+    /// the error to answer with; asks the breaker once, which may admit a probe.
+    fn call_refusal(&self) -> Option<fn() -> ClientError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Some(|| ClientError::Closed)
+        } else if !self.inner.breaker().admit(Instant::now()) {
+            Some(|| ClientError::CircuitOpen)
+        } else {
+            None
+        }
+    }
+
+    /// What attempt number `attempts` of one call came to: its answer, or `None` when it
+    /// is to be tried again (a retryable status or a transport failure with attempts
+    /// left).
+    fn call_verdict(&self, result: Result<Response, AttemptFailure>, attempts: u32) -> Verdict {
+        let config = &self.inner.config;
+        let last = attempts > config.retries;
+        let (answer, answered, failed) = match result {
+            Ok(response) if response.status.is_retryable() && !last => {
+                tracing::debug!(status = ?response.status, attempts, "retrying a refused call");
+                (None, true, false)
+            }
+            Ok(response) => (Some(Ok(Outcome { status: response.status, body: response.body })), true, false),
+            Err(AttemptFailure::TooLarge { bytes, max }) => {
+                (Some(Err(ClientError::RequestTooLarge { bytes, max })), false, false)
+            }
+            Err(AttemptFailure::Closed) => (Some(Err(ClientError::Closed)), false, false),
+            Err(_) if !last => (None, false, true),
+            Err(AttemptFailure::Timeout) => {
+                (Some(Err(ClientError::Timeout { attempts, timeout: config.call_timeout })), false, true)
+            }
+            Err(AttemptFailure::Transport(last)) => (Some(Err(ClientError::Transport { attempts, last })), false, true),
+        };
+        Verdict { answer, answered, failed }
+    }
+
+    /// Tells the breaker how an attempt went: a success if anything was answered, a
+    /// failure if nothing was and the transport failed.
+    fn call_record(&self, answered: bool, failed: bool) {
+        if answered {
+            self.inner.breaker().record_success();
+        } else if failed {
+            self.inner.breaker().record_failure(Instant::now());
+        }
+    }
+
+    /// One attempt of one call: pick a connection, queue the call, wait for its answer,
+    /// all within the call timeout.
+    async fn call_attempt(&self, op: Op) -> Result<Response, AttemptFailure> {
+        let attempt = async {
+            let conn = self.inner.conn_pick().await.map_err(AttemptFailure::Transport)?;
+            let (reply, answer) = oneshot::channel();
+            if conn.submit(Call { op, reply }).await.is_err() {
+                return Err(AttemptFailure::Transport("the connection closed".into()));
+            }
+            call_answer(answer.await)
+        };
+        match tokio::time::timeout(self.inner.config.call_timeout, attempt).await {
+            Ok(Err(AttemptFailure::Transport(_))) if self.inner.closed.load(Ordering::Acquire) => {
+                Err(AttemptFailure::Closed)
+            }
+            Ok(result) => result,
+            Err(_) => Err(AttemptFailure::Timeout),
+        }
     }
 
     /// One attempt of the calls `todo` (indexes into `ops`): queue them on the pool's
@@ -490,12 +559,7 @@ impl Client {
             for waited in waiting.drain(..) {
                 results.push(match waited {
                     Err(failure) => Err(failure),
-                    Ok(answer) => match answer.await {
-                        Ok(Ok(response)) => Ok(response),
-                        Ok(Err(Lost::Connection(reason))) => Err(AttemptFailure::Transport(reason.to_string())),
-                        Ok(Err(Lost::TooLarge { bytes, max })) => Err(AttemptFailure::TooLarge { bytes, max }),
-                        Err(_) => Err(AttemptFailure::Transport("the connection dropped the call".into())),
-                    },
+                    Ok(answer) => call_answer(answer.await),
                 });
             }
         };
