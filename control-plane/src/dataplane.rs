@@ -110,21 +110,12 @@ impl Dataplane {
         }
     }
 
-    /// Live stock of many SKU-locations (256 to a call, the calls concurrent).
+    /// Live stock of many SKU-locations: queries of 256 (the data plane's bound), sent
+    /// together with `call_many`.
     pub async fn stock(&self, items: &[SkuAt]) -> Result<Vec<StockLevel>, CallError> {
-        let mut calls = tokio::task::JoinSet::new();
-        for (index, chunk) in items.chunks(256).enumerate() {
-            let client = self.client.clone();
-            let op = Op::QueryStock { items: chunk.to_vec() };
-            calls.spawn(async move { (index, client.call(op).await) });
-        }
-        let mut answers = Vec::new();
-        while let Some(joined) = calls.join_next().await {
-            answers.push(joined.expect("a stock query task does not panic"));
-        }
-        answers.sort_by_key(|(index, _)| *index);
+        let queries = items.chunks(256).map(|chunk| Op::QueryStock { items: chunk.to_vec() }).collect();
         let mut levels = Vec::with_capacity(items.len());
-        for (_, outcome) in answers {
+        for outcome in self.client.call_many(queries).await {
             let outcome = outcome?;
             match (outcome.status, outcome.body) {
                 (Status::Ok, Body::Stock(found)) => levels.extend(found),

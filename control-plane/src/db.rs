@@ -1266,7 +1266,8 @@ async fn drain_write_in(
         .bind(last)
         .fetch_one(&mut **tx)
         .await?;
-        let inserted: Vec<i64> = if present == 0 {
+        // The positions written, or `None` when all of them were.
+        let inserted: Option<std::collections::HashSet<i64>> = if present == 0 {
             // All new: COPY, which PostgreSQL loads faster than an INSERT of the arrays.
             let mut text = String::with_capacity(positions.len() * 112);
             for i in 0..positions.len() {
@@ -1287,9 +1288,9 @@ async fn drain_write_in(
                     positions.len()
                 ))));
             }
-            positions.clone()
+            None
         } else {
-            sqlx::query_scalar(
+            let inserted: Vec<i64> = sqlx::query_scalar(
                 "INSERT INTO sales (shard, epoch, position, hold_id, sku, location, qty, committed_at)
                  SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::uuid[], $5::bigint[], $6::bigint[], $7::bigint[],
                                               $8::timestamptz[])
@@ -1304,14 +1305,12 @@ async fn drain_write_in(
             .bind(&qtys)
             .bind(&committed_at)
             .fetch_all(&mut **tx)
-            .await?
+            .await?;
+            Some(inserted.into_iter().collect())
         };
-        written += inserted.len() as u64;
-        let all_new = inserted.len() == positions.len();
-        let inserted: std::collections::HashSet<i64> =
-            if all_new { Default::default() } else { inserted.into_iter().collect() };
+        written += inserted.as_ref().map_or(positions.len(), |some| some.len()) as u64;
         for i in 0..positions.len() {
-            if all_new || inserted.contains(&positions[i]) {
+            if inserted.as_ref().is_none_or(|some| some.contains(&positions[i])) {
                 let change = changes.entry((skus[i] as u64, locations[i] as u32)).or_default();
                 change.0 -= qtys[i];
                 change.1 += qtys[i];

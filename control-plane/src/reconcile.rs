@@ -111,18 +111,18 @@ pub async fn reconcile(db: &Db, dataplane: &Dataplane) -> anyhow::Result<Report>
             undrained: count,
         });
     }
-    let ids: Vec<Uuid> = tail_adjustments.iter().map(|a| a.0).collect();
-    let bootstrap: HashSet<Uuid> = db.bootstrap_ids_among(&ids).await?.into_iter().collect();
-    for &(id, sku, location, delta) in &tail_adjustments {
+    let tail: Vec<Uuid> = tail_adjustments.iter().map(|a| a.0).collect();
+    let bootstrap: HashSet<Uuid> = db.bootstrap_ids_among(&tail).await?.into_iter().collect();
+    for (id, sku, location, delta) in tail_adjustments {
         if !bootstrap.contains(&id) {
             *undrained.entry((sku, location)).or_default() += delta;
         }
     }
     // Bootstrap adjustments in neither the books nor the journal's tail: not received.
-    let tail: HashSet<Uuid> = tail_adjustments.iter().map(|a| a.0).collect();
+    // (Every bootstrap adjustment in the tail is in `bootstrap`.)
     let mut bootstrap_pending: HashMap<(u64, u32), i64> = HashMap::new();
     for pending in db.bootstrap_pending().await? {
-        if !tail.contains(&pending.id) {
+        if !bootstrap.contains(&pending.id) {
             *bootstrap_pending.entry((pending.sku, pending.location)).or_default() += pending.delta;
         }
     }
