@@ -29,7 +29,7 @@ use crate::shard::{commit_mask, ApplyResult, Origin, Shard};
 use crate::wal::{CartOutcome, CartPhase, WalLine, WalRecord, ANY_LOCATION};
 use crate::Tick;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 enum CartState {
     Preparing,
     Reserved,
@@ -39,7 +39,7 @@ enum CartState {
     Finished(HoldState),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 enum Push {
     Keep,
     Abort,
@@ -48,7 +48,7 @@ enum Push {
     Release,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Participant {
     shard: ShardId,
     vote: Option<Status>,
@@ -56,7 +56,7 @@ struct Participant {
 }
 
 /// A cart this shard coordinates.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct Cart {
     fingerprint: u32,
     expires_at: Tick,

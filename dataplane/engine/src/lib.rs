@@ -16,7 +16,8 @@
 //! - `held` equals the sum of the quantities of the live holds' lines;
 //! - a reply, and a message to a peer, leave only after every WAL record appended before
 //!   them is durable;
-//! - replaying the WAL into a fresh shard yields the same [`Shard::state_hash`].
+//! - replaying the WAL into a fresh shard yields the same [`Shard::state_hash`], and so
+//!   does loading a snapshot taken at any position and replaying the records after it.
 //!
 //! Every capacity is bounded by [`ShardConfig`]; a full bound is answered with
 //! `Status::Busy`, never with growth.
@@ -33,7 +34,10 @@ mod wheel;
 pub use config::{ConfigError, ShardConfig};
 pub use peer::{Decision, PeerLine, PeerMessage};
 pub use route::{home_for, shard_for, ShardId};
-pub use shard::{Origin, RecoverError, Reply, Shard, ShardStats};
+pub use shard::{
+    Origin, RecoverError, Reply, Shard, ShardStats, SnapshotError, SnapshotHeader, SNAPSHOT_FORMAT,
+    SNAPSHOT_HEADER_BYTES, SNAPSHOT_MAGIC,
+};
 
 /// Milliseconds on the data plane's clock; the driver supplies them, never decreasing.
 pub type Tick = u64;

@@ -36,6 +36,9 @@ use crate::wheel::Wheel;
 use crate::Tick;
 
 mod participant;
+mod snapshot;
+
+pub use snapshot::{SnapshotError, SnapshotHeader, SNAPSHOT_FORMAT, SNAPSHOT_HEADER_BYTES, SNAPSHOT_MAGIC};
 
 pub(crate) const NONE: u32 = u32::MAX;
 /// The cursor of a hold's first line in `Shard::hold_line` walks.
@@ -111,6 +114,9 @@ pub enum RecoverError {
         /// The position found.
         found: u64,
     },
+    /// The snapshot recovery started from cannot be loaded.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
     /// A record cannot apply to the state before it (a log from another shard, or a
     /// configuration with smaller bounds than the one that wrote it).
     #[error("WAL record at position {position} does not apply: {reason}")]
@@ -125,7 +131,7 @@ pub enum RecoverError {
 /// A record that does not fit the state it is applied to.
 pub(crate) type ApplyResult = Result<(), &'static str>;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Stock {
     on_hand: i64,
     held: i64,
@@ -145,7 +151,7 @@ impl Stock {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[repr(u8)]
 pub(crate) enum Phase {
     Free,
@@ -177,7 +183,7 @@ impl Phase {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Hold {
     id_lo: u64,
     id_hi: u64,
@@ -197,21 +203,21 @@ impl Hold {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct ExtraLine {
     slot: u32,
     qty: u32,
     next: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Participation {
     coordinator: ShardId,
     reserve_txn: u64,
     pin_txn: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Adjustment {
     sku: u64,
     location: u32,
@@ -324,8 +330,55 @@ impl Shard {
     /// number of bytes that make up valid records. Holds whose expiry passed while the
     /// shard was down expire at the first `handle_*` call, each exactly once.
     pub fn recover(config: &ShardConfig, now: Tick, log: &[u8]) -> Result<(Shard, usize), RecoverError> {
-        let mut shard = Shard::new(config, now)?;
+        Shard::recover_from(config, now, None, log)
+    }
+
+    /// Rebuilds a shard from a snapshot (see [`Shard::snapshot`]; `None`: from empty) and
+    /// the WAL bytes after it, as [`Shard::recover`] does from the whole log. The log may
+    /// start at or before the record after the snapshot's position (segments of the log
+    /// are deleted whole, so its first ones may hold records the snapshot includes: they
+    /// are checked and skipped), never after it.
+    pub fn recover_from(
+        config: &ShardConfig,
+        now: Tick,
+        snapshot: Option<&[u8]>,
+        log: &[u8],
+    ) -> Result<(Shard, usize), RecoverError> {
+        let mut shard = match snapshot {
+            Some(bytes) => Shard::from_snapshot(config, now, bytes)?,
+            None => Shard::new(config, now)?,
+        };
+        let valid = shard.replay(log)?;
+        shard.durable = shard.wal_head;
+        shard.cart_recover();
+        Ok((shard, valid))
+    }
+
+    /// The snapshot that a snapshot (`None`: an empty shard) and the WAL bytes after it
+    /// make: what a driver writes in the background from log segments it has closed,
+    /// without touching the shard that serves. Returns the new snapshot's bytes and the
+    /// bytes of `log` that were valid records.
+    pub fn compact(
+        config: &ShardConfig,
+        now: Tick,
+        snapshot: Option<&[u8]>,
+        log: &[u8],
+    ) -> Result<(Vec<u8>, usize), RecoverError> {
+        let mut shard = match snapshot {
+            Some(bytes) => Shard::from_snapshot(config, now, bytes)?,
+            None => Shard::new(config, now)?,
+        };
+        let valid = shard.replay(log)?;
+        Ok((shard.snapshot(), valid))
+    }
+
+    /// Applies the records of `log` that follow the state's position; returns the bytes
+    /// of valid records.
+    fn replay(&mut self, log: &[u8]) -> Result<usize, RecoverError> {
         let mut offset = 0;
+        // The position the next record must have; the first may be any up to the one
+        // after the state's (records at or before it are skipped).
+        let mut expected: Option<u64> = None;
         // Replay is bound by cache misses on the index buckets of records' SKUs and holds:
         // fetch those of the record `RECOVER_PREFETCH` ahead while applying this one.
         let mut ahead = 0;
@@ -339,12 +392,12 @@ impl Shard {
                 }
                 match wal::peek_keys(&log[ahead..ahead + len]) {
                     (Some(sku), hold) => {
-                        shard.skus.prefetch(sku);
+                        self.skus.prefetch(sku);
                         if let Some(hold) = hold {
-                            shard.holds.prefetch(hold);
+                            self.holds.prefetch(hold);
                         }
                     }
-                    (None, Some(hold)) => shard.holds.prefetch(hold),
+                    (None, Some(hold)) => self.holds.prefetch(hold),
                     (None, None) => {}
                 }
                 ahead += len;
@@ -354,24 +407,29 @@ impl Shard {
             let (record, position, len) = match wal::decode(&log[offset..]) {
                 Ok(decoded) => decoded,
                 Err(source) => {
-                    if tail_is_torn(&log[offset..], shard.wal_head + 1) {
+                    if tail_is_torn(&log[offset..], expected.unwrap_or(self.wal_head + 1)) {
                         break;
                     }
                     return Err(RecoverError::Corrupt { offset, source });
                 }
             };
-            let expected = shard.wal_head + 1;
-            if position != expected {
-                return Err(RecoverError::Gap { offset, expected, found: position });
+            let next = self.wal_head + 1;
+            match expected {
+                Some(expected) if position != expected => {
+                    return Err(RecoverError::Gap { offset, expected, found: position });
+                }
+                None if position > next => return Err(RecoverError::Gap { offset, expected: next, found: position }),
+                _ => {}
             }
-            shard.wal_head = position;
-            shard.apply(&record).map_err(|reason| RecoverError::Inapplicable { position, reason })?;
-            shard.stats.wal_records += 1;
+            expected = Some(position + 1);
+            if position == next {
+                self.wal_head = position;
+                self.apply(&record).map_err(|reason| RecoverError::Inapplicable { position, reason })?;
+                self.stats.wal_records += 1;
+            }
             offset += len;
         }
-        shard.durable = shard.wal_head;
-        shard.cart_recover();
-        Ok((shard, offset))
+        Ok(offset)
     }
 
     /// This shard's configuration.

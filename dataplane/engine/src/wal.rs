@@ -25,7 +25,7 @@ pub const HEADER_BYTES: usize = 16;
 const LINE_BYTES: usize = 16;
 
 /// A cart line as the WAL records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalLine {
     /// The SKU.
     pub sku: u64,
