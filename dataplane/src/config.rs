@@ -55,11 +55,20 @@ pub struct WalSettings {
     pub segment_bytes: u64,
     /// Cut the log at a damaged record instead of refusing to start (losing what follows).
     pub truncate_corrupt_tail: bool,
+    /// Take a snapshot after this many more segments were closed (0: never). Each
+    /// snapshot is built on a thread of its own from the closed segments and the previous
+    /// snapshot; the two newest are kept, and the segments the older one covers are deleted.
+    pub snapshot_every_segments: u32,
 }
 
 impl Default for WalSettings {
     fn default() -> WalSettings {
-        WalSettings { durability: "sync".into(), segment_bytes: 64 << 20, truncate_corrupt_tail: false }
+        WalSettings {
+            durability: "sync".into(),
+            segment_bytes: 64 << 20,
+            truncate_corrupt_tail: false,
+            snapshot_every_segments: 4,
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use anyhow::{anyhow, Context};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::{ExecutorJoinHandle, GlommioError, LocalExecutorBuilder, Placement, ResourceType};
 use stockplane_engine::{Shard, ShardId};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{Admin, Health};
 use crate::config::Config;
@@ -365,6 +365,64 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         mesh_out.send(out);
     }
 
+    // Snapshots: after every `wal.snapshot_every_segments` closed segments, the next
+    // snapshot is taken from the files on a thread of its own, and the log below the
+    // older of the two newest snapshots is deleted. The serving core never waits for it.
+    let (snapshot_wake, snapshot_woken) = glommio::channels::local_channel::new_bounded::<u64>(1);
+    if config.wal.snapshot_every_segments > 0 {
+        let every = u64::from(config.wal.snapshot_every_segments);
+        let shard_config = config.shard_config(shard, shards);
+        let (dir, segment_bytes) = (wal_start.dir.clone(), config.wal.segment_bytes);
+        let mut closed_at_last = wal_start.sequence - 1;
+        let labels = [("shard", shard.to_string())];
+        let took = metrics::histogram!("stockplane_snapshot_seconds", &labels);
+        let bytes = metrics::gauge!("stockplane_snapshot_bytes", &labels);
+        let position = metrics::gauge!("stockplane_snapshot_position", &labels);
+        let deleted = metrics::counter!("stockplane_wal_segments_deleted_total", &labels);
+        let failures = metrics::counter!("stockplane_snapshot_failures_total", &labels);
+        tasks.push(
+            glommio::spawn_local(async move {
+                while let Some(open) = snapshot_woken.recv().await {
+                    if open - 1 < closed_at_last + every {
+                        continue;
+                    }
+                    let (dir, shard_config) = (dir.clone(), shard_config.clone());
+                    let now = crate::core::wall_clock_ms();
+                    let started = Instant::now();
+                    let done = glommio::executor()
+                        .spawn_blocking(move || wal::take_snapshot(&dir, &shard_config, now, segment_bytes, open))
+                        .await;
+                    match done {
+                        Ok(done) => {
+                            took.record(started.elapsed().as_secs_f64());
+                            deleted.increment(done.segments_deleted.len() as u64);
+                            if let Some((path, at)) = &done.written {
+                                bytes.set(done.bytes as f64);
+                                position.set(*at as f64);
+                                info!(
+                                    shard,
+                                    file = %path.display(),
+                                    position = at,
+                                    bytes = done.bytes,
+                                    seconds = started.elapsed().as_secs_f64(),
+                                    segments_deleted = ?done.segments_deleted,
+                                    "snapshot written"
+                                );
+                            }
+                            closed_at_last = open - 1;
+                        }
+                        Err(error) => {
+                            // The log is whole without it: try again at the next segment.
+                            failures.increment(1);
+                            warn!(shard, error = format!("{error:#}"), "a snapshot failed; the log is kept whole");
+                        }
+                    }
+                }
+            })
+            .detach(),
+        );
+    }
+
     // The WAL writer: group commit.
     {
         let core = core.clone();
@@ -379,6 +437,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         tasks.push(
             glommio::spawn_local(async move {
                 let mut spare = Vec::new();
+                let mut open_sequence = writer.sequence();
                 while wal_woken.recv().await.is_some() {
                     if let Some(interval) = batch_ms {
                         glommio::timer::sleep(interval).await;
@@ -389,6 +448,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         let started = Instant::now();
                         match writer.append(&bytes).await {
                             Ok(()) => {
+                                if writer.sequence() != open_sequence {
+                                    open_sequence = writer.sequence();
+                                    let _ = snapshot_wake.try_send(open_sequence);
+                                }
                                 sync_seconds.record(started.elapsed().as_secs_f64());
                                 batch_bytes.record(bytes.len() as f64);
                                 let now = Instant::now();

@@ -30,6 +30,7 @@ use std::rc::Rc;
 
 use anyhow::{bail, Context};
 use glommio::io::{DmaFile, OpenOptions};
+use rkyv::util::AlignedVec;
 use stockplane_engine::{RecoverError, Shard, ShardConfig, Tick};
 use tracing::{info, warn};
 
@@ -95,13 +96,18 @@ fn segment_path(dir: &Path, sequence: u64) -> PathBuf {
 
 /// The segments in `dir`, by sequence.
 fn segments(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    numbered_files(dir, "wal-", ".seg")
+}
+
+/// The files in `dir` named `<prefix><16 hex digits><suffix>`, by that number.
+fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
         let path = entry?.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(hex) = name.strip_prefix("wal-").and_then(|n| n.strip_suffix(".seg")) else { continue };
-        let sequence = u64::from_str_radix(hex, 16).with_context(|| format!("segment name {name}"))?;
-        found.push((sequence, path));
+        let Some(hex) = name.strip_prefix(prefix).and_then(|n| n.strip_suffix(suffix)) else { continue };
+        let number = u64::from_str_radix(hex, 16).with_context(|| format!("file name {name}"))?;
+        found.push((number, path));
     }
     found.sort();
     Ok(found)
@@ -137,8 +143,9 @@ pub struct WalStart {
     pub segment_bytes: u64,
 }
 
-/// Rebuilds shard `config.shard` from its log in `data_dir` (creating an empty log if
-/// there is none). `cut_corrupt` cuts the log at a damaged record instead of failing.
+/// Rebuilds shard `config.shard` from its newest valid snapshot and its log in
+/// `data_dir` (creating an empty log if there is none). `cut_corrupt` cuts the log at a
+/// damaged record instead of failing.
 pub fn recover(
     data_dir: &Path,
     config: &ShardConfig,
@@ -148,8 +155,12 @@ pub fn recover(
 ) -> anyhow::Result<(Shard, WalStart)> {
     let dir = shard_dir(data_dir, config.shard);
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    remove_temporaries(&dir, "")?;
     let found = segments(&dir)?;
     if found.is_empty() {
+        if let Some((_, path)) = snapshots(&dir)?.last() {
+            bail!("{} exists but the log segments after it are gone: refusing to start without them", path.display());
+        }
         prepare_segment_sync(&dir, 1, segment_bytes)?;
         let shard = Shard::new(config, now)?;
         let start = WalStart { dir, sequence: 1, end: 0, segment_bytes };
@@ -159,14 +170,7 @@ pub fn recover(
     let mut log = Vec::new();
     let mut starts = Vec::with_capacity(found.len());
     for (sequence, path) in &found {
-        let bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
-        if bytes.len() as u64 != segment_bytes {
-            bail!(
-                "{} is {} bytes, not the configured segment size {segment_bytes} (wal.segment_bytes changed?)",
-                path.display(),
-                bytes.len()
-            );
-        }
+        let bytes = read_segment(path, segment_bytes)?;
         // Earlier segments end at their first zero-length header (a damaged length there
         // makes the next segment's first position a gap: an error, never a silent cut).
         // The last segment goes to recovery whole: it tells a torn tail (nothing valid
@@ -180,13 +184,20 @@ pub fn recover(
         let (_, path, start, _) = starts.iter().rev().find(|(_, _, start, _)| *start <= offset).expect("offset in log");
         (path.clone(), offset - start)
     };
-    let (shard, valid) = match Shard::recover(config, now, &log) {
+    let (snapshot, base) = match newest_snapshot(&dir, config, now)? {
+        Some((path, shard)) => (Some(path), shard),
+        None => (None, Shard::new(config, now)?),
+    };
+    let (shard, valid) = match base.resume(&log) {
         Ok(recovered) => recovered,
         Err(RecoverError::Corrupt { offset, source }) if cut_corrupt => {
             let (path, at) = locate(offset);
             warn!(file = %path.display(), offset = at, error = %source, "cutting the log at a damaged record (--truncate-corrupt-tail)");
-            let (shard, valid) = Shard::recover(config, now, &log[..offset]).context("recover before the cut")?;
-            (shard, valid)
+            let base = match &snapshot {
+                Some(path) => Shard::from_snapshot(config, now, &read_snapshot(path)?)?,
+                None => Shard::new(config, now)?,
+            };
+            base.resume(&log[..offset]).context("recover before the cut")?
         }
         Err(RecoverError::Corrupt { offset, source }) => {
             let (path, at) = locate(offset);
@@ -195,6 +206,14 @@ pub fn recover(
                  (losing what follows)",
                 path.display()
             );
+        }
+        Err(error @ RecoverError::Gap { .. }) if offset_is_first(&error) => {
+            let after = snapshot.as_ref().map_or_else(|| "no snapshot".to_string(), |path| path.display().to_string());
+            return Err(error).context(format!(
+                "the log in {} starts after {after}: the segments in between are gone (a damaged newest snapshot \
+                 whose log was already truncated?)",
+                dir.display()
+            ));
         }
         Err(error) => return Err(error).context(format!("replay the log in {}", dir.display())),
     };
@@ -210,9 +229,185 @@ pub fn recover(
             fs::remove_file(later_path)?;
         }
     }
-    info!(shard = config.shard, records = shard.wal_head(), bytes = valid, "log replayed");
+    info!(
+        shard = config.shard,
+        snapshot = snapshot.as_ref().map(|path| path.display().to_string()),
+        records = shard.wal_head(),
+        bytes = valid,
+        "log replayed"
+    );
     let start = WalStart { dir, sequence, end: valid_in_segment, segment_bytes };
     Ok((shard, start))
+}
+
+/// True for a gap at the log's first record (the log starts too late), as opposed to
+/// a record missing in the middle.
+fn offset_is_first(error: &RecoverError) -> bool {
+    matches!(error, RecoverError::Gap { offset: 0, .. })
+}
+
+/// Reads a whole segment and checks its size.
+fn read_segment(path: &Path, segment_bytes: u64) -> anyhow::Result<Vec<u8>> {
+    let bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    if bytes.len() as u64 != segment_bytes {
+        bail!(
+            "{} is {} bytes, not the configured segment size {segment_bytes} (wal.segment_bytes changed?)",
+            path.display(),
+            bytes.len()
+        );
+    }
+    Ok(bytes)
+}
+
+fn snapshot_path(dir: &Path, position: u64) -> PathBuf {
+    dir.join(format!("snap-{position:016x}.snap"))
+}
+
+/// The snapshots in `dir`, by position.
+fn snapshots(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    numbered_files(dir, "snap-", ".snap")
+}
+
+/// Removes the files whose name starts with `prefix` and ends in `.tmp`: a segment being
+/// zero-filled or a snapshot being written when a crash or a failed round stopped it.
+/// Never renamed into place, they were never part of the log.
+fn remove_temporaries(dir: &Path, prefix: &str) -> anyhow::Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with(prefix) && name.ends_with(".tmp") {
+            warn!(file = %path.display(), "removing a file left half written");
+            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A snapshot file's bytes, 16-byte aligned as the engine reads them.
+fn read_snapshot(path: &Path) -> anyhow::Result<AlignedVec<16>> {
+    let bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(&bytes);
+    Ok(aligned)
+}
+
+/// The newest snapshot in `dir` that loads for `config` (older ones are tried when a
+/// newer one is damaged; each refusal is logged with its reason).
+fn newest_snapshot(dir: &Path, config: &ShardConfig, now: Tick) -> anyhow::Result<Option<(PathBuf, Shard)>> {
+    for (_, path) in snapshots(dir)?.into_iter().rev() {
+        let bytes = read_snapshot(&path)?;
+        match Shard::from_snapshot(config, now, &bytes) {
+            Ok(shard) => return Ok(Some((path, shard))),
+            Err(error) => warn!(file = %path.display(), error = %error, "skipping a snapshot that does not load"),
+        }
+    }
+    Ok(None)
+}
+
+/// What one background snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotDone {
+    /// The new snapshot's file and position (`None`: nothing new to include).
+    pub written: Option<(PathBuf, u64)>,
+    /// Bytes of the new snapshot.
+    pub bytes: u64,
+    /// Log segments deleted because two snapshots cover them.
+    pub segments_deleted: Vec<u64>,
+    /// Snapshots deleted (older than the two kept).
+    pub snapshots_deleted: Vec<u64>,
+}
+
+/// Takes shard `config.shard`'s next snapshot from files alone, beside the serving core:
+/// loads the newest snapshot, replays the closed segments (those before `open_sequence`,
+/// which the writer no longer touches) into that state, writes the result as a new
+/// snapshot (temporary file, synced, renamed, directory synced), keeps the two newest
+/// snapshots, and deletes the segments whose every record the older of the two includes
+/// (so that a damaged newest snapshot still leaves a snapshot and the whole log after it).
+/// Blocking I/O and CPU work: run it on a thread of its own.
+pub fn take_snapshot(
+    dir: &Path,
+    config: &ShardConfig,
+    now: Tick,
+    segment_bytes: u64,
+    open_sequence: u64,
+) -> anyhow::Result<SnapshotDone> {
+    remove_temporaries(dir, "snap-")?;
+    let base = match newest_snapshot(dir, config, now)? {
+        Some((_, shard)) => shard,
+        None => Shard::new(config, now)?,
+    };
+    let base_position = base.wal_head();
+    // The closed segments' records, and where each one's records end (position).
+    let mut log = Vec::new();
+    let mut ends: Vec<(u64, PathBuf, u64)> = Vec::new();
+    for (sequence, path) in segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence) {
+        let bytes = read_segment(&path, segment_bytes)?;
+        let end = records_end(&bytes);
+        let last = last_position(&bytes[..end]).unwrap_or(0);
+        log.extend_from_slice(&bytes[..end]);
+        ends.push((sequence, path, last));
+    }
+    let mut done =
+        SnapshotDone { written: None, bytes: 0, segments_deleted: Vec::new(), snapshots_deleted: Vec::new() };
+    let covered = ends.last().map_or(0, |e| e.2);
+    if covered > base_position {
+        let (snapshot, valid) =
+            base.compact_with(&log).with_context(|| format!("replay the closed log of {}", dir.display()))?;
+        if valid != log.len() {
+            bail!("the closed segments of {} end in a damaged record at byte {valid}", dir.display());
+        }
+        let path = snapshot_path(dir, covered);
+        write_durably(&path, &snapshot)?;
+        done.written = Some((path, covered));
+        done.bytes = snapshot.len() as u64;
+    }
+    // Keep the two newest snapshots; the log from the older one's position on.
+    let kept = snapshots(dir)?;
+    let keep_from = kept.len().saturating_sub(2);
+    for (position, path) in &kept[..keep_from] {
+        fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
+        done.snapshots_deleted.push(*position);
+    }
+    if kept.len() >= 2 {
+        let older = kept[keep_from].0;
+        for (sequence, path, last) in &ends {
+            if *last <= older {
+                fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
+                done.segments_deleted.push(*sequence);
+            }
+        }
+    }
+    if !done.segments_deleted.is_empty() || !done.snapshots_deleted.is_empty() {
+        fs::File::open(dir)?.sync_all().with_context(|| format!("sync directory {}", dir.display()))?;
+    }
+    Ok(done)
+}
+
+/// Writes `bytes` as `path`: a temporary file, synced, renamed, and the directory synced.
+fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let temp = path.with_extension("tmp");
+    let mut file = fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
+    file.write_all(bytes).with_context(|| format!("write {}", temp.display()))?;
+    file.sync_all().with_context(|| format!("sync {}", temp.display()))?;
+    fs::rename(&temp, path).with_context(|| format!("rename {}", temp.display()))?;
+    let dir = path.parent().expect("a file in a directory");
+    fs::File::open(dir)?.sync_all().with_context(|| format!("sync directory {}", dir.display()))?;
+    Ok(())
+}
+
+/// The position of the last record in `records` (whole records).
+fn last_position(records: &[u8]) -> Option<u64> {
+    let mut offset = 0;
+    let mut last = None;
+    while offset + stockplane_engine::wal::HEADER_BYTES <= records.len() {
+        let len = u16::from_le_bytes([records[offset], records[offset + 1]]) as usize;
+        if len == 0 || offset + len > records.len() {
+            break;
+        }
+        last = Some(u64::from_le_bytes(records[offset + 8..offset + 16].try_into().expect("8 bytes")));
+        offset += len;
+    }
+    last
 }
 
 /// Lays `records` (whole encoded records, from position 1) out as shard `shard`'s log in
@@ -320,6 +515,11 @@ impl WalWriter {
             tail,
             next: Rc::new(RefCell::new(NextSegment::None)),
         })
+    }
+
+    /// The sequence of the segment being written.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
     }
 
     /// Starts preparing the next segment in the background, once per segment.
@@ -479,6 +679,153 @@ async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64) -> anyho
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stockplane_engine::Origin;
+    use stockplane_wire::{CartLine, HoldId, Op, Request, Role};
+
+    const SEGMENT: u64 = 1 << 20;
+    const NOW: Tick = 1_800_000_000_000;
+
+    fn config() -> ShardConfig {
+        let mut config = ShardConfig::new(0, 1);
+        config.skus_max = 1 << 12;
+        config.sku_locations_max = 1 << 12;
+        config.holds_max = 1 << 14;
+        config.holds_finished_max = 1 << 10;
+        config.outbox_max = 1 << 16;
+        config
+    }
+
+    /// A shard's log of `rounds` rounds of restocks, holds and commits, several segments
+    /// long, and the state it builds.
+    fn history(rounds: u64) -> (Vec<u8>, u64) {
+        let config = config();
+        let mut shard = Shard::new(&config, NOW).unwrap();
+        let control = Origin { client: 1, role: Role::Control };
+        let checkout = Origin { client: 2, role: Role::Checkout };
+        let mut log = Vec::new();
+        let mut out = Vec::new();
+        let mut id = 0;
+        let mut call = |shard: &mut Shard, origin: Origin, op: Op| {
+            id += 1;
+            shard.handle_owned(NOW, origin, &Request { id, op });
+            while let Some(position) = shard.poll_wal_append(&mut out) {
+                log.extend_from_slice(&out);
+                shard.handle_durable(position);
+            }
+            while shard.poll_reply().is_some() {}
+        };
+        for sku in 0..64 {
+            call(&mut shard, control, Op::UpsertSku { sku, location: 0, backorder_limit: 0 });
+        }
+        for round in 0..rounds {
+            let sku = round % 64;
+            call(
+                &mut shard,
+                control,
+                Op::Adjust { adjustment: u128::from(round) << 64 | 1, sku, location: 0, delta: 5 },
+            );
+            let hold = HoldId(u128::from(round) << 64 | 2);
+            let lines = vec![CartLine { sku, location: None, qty: 2 }];
+            call(&mut shard, checkout, Op::Reserve { hold, ttl_ms: 3_600_000, lines });
+            if round % 3 != 0 {
+                call(&mut shard, checkout, Op::Commit { hold, lines: None });
+            }
+        }
+        (log, shard.state_hash())
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("stockplane-wal-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// `history(40_000)` laid out as shard 0's log under a scratch directory: the data
+    /// directory, the shard's directory, the last segment's sequence, the state's hash.
+    fn laid_out(name: &str) -> (PathBuf, PathBuf, u64, u64) {
+        let data = scratch(name);
+        let (log, hash) = history(40_000);
+        write_log(&data, 0, SEGMENT, &log).unwrap();
+        let dir = shard_dir(&data, 0);
+        let last = segments(&dir).unwrap().last().unwrap().0;
+        (data, dir, last, hash)
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn snapshots_cover_closed_segments_and_the_log_below_the_older_one_goes() {
+        let (data, dir, last, hash) = laid_out("snapshots");
+        assert!(last >= 4, "only {last} segments");
+        // First snapshot: segments 1 and 2 closed. Nothing is deleted with one snapshot.
+        let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3).unwrap();
+        let (_, first_at) = first.written.clone().expect("a snapshot");
+        assert!(first.segments_deleted.is_empty());
+        // Second: every segment but the last closed; segments 1 and 2, which the first
+        // snapshot covers whole, go.
+        let second = take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap();
+        let (_, second_at) = second.written.clone().expect("a snapshot");
+        assert!(second_at > first_at);
+        assert_eq!(second.segments_deleted, vec![1, 2]);
+        // Nothing new closed: no snapshot is written.
+        assert_eq!(take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap().written, None);
+        let (recovered, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        assert_eq!(recovered.state_hash(), hash);
+        assert_eq!(start.sequence, last);
+        // A third snapshot drops the first one and the segments the second covers.
+        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1).unwrap();
+        assert_eq!(third.snapshots_deleted, vec![first_at]);
+        assert_eq!(third.segments_deleted, (3..last).collect::<Vec<_>>());
+        assert_eq!(
+            names(&dir),
+            vec![
+                format!("snap-{second_at:016x}.snap"),
+                format!("snap-{:016x}.snap", third.written.unwrap().1),
+                format!("wal-{last:016x}.seg")
+            ]
+        );
+        let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        assert_eq!(recovered.state_hash(), hash);
+        fs::remove_dir_all(&data).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_newest_snapshot_falls_back_to_the_older_one_and_its_log() {
+        let (data, dir, last, hash) = laid_out("fallback");
+        take_snapshot(&dir, &config(), NOW, SEGMENT, 3).unwrap();
+        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap().written.unwrap();
+        let mut bytes = fs::read(&newest).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        fs::write(&newest, &bytes).unwrap();
+        // A snapshot being written when the process died is not a snapshot.
+        fs::write(dir.join("snap-00000000ffffffff.tmp"), b"half").unwrap();
+        let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        assert_eq!(recovered.state_hash(), hash);
+        assert!(!dir.join("snap-00000000ffffffff.tmp").exists());
+        fs::remove_dir_all(&data).unwrap();
+    }
+
+    #[test]
+    fn a_log_that_starts_after_every_loadable_snapshot_is_refused_by_name() {
+        let (data, dir, last, _) = laid_out("gap");
+        take_snapshot(&dir, &config(), NOW, SEGMENT, 3).unwrap();
+        take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap();
+        // Both snapshots damaged: the log alone starts at segment 3, after position 1.
+        for (_, path) in snapshots(&dir).unwrap() {
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[70] ^= 1;
+            fs::write(&path, &bytes).unwrap();
+        }
+        let error = format!("{:#}", recover(&data, &config(), NOW, SEGMENT, false).err().expect("refused"));
+        assert!(error.contains("starts after no snapshot") && error.contains("expected 1"), "{error}");
+        fs::remove_dir_all(&data).unwrap();
+    }
 
     #[test]
     fn durability_parses_and_prints() {

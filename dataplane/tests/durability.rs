@@ -224,6 +224,16 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     text
 }
 
+/// `count` restocks of one unit of SKU 9, with adjustment ids after `next`.
+fn restocks(next: &mut u128, count: u64) -> Vec<Request> {
+    (0..count)
+        .map(|i| {
+            *next += 1;
+            Request { id: i, op: Op::Adjust { adjustment: *next, sku: 9, location: LOCATION, delta: 1 } }
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn the_log_moves_to_new_segments_and_recovers_across_them() {
     // 1 MiB segments; about 60,000 adjustments of 56 bytes fill three of them.
@@ -233,13 +243,7 @@ async fn the_log_moves_to_new_segments_and_recovers_across_them() {
     let conn = server.raw("control").await;
     let mut next = 1u128 << 90;
     for _ in 0..60 {
-        let requests: Vec<Request> = (0..1_000)
-            .map(|i| {
-                next += 1;
-                Request { id: i, op: Op::Adjust { adjustment: next, sku: 9, location: LOCATION, delta: 1 } }
-            })
-            .collect();
-        let responses = round_trip(&conn, requests).await;
+        let responses = round_trip(&conn, restocks(&mut next, 1_000)).await;
         assert!(
             responses.iter().all(|r| r.status == Status::Ok),
             "{:?}",
@@ -258,6 +262,51 @@ async fn the_log_moves_to_new_segments_and_recovers_across_them() {
     let checkout = server.client("checkout").await;
     assert_eq!(levels(&checkout, &[9]).await, vec![(9, 60_001, 0)]);
     assert_eq!(server.server.recovered_state_hashes(), &hashes[..]);
+    checkout.close().await;
+    server.stop();
+}
+
+#[tokio::test]
+async fn snapshots_are_taken_while_serving_and_the_log_below_them_is_deleted() {
+    // 1 MiB segments and a snapshot after every closed one; holds stay live throughout.
+    let server = start(1, |config| config.wal.snapshot_every_segments = 1);
+    let control = server.client("control").await;
+    let checkout = server.client("checkout").await;
+    stock(&control, &[9, 10], 1_000_000).await;
+    let conn = server.raw("control").await;
+    let dir = server.dir.join("data").join("shard-0");
+    let listing = |suffix: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(suffix))
+            .collect();
+        names.sort();
+        names
+    };
+    let mut next = 1u128 << 90;
+    let mut held = 0;
+    // Until two snapshots exist and the first segment is gone (each round closes about a
+    // sixth of a segment; a round of holds between rounds of restocks).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while listing(".snap").len() < 2 || listing(".seg").first().is_some_and(|s| s.ends_with("0001.seg")) {
+        assert!(Instant::now() < deadline, "no snapshots after {next:#x}: {:?}", listing(""));
+        let responses = round_trip(&conn, restocks(&mut next, 3_000)).await;
+        assert!(responses.iter().all(|r| r.status == Status::Ok));
+        held += 1;
+        let hold = HoldId(u128::from(held as u32) | 1 << 70);
+        let status = checkout.reserve(hold, 3_600_000, vec![line(10, 1)]).await.unwrap().status;
+        assert_eq!(status, Status::Reserved);
+    }
+    let adjusted = (next - (1u128 << 90)) as i64;
+    control.close().await;
+    checkout.close().await;
+    let TestServer { server: running, dir: root, ca } = server;
+    let hashes = running.stop().unwrap();
+    let server = TestServer { server: start_on(&root, 1), dir: root, ca };
+    assert_eq!(server.server.recovered_state_hashes(), &hashes[..]);
+    let checkout = server.client("checkout").await;
+    assert_eq!(levels(&checkout, &[9, 10]).await, vec![(9, 1_000_000 + adjusted, 0), (10, 1_000_000, held)]);
     checkout.close().await;
     server.stop();
 }

@@ -344,14 +344,19 @@ impl Shard {
         snapshot: Option<&[u8]>,
         log: &[u8],
     ) -> Result<(Shard, usize), RecoverError> {
-        let mut shard = match snapshot {
-            Some(bytes) => Shard::from_snapshot(config, now, bytes)?,
-            None => Shard::new(config, now)?,
-        };
-        let valid = shard.replay(log)?;
-        shard.durable = shard.wal_head;
-        shard.cart_recover();
-        Ok((shard, valid))
+        match snapshot {
+            Some(bytes) => Shard::from_snapshot(config, now, bytes)?.resume(log),
+            None => Shard::new(config, now)?.resume(log),
+        }
+    }
+
+    /// Replays the records of `log` after this state's position (a shard just loaded
+    /// from a snapshot, or a new one) and makes it ready to serve, as recovery does.
+    pub fn resume(mut self, log: &[u8]) -> Result<(Shard, usize), RecoverError> {
+        let valid = self.replay(log)?;
+        self.durable = self.wal_head;
+        self.cart_recover();
+        Ok((self, valid))
     }
 
     /// The snapshot that a snapshot (`None`: an empty shard) and the WAL bytes after it
@@ -364,12 +369,17 @@ impl Shard {
         snapshot: Option<&[u8]>,
         log: &[u8],
     ) -> Result<(Vec<u8>, usize), RecoverError> {
-        let mut shard = match snapshot {
-            Some(bytes) => Shard::from_snapshot(config, now, bytes)?,
-            None => Shard::new(config, now)?,
-        };
-        let valid = shard.replay(log)?;
-        Ok((shard.snapshot(), valid))
+        match snapshot {
+            Some(bytes) => Shard::from_snapshot(config, now, bytes)?.compact_with(log),
+            None => Shard::new(config, now)?.compact_with(log),
+        }
+    }
+
+    /// This state (a shard loaded from a snapshot, or a new one, never one that has
+    /// served) with the records of `log` after its position applied, as a snapshot.
+    pub fn compact_with(mut self, log: &[u8]) -> Result<(Vec<u8>, usize), RecoverError> {
+        let valid = self.replay(log)?;
+        Ok((self.snapshot(), valid))
     }
 
     /// Applies the records of `log` that follow the state's position; returns the bytes
