@@ -125,6 +125,8 @@ struct DiskFaults {
     durable_flips: u64,
     crashes: u64,
     torn_writes: u64,
+    snapshots: u64,
+    snapshot_restarts: u64,
 }
 
 impl DiskFaults {
@@ -140,12 +142,19 @@ impl DiskFaults {
         self.durable_flips += summary.durable_flips;
         self.crashes += summary.crashes;
         self.torn_writes += summary.torn_writes;
+        self.snapshots += summary.snapshots;
+        self.snapshot_restarts += summary.snapshot_restarts;
     }
 }
 
 impl std::fmt::Display for DiskFaults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "disk faults: {} crashes, {} torn writes", self.crashes, self.torn_writes)?;
+        writeln!(
+            f,
+            "  snapshots: {} taken, {} restarts from a snapshot and the log after it (each equal to the whole log's)",
+            self.snapshots, self.snapshot_restarts
+        )?;
         writeln!(
             f,
             "  fsync failures: {} seeds, {} failed fsyncs, {} state changes refused Unavailable, {} operator restarts",

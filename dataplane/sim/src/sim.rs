@@ -41,9 +41,17 @@
 //!   nothing after it, its damage looks exactly like a torn last write to this log
 //!   format (no redundant header or durable end marker), so recovery would cut it; that
 //!   is a known limit of the format, not something the simulation checks.
+//! - **Snapshots and a truncated log**: before a restart, a shard may take a snapshot (as
+//!   the data plane does in the background) from its previous one and its synced records
+//!   up to a random record boundary, and its log's start moves to a random boundary at or
+//!   before that (segments are deleted whole). The restart then rebuilds the shard twice:
+//!   from the whole log (every check above) and from the snapshot and the log after it,
+//!   which must reach the same head and state hash; the second is the shard that runs on.
 //!
 //! The loop must not read the wall clock, iterate a randomly seeded map, or draw a
-//! random number anywhere but from its one seeded generator: a seed replays exactly.
+//! random number anywhere but from its seeded generators (the main one, and one of the
+//! snapshots' own, seeded from the seed, so that they changed no other choice): a seed
+//! replays exactly.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -114,6 +122,11 @@ pub struct Summary {
     /// Restarts that found a bit flipped in the synced bytes: recovery refused each, and
     /// the log was restored from a pristine copy.
     pub durable_flips: u64,
+    /// Snapshots taken of a shard's synced log before a restart.
+    pub snapshots: u64,
+    /// Restarts that ran on the shard rebuilt from its snapshot and the log after it
+    /// (each checked equal to the one rebuilt from the whole log).
+    pub snapshot_restarts: u64,
 }
 
 /// A shard with its disk and its reference models.
@@ -139,6 +152,9 @@ pub(crate) struct Node {
     /// True once an fsync failed, until the shard restarts: nothing more is written or
     /// becomes durable, and state changes are refused.
     pub(crate) failed: bool,
+    /// The shard's newest snapshot and the byte of the durable log its segments start at
+    /// now (the log before it counts as deleted: recovery from the snapshot never reads it).
+    pub(crate) snapshot: Option<(Vec<u8>, usize)>,
 }
 
 /// What the clients saw of one hold.
@@ -158,6 +174,10 @@ pub(crate) struct HoldTrack {
 pub struct Sim {
     pub(crate) seed: u64,
     pub(crate) rng: ChaCha8Rng,
+    /// Draws the snapshots a shard takes before its restarts.
+    pub(crate) snapshot_rng: ChaCha8Rng,
+    /// Chance that a restart is preceded by a snapshot; `None`: this seed never snapshots.
+    pub(crate) snapshot_chance: Option<f64>,
     pub(crate) now: Tick,
     pub(crate) agenda: Agenda,
     pub(crate) params: Params,
@@ -222,6 +242,7 @@ impl Sim {
                     synced_bytes: 0,
                     unsynced_flip: None,
                     failed: false,
+                    snapshot: None,
                 }
             })
             .collect();
@@ -243,9 +264,15 @@ impl Sim {
             flipping_durable: faults.flip_durable.is_some(),
             ..Summary::default()
         };
+        // Snapshot choices come from a stream of their own, so that adding them changed no
+        // other choice of a seed: a quarter of the seeds never snapshot.
+        let mut snapshot_rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5a4a_b5b0_7000_0000);
+        let snapshot_chance = if snapshot_rng.gen_bool(0.25) { None } else { Some(snapshot_rng.gen_range(0.3..1.0)) };
         let mut sim = Sim {
             seed,
             rng,
+            snapshot_rng,
+            snapshot_chance,
             now: 0,
             agenda: Agenda::default(),
             params,
@@ -648,10 +675,11 @@ impl Sim {
         if self.nodes[shard as usize].shard.is_some() {
             return;
         }
+        self.restart_snapshot(shard);
         self.restart_flip_durable(shard);
         let node = &mut self.nodes[shard as usize];
         node.failed = false;
-        let (engine, valid) = match Shard::recover(&node.config, self.now, &node.disk.durable) {
+        let (mut engine, valid) = match Shard::recover(&node.config, self.now, &node.disk.durable) {
             Ok(recovered) => recovered,
             // A flipped bit in the unsynced bytes, with more bytes after its record: the
             // engine cannot tell it from damage to synced records, and refuses. What
@@ -689,6 +717,31 @@ impl Sim {
                 engine.wal_head()
             );
         }
+        if let Some((snapshot, from)) = &node.snapshot {
+            // The same restart from the snapshot and the log after it: it must rebuild the
+            // same state, and it is the shard that runs on.
+            let (resumed, resumed_valid) =
+                match Shard::recover_from(&node.config, self.now, Some(snapshot), &node.disk.durable[*from..valid]) {
+                    Ok(recovered) => recovered,
+                    Err(error) => violation!(self, "shard {shard} cannot recover from its snapshot and log: {error}"),
+                };
+            if resumed_valid != valid - from
+                || resumed.wal_head() != engine.wal_head()
+                || resumed.state_hash() != engine.state_hash()
+            {
+                violation!(
+                    self,
+                    "shard {shard}: the snapshot and the log after it rebuild another state than the whole log \
+                     (head {} vs {}, {resumed_valid} of {} bytes)",
+                    resumed.wal_head(),
+                    engine.wal_head(),
+                    valid - from
+                );
+            }
+            engine = resumed;
+            self.summary.snapshot_restarts += 1;
+        }
+        let node = &mut self.nodes[shard as usize];
         node.disk.truncate(valid, position);
         node.live = node.durable.clone();
         // Sales of shares that the crash took back may happen again.
@@ -703,6 +756,38 @@ impl Sim {
         // Holds whose time ran out while the shard was down expire at its first call.
         let now = self.now;
         self.step(shard, |engine| engine.handle_timeout(now));
+    }
+
+    /// Maybe takes a snapshot of the shard's synced log before a restart, as the data
+    /// plane does in the background while a shard runs: from the previous snapshot and the
+    /// records after it up to a record boundary within the synced bytes; then the log's
+    /// start moves to a record boundary at or before the new snapshot's end (segments are
+    /// deleted whole, and only below a snapshot).
+    fn restart_snapshot(&mut self, shard: ShardId) {
+        let Some(chance) = self.snapshot_chance else { return };
+        if !self.snapshot_rng.gen_bool(chance) {
+            return;
+        }
+        let node = &self.nodes[shard as usize];
+        let from = node.snapshot.as_ref().map_or(0, |(_, from)| *from);
+        let mut boundaries = vec![from];
+        let synced = &node.disk.durable[..node.synced_bytes];
+        while let Ok((_, _, len)) = wal::decode(&synced[*boundaries.last().expect("one")..]) {
+            boundaries.push(boundaries.last().expect("one") + len);
+        }
+        let cut = self.snapshot_rng.gen_range(0..boundaries.len());
+        let start = boundaries[self.snapshot_rng.gen_range(0..=cut)];
+        let previous = node.snapshot.as_ref().map(|(bytes, _)| bytes.as_slice());
+        let (snapshot, valid) =
+            match Shard::compact(&node.config, self.now, previous, &node.disk.durable[from..boundaries[cut]]) {
+                Ok(compacted) => compacted,
+                Err(error) => violation!(self, "shard {shard}: a snapshot of its synced log fails: {error}"),
+            };
+        if valid != boundaries[cut] - from {
+            violation!(self, "shard {shard}: a snapshot replayed {valid} of {} synced bytes", boundaries[cut] - from);
+        }
+        self.nodes[shard as usize].snapshot = Some((snapshot, start));
+        self.summary.snapshots += 1;
     }
 
     /// Maybe flips a bit of a synced record (media corruption) before a restart, and

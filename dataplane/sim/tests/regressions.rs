@@ -74,3 +74,13 @@ fn a_duplicated_prepare_cannot_hold_a_forgotten_share_again() {
 fn a_damaged_length_in_the_middle_of_the_log_is_refused_not_cut() {
     replay(1_000_011, 10_000);
 }
+
+/// The first snapshots refused to load: "a hold id appears twice". A finished hold stays
+/// in its slot until the finished queue evicts it, but a newer hold of the same id (a
+/// participant's share prepared again) takes its place in the index; the snapshot held
+/// both slots and the load indexed both. A snapshot now names the superseded slots, and
+/// the load indexes only the newest hold of an id (here: shard 1 at t=12560 ms).
+#[test]
+fn a_snapshot_keeps_a_superseded_finished_hold_out_of_the_index() {
+    replay(1_796_161_786_045_621_651, 10_000);
+}

@@ -135,6 +135,9 @@ struct Image {
     stock: Vec<Stock>,
     hold_slab: Vec<Hold>,
     hold_free: Vec<u32>,
+    /// Slots of finished holds that a newer hold of the same id replaced in the index:
+    /// kept (they leave with the finished queue) but not indexed.
+    superseded: Vec<u32>,
     arm_generation: Vec<u8>,
     extra_lines: Vec<ExtraLine>,
     extra_free: Vec<u32>,
@@ -169,10 +172,17 @@ impl Shard {
         let mut forgotten_shares: Vec<(u128, u64, Tick)> =
             self.forgotten_shares.iter().map(|(hold, &(txn, expires_at))| (*hold, txn, expires_at)).collect();
         forgotten_shares.sort_unstable_by_key(|s| s.0);
+        let superseded = (0..self.hold_slab.len() as u32)
+            .filter(|&slot| {
+                let hold = &self.hold_slab[slot as usize];
+                hold.phase != Phase::Free && self.holds.find(hold.id(), |found| found == slot).is_none()
+            })
+            .collect();
         let image = Image {
             stock: self.stock.clone(),
             hold_slab: self.hold_slab.clone(),
             hold_free: self.hold_free.clone(),
+            superseded,
             arm_generation: self.arm_generation.clone(),
             extra_lines: self.extra_lines.clone(),
             extra_free: self.extra_free.clone(),
@@ -209,8 +219,9 @@ impl Shard {
 
     /// A shard loaded from a snapshot file's bytes, at time `now`, for `config` (which
     /// must be of the same shard and shard count, with bounds the state fits in). The
-    /// payload must start at a 16-byte aligned address (read the file into an
-    /// `rkyv::util::AlignedVec`). Holds overdue at `now` expire at the first `handle_*`.
+    /// payload is read in place when it starts at a 16-byte aligned address (read the
+    /// file into an `rkyv::util::AlignedVec`), else copied once to such an address.
+    /// Holds overdue at `now` expire at the first `handle_*`.
     pub fn from_snapshot(config: &ShardConfig, now: Tick, bytes: &[u8]) -> Result<Shard, SnapshotError> {
         let header = SnapshotHeader::read(bytes)?;
         let needed = (SNAPSHOT_HEADER_BYTES as u64).saturating_add(header.payload_bytes);
@@ -232,8 +243,16 @@ impl Shard {
             });
         }
         let payload = &bytes[SNAPSHOT_HEADER_BYTES..];
-        let image: Image =
-            rkyv::from_bytes::<Image, rancor::Error>(payload).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        let decode = |payload: &[u8]| {
+            rkyv::from_bytes::<Image, rancor::Error>(payload).map_err(|e| SnapshotError::Invalid(e.to_string()))
+        };
+        let image = if payload.as_ptr().align_offset(16) == 0 {
+            decode(payload)?
+        } else {
+            let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
+            aligned.extend_from_slice(payload);
+            decode(&aligned)?
+        };
         if image.wal_head != header.position || image.journal_next != header.journal_next {
             return Err(SnapshotError::DoesNotFit("the header's positions differ from the payload's"));
         }
@@ -255,12 +274,19 @@ impl Shard {
         shard.extra_lines.extend_from_slice(&image.extra_lines);
         shard.extra_free = image.extra_free;
         shard.expiry = Wheel::new(now);
+        let mut superseded = image.superseded.iter().peekable();
         for (slot, hold) in image.hold_slab.iter().enumerate() {
             if hold.phase == Phase::Free {
                 continue;
             }
-            if shard.find_hold_unverified(hold.id()).is_some() || !shard.holds.insert(hold.id(), slot as u32) {
-                return Err(SnapshotError::DoesNotFit("a hold id appears twice"));
+            if superseded.next_if_eq(&&(slot as u32)).is_none() {
+                let id = hold.id();
+                let slab = &shard.hold_slab;
+                if shard.holds.find(id, |found| slab[found as usize].id() == id).is_some()
+                    || !shard.holds.insert(id, slot as u32)
+                {
+                    return Err(SnapshotError::DoesNotFit("a hold id is indexed twice"));
+                }
             }
             if hold.phase.is_armed() {
                 shard.expiry.insert(slot as u32, u32::from(image.arm_generation[slot]), hold.expires_at);
@@ -315,6 +341,11 @@ fn check_image(config: &ShardConfig, image: &Image) -> Result<(), SnapshotError>
         }
     }
     let slots = image.hold_slab.len();
+    if image.superseded.windows(2).any(|w| w[0] >= w[1])
+        || image.superseded.iter().any(|&s| s as usize >= slots || image.hold_slab[s as usize].phase.is_live())
+    {
+        return fail("a superseded hold is out of order, outside the slab, or live");
+    }
     if image.hold_free.iter().chain(&image.finished).any(|&s| s as usize >= slots)
         || image.participations.iter().any(|&(s, _)| s as usize >= slots)
         || image.extra_free.iter().any(|&e| e as usize >= extras)
