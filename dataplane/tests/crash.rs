@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use stockplane_dataplane::certs::write_dev_certs;
 use stockplane_engine::shard_for;
 use stockplane_wire::client::{Client, ClientConfig};
-use stockplane_wire::{Body, CartLine, HoldId, HoldState, HoldsOf, SkuAt, Status};
+use stockplane_wire::{Body, CartLine, HoldId, HoldState, HoldsOf, Op, SkuAt, Status};
 
 const SHARDS: u32 = 2;
 const LOCATION: u32 = 0;
@@ -126,6 +126,26 @@ async fn workload(client: &Client, skus: &[u64], acked: &mut Acked, next_hold: &
     }
 }
 
+/// Fills the log while the workload runs, so that segments close and snapshots are
+/// taken between kills: upserts of SKUs the books do not check (`fillers`, one per
+/// shard), each with the other backorder limit than the last, so each one is a record.
+async fn filler(control: &Client, fillers: &[u64], deadline: Instant) {
+    let mut limit = 0;
+    while Instant::now() < deadline {
+        limit ^= 1;
+        let ops: Vec<Op> = (0..512)
+            .map(|i| Op::UpsertSku {
+                sku: fillers[i % fillers.len()],
+                location: LOCATION,
+                backorder_limit: limit ^ (i as u32 / 2 & 1),
+            })
+            .collect();
+        if control.call_many(ops).await.iter().any(|r| r.is_err()) {
+            return;
+        }
+    }
+}
+
 /// The state of a hold, or `None` when the data plane does not know it.
 async fn state_of(client: &Client, hold: u128) -> Option<HoldState> {
     let outcome = client.query_holds(HoldsOf::Hold(HoldId(hold))).await.expect("query a hold");
@@ -187,7 +207,7 @@ async fn acknowledged_work_survives_kill_9() {
     write_dev_certs(&dir).unwrap();
     std::fs::write(
         dir.join("dataplane.toml"),
-        "io_memory_bytes = 524288\n[wal]\nsegment_bytes = 1048576\n\
+        "io_memory_bytes = 524288\n[wal]\nsegment_bytes = 1048576\nsnapshot_every_segments = 1\n\
          [shard]\nskus_max = 4096\nsku_locations_max = 4096\nholds_max = 65536\nholds_finished_max = 65536\n\
          hold_extra_lines_max = 65536\ncarts_max = 4096\ncarts_finished_max = 1024\njournal_entries_max = 65536\n",
     )
@@ -195,6 +215,9 @@ async fn acknowledged_work_survives_kill_9() {
 
     let skus: Vec<u64> =
         (0..SHARDS).flat_map(|s| (0u64..).filter(move |&k| shard_for(k, SHARDS) == s).take(4)).collect();
+    let fillers: Vec<u64> = (0..SHARDS)
+        .map(|s| (1u64 << 40..).find(|&k| shard_for(k, SHARDS) == s).expect("a SKU of every shard"))
+        .collect();
     let mut server = spawn(&dir);
     {
         let control = connect(&dir, server.addr, "control").await;
@@ -217,8 +240,11 @@ async fn acknowledged_work_survives_kill_9() {
                 unsafe_free_kill(pid);
             })
         };
-        workload(&client, &skus, &mut acked, &mut next_hold, Instant::now() + Duration::from_secs(5)).await;
+        let control = connect(&dir, server.addr, "control").await;
+        let until = Instant::now() + Duration::from_secs(5);
+        tokio::join!(workload(&client, &skus, &mut acked, &mut next_hold, until), filler(&control, &fillers, until));
         killer.join().unwrap();
+        drop(control);
         let _ = server.child.wait();
         drop(client);
         drop(server);
@@ -236,8 +262,17 @@ async fn acknowledged_work_survives_kill_9() {
         }
         client.close().await;
     }
+    // A snapshot after every closed segment: kills land during snapshots too, and
+    // restarts load them (how many are left at the end says whether any were taken).
+    let snapshots = std::fs::read_dir(dir.join("data"))
+        .unwrap()
+        .filter_map(|shard| std::fs::read_dir(shard.ok()?.path()).ok())
+        .flatten()
+        .filter(|f| f.as_ref().is_ok_and(|f| f.file_name().to_string_lossy().ends_with(".snap")))
+        .count();
     println!(
-        "{} cycles: {} holds sent, {} reserves and {} commits acknowledged, all present after every restart",
+        "{} cycles: {} holds sent, {} reserves and {} commits acknowledged, all present after every restart; \
+         {snapshots} snapshots on disk at the end",
         cycles,
         acked.sent.len(),
         acked.reserved.len(),
