@@ -137,7 +137,7 @@ async fn filler(control: &Client, fillers: &[u64], deadline: Instant) {
             .map(|i| Op::UpsertSku {
                 sku: fillers[i % fillers.len()],
                 location: LOCATION,
-                backorder_limit: limit ^ (i as u32 / 2 & 1),
+                backorder_limit: limit ^ ((i as u32 / 2) & 1),
             })
             .collect();
         if control.call_many(ops).await.iter().any(|r| r.is_err()) {
