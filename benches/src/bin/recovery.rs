@@ -8,6 +8,10 @@
 //!    read from the disk.
 //! 3. `wal::recover` is timed: read every segment, check every record's CRC, replay it.
 //!    The recovered shard's state hash must equal the original's.
+//! 4. Two snapshots are taken with the data plane's own `wal::take_snapshot` (the first
+//!    covers every segment but the last, the second all of them and lets the first's
+//!    segments go), and recovery is timed again from the newest snapshot, then from the
+//!    older one and the segment after it (as when the newest is damaged).
 //!
 //! `cargo run --release -p stockplane-benches --bin recovery -- --skus 10000000 --holds 1000000`
 
@@ -122,6 +126,54 @@ fn main() -> anyhow::Result<()> {
         args.skus,
         recovered.live_holds()
     );
+    drop(recovered);
+
+    // Snapshots, as the data plane takes them: the first covers every segment but the
+    // last (the writer's open one); the second covers the last too, and, as the newer
+    // of two, lets the data plane delete the segments the first covers.
+    let dir = stockplane_dataplane::wal::shard_dir(&data, 0);
+    let segments = || -> anyhow::Result<u64> {
+        let names = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()?.file_name().into_string().ok());
+        Ok(names.filter(|n| n.ends_with(".seg")).count() as u64)
+    };
+    let last = segments()?;
+    for (open, what) in [(last, "every segment but the last"), (last + 1, "every segment")] {
+        let started = Instant::now();
+        let done = stockplane_dataplane::wal::take_snapshot(&dir, &config, now, args.segment_bytes, open)?;
+        let (path, position) = done.written.clone().context("a snapshot")?;
+        println!(
+            "snapshot of {what}: position {position}, {:.1} MiB, taken in {:.2} s (previous snapshot + closed \
+             segments replayed beside the shard, written, synced); segments deleted: {:?}",
+            done.bytes as f64 / (1 << 20) as f64,
+            started.elapsed().as_secs_f64(),
+            done.segments_deleted
+        );
+        ensure!(path.exists(), "the snapshot file is missing");
+    }
+    let newest = std::fs::read_dir(&dir)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+        .max()
+        .context("a snapshot")?;
+    for case in ["the newest snapshot and the log after it", "the older snapshot and the segment after it"] {
+        if case.starts_with("the older") {
+            // As if the newest were damaged: recovery falls back to the older one.
+            std::fs::remove_file(&newest)?;
+        }
+        if cold {
+            std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+        }
+        let started = Instant::now();
+        let (recovered, _) =
+            stockplane_dataplane::wal::recover(&data, &config, now, args.segment_bytes, false).context("recover")?;
+        let seconds = started.elapsed().as_secs_f64();
+        ensure!(recovered.state_hash() == expected, "the shard recovered from {case} differs from the original");
+        println!(
+            "recovery from {case} ({} segment left): {seconds:.2} s, {} live holds; state hash equal to the original's",
+            segments()?,
+            recovered.live_holds()
+        );
+    }
     std::fs::remove_dir_all(&data)?;
     Ok(())
 }
