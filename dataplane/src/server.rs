@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::{ExecutorJoinHandle, GlommioError, LocalExecutorBuilder, Placement, ResourceType};
 use stockplane_engine::{Shard, ShardId};
@@ -309,6 +309,37 @@ impl MeshOut {
     }
 }
 
+/// Runs `work` on a thread of its own at the idle scheduling policy (`SCHED_IDLE`: it
+/// gets a CPU only when nothing else wants it, so the shard on the same core preempts it
+/// at once) and waits for its result without blocking the executor (it is looked at every
+/// 20 ms). Not glommio's blocking pool: a job of seconds there would queue the pool's
+/// short jobs behind it (the directory sync that readies the next WAL segment).
+async fn on_idle_thread<T: Send + 'static>(
+    name: String,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler reads `param` and changes only the calling
+            // thread's policy (pid 0); it has no other effect on memory.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                warn!(error = %std::io::Error::last_os_error(), "could not lower a background thread to SCHED_IDLE");
+            }
+            let _ = sender.send(work());
+        })
+        .context("start a background thread")?;
+    loop {
+        match receiver.try_recv() {
+            Ok(result) => return result,
+            Err(std::sync::mpsc::TryRecvError::Empty) => glommio::timer::sleep(Duration::from_millis(20)).await,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => bail!("the background thread panicked"),
+        }
+    }
+}
+
 /// Recovers every shard from its log, in parallel.
 fn recover_all(config: &Config, cores: usize) -> anyhow::Result<Vec<(Shard, WalStart)>> {
     let now = crate::core::wall_clock_ms();
@@ -389,9 +420,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                     let (dir, shard_config) = (dir.clone(), shard_config.clone());
                     let now = crate::core::wall_clock_ms();
                     let started = Instant::now();
-                    let done = glommio::executor()
-                        .spawn_blocking(move || wal::take_snapshot(&dir, &shard_config, now, segment_bytes, open))
-                        .await;
+                    let done = on_idle_thread(format!("snapshot-{shard}"), move || {
+                        wal::take_snapshot(&dir, &shard_config, now, segment_bytes, open)
+                    })
+                    .await;
                     match done {
                         Ok(done) => {
                             took.record(started.elapsed().as_secs_f64());
