@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::{ExecutorJoinHandle, GlommioError, LocalExecutorBuilder, Placement, ResourceType};
 use stockplane_engine::{Shard, ShardId};
@@ -314,12 +314,15 @@ impl MeshOut {
 /// at once) and waits for its result without blocking the executor (it is looked at every
 /// 20 ms). Not glommio's blocking pool: a job of seconds there would queue the pool's
 /// short jobs behind it (the directory sync that readies the next WAL segment).
+/// The thread's handle goes to `running` until it ends, so that a stopping core can wait
+/// for it (see `run_core`).
 async fn on_idle_thread<T: Send + 'static>(
     name: String,
+    running: &RefCell<Option<std::thread::JoinHandle<()>>>,
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
             let param = libc::sched_param { sched_priority: 0 };
@@ -331,13 +334,18 @@ async fn on_idle_thread<T: Send + 'static>(
             let _ = sender.send(work());
         })
         .context("start a background thread")?;
-    loop {
+    *running.borrow_mut() = Some(handle);
+    let result = loop {
         match receiver.try_recv() {
-            Ok(result) => return result,
+            Ok(result) => break result,
             Err(std::sync::mpsc::TryRecvError::Empty) => glommio::timer::sleep(Duration::from_millis(20)).await,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => bail!("the background thread panicked"),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => break Err(anyhow!("the background thread panicked")),
         }
+    };
+    if let Some(handle) = running.borrow_mut().take() {
+        let _ = handle.join();
     }
+    result
 }
 
 /// Recovers every shard from its log, in parallel.
@@ -400,7 +408,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     // snapshot is taken from the files on a thread of its own, and the log below the
     // older of the two newest snapshots is deleted. The serving core never waits for it.
     let (snapshot_wake, snapshot_woken) = glommio::channels::local_channel::new_bounded::<u64>(1);
+    // A snapshot thread outlives its task's cancellation: a stopping core tells it to stop
+    // and waits for it, so that it cannot write or delete files under a restart.
+    let snapshot_stop = Arc::new(AtomicBool::new(false));
+    let snapshot_thread: Rc<RefCell<Option<std::thread::JoinHandle<()>>>> = Rc::new(RefCell::new(None));
     if config.wal.snapshot_every_segments > 0 {
+        let (stop, running) = (snapshot_stop.clone(), snapshot_thread.clone());
         let every = u64::from(config.wal.snapshot_every_segments);
         let shard_config = config.shard_config(shard, shards);
         let (dir, segment_bytes) = (wal_start.dir.clone(), config.wal.segment_bytes);
@@ -417,11 +430,11 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                     if open - 1 < closed_at_last + every {
                         continue;
                     }
-                    let (dir, shard_config) = (dir.clone(), shard_config.clone());
+                    let (dir, shard_config, stop) = (dir.clone(), shard_config.clone(), stop.clone());
                     let now = crate::core::wall_clock_ms();
                     let started = Instant::now();
-                    let done = on_idle_thread(format!("snapshot-{shard}"), move || {
-                        wal::take_snapshot(&dir, &shard_config, now, segment_bytes, open)
+                    let done = on_idle_thread(format!("snapshot-{shard}"), &running, move || {
+                        wal::take_snapshot(&dir, &shard_config, now, segment_bytes, open, &stop)
                     })
                     .await;
                     match done {
@@ -621,9 +634,13 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             break Err(error);
         }
     };
+    snapshot_stop.store(true, Ordering::Release);
     for task in tasks {
         task.cancel();
         task.await;
+    }
+    if let Some(handle) = snapshot_thread.borrow_mut().take() {
+        let _ = handle.join();
     }
     let hash = stopped?;
     info!(shard, state_hash = format!("{hash:016x}"), "core stopped");

@@ -27,6 +27,7 @@ use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context};
 use glommio::io::{DmaFile, OpenOptions};
@@ -323,14 +324,17 @@ pub struct SnapshotDone {
 /// snapshot (temporary file, synced, renamed, directory synced), keeps the two newest
 /// snapshots, and deletes the segments whose every record the older of the two includes
 /// (so that a damaged newest snapshot still leaves a snapshot and the whole log after it).
-/// Blocking I/O and CPU work: run it on a thread of its own.
+/// Blocking I/O and CPU work: run it on a thread of its own. `stop` ends it early (before
+/// the next segment is read, or before anything is written or deleted), with an error.
 pub fn take_snapshot(
     dir: &Path,
     config: &ShardConfig,
     now: Tick,
     segment_bytes: u64,
     open_sequence: u64,
+    stop: &AtomicBool,
 ) -> anyhow::Result<SnapshotDone> {
+    let stopping = || if stop.load(Ordering::Acquire) { bail!("stopped: the server is stopping") } else { Ok(()) };
     remove_temporaries(dir, "snap-")?;
     let base = match newest_snapshot(dir, config, now)? {
         Some((_, shard)) => shard,
@@ -341,6 +345,7 @@ pub fn take_snapshot(
     let mut log = Vec::new();
     let mut ends: Vec<(u64, PathBuf, u64)> = Vec::new();
     for (sequence, path) in segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence) {
+        stopping()?;
         let bytes = read_segment(&path, segment_bytes)?;
         let end = records_end(&bytes);
         let last = last_position(&bytes[..end]).unwrap_or(0);
@@ -356,12 +361,14 @@ pub fn take_snapshot(
         if valid != log.len() {
             bail!("the closed segments of {} end in a damaged record at byte {valid}", dir.display());
         }
+        stopping()?;
         let path = snapshot_path(dir, covered);
         write_durably(&path, &snapshot)?;
         done.written = Some((path, covered));
         done.bytes = snapshot.len() as u64;
     }
     // Keep the two newest snapshots; the log from the older one's position on.
+    stopping()?;
     let kept = snapshots(dir)?;
     let keep_from = kept.len().saturating_sub(2);
     for (position, path) in &kept[..keep_from] {
@@ -684,6 +691,8 @@ mod tests {
 
     const SEGMENT: u64 = 1 << 20;
     const NOW: Tick = 1_800_000_000_000;
+    /// Never stopping.
+    static GO: AtomicBool = AtomicBool::new(false);
 
     fn config() -> ShardConfig {
         let mut config = ShardConfig::new(0, 1);
@@ -763,22 +772,22 @@ mod tests {
         let (data, dir, last, hash) = laid_out("snapshots");
         assert!(last >= 4, "only {last} segments");
         // First snapshot: segments 1 and 2 closed. Nothing is deleted with one snapshot.
-        let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3).unwrap();
+        let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
         let (_, first_at) = first.written.clone().expect("a snapshot");
         assert!(first.segments_deleted.is_empty());
         // Second: every segment but the last closed; segments 1 and 2, which the first
         // snapshot covers whole, go.
-        let second = take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap();
+        let second = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap();
         let (_, second_at) = second.written.clone().expect("a snapshot");
         assert!(second_at > first_at);
         assert_eq!(second.segments_deleted, vec![1, 2]);
         // Nothing new closed: no snapshot is written.
-        assert_eq!(take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap().written, None);
+        assert_eq!(take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written, None);
         let (recovered, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(recovered.state_hash(), hash);
         assert_eq!(start.sequence, last);
         // A third snapshot drops the first one and the segments the second covers.
-        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1).unwrap();
+        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
         assert_eq!(third.snapshots_deleted, vec![first_at]);
         assert_eq!(third.segments_deleted, (3..last).collect::<Vec<_>>());
         assert_eq!(
@@ -795,10 +804,20 @@ mod tests {
     }
 
     #[test]
+    fn a_stopping_server_stops_its_snapshot_before_it_writes_or_deletes() {
+        let (data, dir, last, _) = laid_out("stopped");
+        let before = names(&dir);
+        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &AtomicBool::new(true)).expect_err("stopped");
+        assert!(error.to_string().contains("stopping"), "{error:#}");
+        assert_eq!(names(&dir), before);
+        fs::remove_dir_all(&data).unwrap();
+    }
+
+    #[test]
     fn a_damaged_newest_snapshot_falls_back_to_the_older_one_and_its_log() {
         let (data, dir, last, hash) = laid_out("fallback");
-        take_snapshot(&dir, &config(), NOW, SEGMENT, 3).unwrap();
-        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap().written.unwrap();
+        take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
+        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written.unwrap();
         let mut bytes = fs::read(&newest).unwrap();
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0x40;
@@ -814,8 +833,8 @@ mod tests {
     #[test]
     fn a_log_that_starts_after_every_loadable_snapshot_is_refused_by_name() {
         let (data, dir, last, _) = laid_out("gap");
-        take_snapshot(&dir, &config(), NOW, SEGMENT, 3).unwrap();
-        take_snapshot(&dir, &config(), NOW, SEGMENT, last).unwrap();
+        take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
+        take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap();
         // Both snapshots damaged: the log alone starts at segment 3, after position 1.
         for (_, path) in snapshots(&dir).unwrap() {
             let mut bytes = fs::read(&path).unwrap();
