@@ -294,15 +294,31 @@ fn read_snapshot(path: &Path) -> anyhow::Result<AlignedVec<16>> {
 
 /// The newest snapshot in `dir` that loads for `config` (older ones are tried when a
 /// newer one is damaged; each refusal is logged with its reason).
-fn newest_snapshot(dir: &Path, config: &ShardConfig, now: Tick) -> anyhow::Result<Option<(PathBuf, Shard)>> {
+fn newest_snapshot(dir: &Path, config: &ShardConfig, now: Tick) -> anyhow::Result<Option<Loaded>> {
+    newest_snapshot_and_skipped(dir, config, now).map(|(newest, _)| newest)
+}
+
+/// A snapshot file and the shard loaded from it.
+type Loaded = (PathBuf, Shard);
+
+/// [`newest_snapshot`], and the newer snapshots that did not load.
+fn newest_snapshot_and_skipped(
+    dir: &Path,
+    config: &ShardConfig,
+    now: Tick,
+) -> anyhow::Result<(Option<Loaded>, Vec<PathBuf>)> {
+    let mut skipped = Vec::new();
     for (_, path) in snapshots(dir)?.into_iter().rev() {
         let bytes = read_snapshot(&path)?;
         match Shard::from_snapshot(config, now, &bytes) {
-            Ok(shard) => return Ok(Some((path, shard))),
-            Err(error) => warn!(file = %path.display(), error = %error, "skipping a snapshot that does not load"),
+            Ok(shard) => return Ok((Some((path, shard)), skipped)),
+            Err(error) => {
+                warn!(file = %path.display(), error = %error, "skipping a snapshot that does not load");
+                skipped.push(path);
+            }
         }
     }
-    Ok(None)
+    Ok((None, skipped))
 }
 
 /// What one background snapshot did.
@@ -336,7 +352,15 @@ pub fn take_snapshot(
 ) -> anyhow::Result<SnapshotDone> {
     let stopping = || if stop.load(Ordering::Acquire) { bail!("stopped: the server is stopping") } else { Ok(()) };
     remove_temporaries(dir, "snap-")?;
-    let base = match newest_snapshot(dir, config, now)? {
+    let (newest, damaged) = newest_snapshot_and_skipped(dir, config, now)?;
+    // A snapshot that does not load must not count as one of the two kept (the log below
+    // it would go): it is set aside as `.damaged`, for the operator to look at.
+    for path in damaged {
+        let aside = path.with_extension("snap.damaged");
+        warn!(file = %path.display(), aside = %aside.display(), "setting a damaged snapshot aside");
+        fs::rename(&path, &aside).with_context(|| format!("rename {}", path.display()))?;
+    }
+    let base = match newest {
         Some((_, shard)) => shard,
         None => Shard::new(config, now)?,
     };
@@ -814,7 +838,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_newest_snapshot_falls_back_to_the_older_one_and_its_log() {
+    fn a_damaged_newest_snapshot_falls_back_to_the_older_one_and_is_set_aside() {
         let (data, dir, last, hash) = laid_out("fallback");
         take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
         let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written.unwrap();
@@ -827,6 +851,22 @@ mod tests {
         let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(recovered.state_hash(), hash);
         assert!(!dir.join("snap-00000000ffffffff.tmp").exists());
+        // The next snapshot sets the damaged one aside rather than keep it as one of two,
+        // and so deletes no segment the older good snapshot still needs.
+        let next = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
+        assert!(newest.with_extension("snap.damaged").exists() && !newest.exists());
+        // Kept: the first snapshot and the new one, so the segments after the first stay
+        // (had the damaged one counted as the older of two, segments 3 on would be gone).
+        assert_eq!(snapshots(&dir).unwrap().len(), 2);
+        assert!(next.segments_deleted.is_empty());
+        assert_eq!(segments(&dir).unwrap().first().map(|s| s.0), Some(3));
+        // Even with the new one damaged too, the first and the log after it recover.
+        let (new, _) = next.written.unwrap();
+        let mut bytes = fs::read(&new).unwrap();
+        bytes[100] ^= 1;
+        fs::write(&new, &bytes).unwrap();
+        let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        assert_eq!(recovered.state_hash(), hash);
         fs::remove_dir_all(&data).unwrap();
     }
 
