@@ -417,7 +417,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         let every = u64::from(config.wal.snapshot_every_segments);
         let shard_config = config.shard_config(shard, shards);
         let (dir, segment_bytes) = (wal_start.dir.clone(), config.wal.segment_bytes);
-        let mut closed_at_last = wal_start.sequence - 1;
+        // As if the last snapshot had been taken `closed_after_snapshot` segments ago; the
+        // wake below takes one at once when that is already `every` or more.
+        let mut closed_at_last = (wal_start.sequence - 1).saturating_sub(wal_start.closed_after_snapshot);
+        let _ = snapshot_wake.try_send(wal_start.sequence);
         let labels = [("shard", shard.to_string())];
         let took = metrics::histogram!("stockplane_snapshot_seconds", &labels);
         let bytes = metrics::gauge!("stockplane_snapshot_bytes", &labels);

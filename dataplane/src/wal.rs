@@ -142,6 +142,10 @@ pub struct WalStart {
     pub end: u64,
     /// The size of every segment.
     pub segment_bytes: u64,
+    /// Segments before `sequence` with records after the newest snapshot's position:
+    /// the log a new snapshot would include (a restart takes one at once when there are
+    /// enough, so that a shard that restarts often still snapshots).
+    pub closed_after_snapshot: u64,
 }
 
 /// Rebuilds shard `config.shard` from its newest valid snapshot and its log in
@@ -164,7 +168,7 @@ pub fn recover(
         }
         prepare_segment_sync(&dir, 1, segment_bytes)?;
         let shard = Shard::new(config, now)?;
-        let start = WalStart { dir, sequence: 1, end: 0, segment_bytes };
+        let start = WalStart { dir, sequence: 1, end: 0, segment_bytes, closed_after_snapshot: 0 };
         return Ok((shard, start));
     }
     // Each segment's records, concatenated; where each segment's bytes begin in `log`.
@@ -189,6 +193,11 @@ pub fn recover(
         Some((path, shard)) => (Some(path), shard),
         None => (None, Shard::new(config, now)?),
     };
+    let snapshot_at = base.wal_head();
+    let closed_after_snapshot = starts[..starts.len() - 1]
+        .iter()
+        .filter(|(_, _, start, end)| last_position(&log[*start..start + end]).is_some_and(|last| last > snapshot_at))
+        .count() as u64;
     let (shard, valid) = match base.resume(&log) {
         Ok(recovered) => recovered,
         Err(RecoverError::Corrupt { offset, source }) if cut_corrupt => {
@@ -237,7 +246,7 @@ pub fn recover(
         bytes = valid,
         "log replayed"
     );
-    let start = WalStart { dir, sequence, end: valid_in_segment, segment_bytes };
+    let start = WalStart { dir, sequence, end: valid_in_segment, segment_bytes, closed_after_snapshot };
     Ok((shard, start))
 }
 
@@ -795,6 +804,9 @@ mod tests {
     fn snapshots_cover_closed_segments_and_the_log_below_the_older_one_goes() {
         let (data, dir, last, hash) = laid_out("snapshots");
         assert!(last >= 4, "only {last} segments");
+        // No snapshot yet: every closed segment is log a snapshot would include.
+        let (_, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        assert_eq!(start.closed_after_snapshot, last - 1);
         // First snapshot: segments 1 and 2 closed. Nothing is deleted with one snapshot.
         let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
         let (_, first_at) = first.written.clone().expect("a snapshot");
@@ -810,6 +822,7 @@ mod tests {
         let (recovered, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(recovered.state_hash(), hash);
         assert_eq!(start.sequence, last);
+        assert_eq!(start.closed_after_snapshot, 0, "the second snapshot covers every closed segment");
         // A third snapshot drops the first one and the segments the second covers.
         let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
         assert_eq!(third.snapshots_deleted, vec![first_at]);
