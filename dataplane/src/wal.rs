@@ -369,32 +369,46 @@ pub fn take_snapshot(
         warn!(file = %path.display(), aside = %aside.display(), "setting a damaged snapshot aside");
         fs::rename(&path, &aside).with_context(|| format!("rename {}", path.display()))?;
     }
-    let base = match newest {
+    let mut shard = match newest {
         Some((_, shard)) => shard,
         None => Shard::new(config, now)?,
     };
-    let base_position = base.wal_head();
-    // The closed segments' records, and where each one's records end (position).
-    let mut log = Vec::new();
+    let base_position = shard.wal_head();
+    // The closed segments, one at a time (memory: one segment beside the state), and
+    // the position each one's records end at. Consecutive segments must continue each
+    // other's positions, as they must in recovery.
     let mut ends: Vec<(u64, PathBuf, u64)> = Vec::new();
     for (sequence, path) in segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence) {
         stopping()?;
         let bytes = read_segment(&path, segment_bytes)?;
-        let end = records_end(&bytes);
-        let last = last_position(&bytes[..end]).unwrap_or(0);
-        log.extend_from_slice(&bytes[..end]);
+        let records = &bytes[..records_end(&bytes)];
+        let Some(last) = last_position(records) else {
+            // An empty segment goes with the one before it.
+            let last = ends.last().map_or(0, |e| e.2);
+            ends.push((sequence, path, last));
+            continue;
+        };
+        let first = u64::from_le_bytes(records[8..16].try_into().expect("a record header"));
+        if let Some((_, previous, previous_last)) = ends.last() {
+            if first != previous_last + 1 {
+                bail!("{} starts at position {first}, {} ends at {previous_last}", path.display(), previous.display());
+            }
+        }
+        if last > base_position {
+            let valid = shard.replay_log(records).with_context(|| format!("replay {}", path.display()))?;
+            if valid != records.len() {
+                bail!("{} has a damaged record at byte {valid}", path.display());
+            }
+        }
         ends.push((sequence, path, last));
     }
     let mut done =
         SnapshotDone { written: None, bytes: 0, segments_deleted: Vec::new(), snapshots_deleted: Vec::new() };
     let covered = ends.last().map_or(0, |e| e.2);
     if covered > base_position {
-        let (snapshot, valid) =
-            base.compact_with(&log).with_context(|| format!("replay the closed log of {}", dir.display()))?;
-        if valid != log.len() {
-            bail!("the closed segments of {} end in a damaged record at byte {valid}", dir.display());
-        }
         stopping()?;
+        let snapshot = shard.snapshot();
+        drop(shard);
         let path = snapshot_path(dir, covered);
         write_durably(&path, &snapshot)?;
         done.written = Some((path, covered));
@@ -837,6 +851,16 @@ mod tests {
         );
         let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(recovered.state_hash(), hash);
+        fs::remove_dir_all(&data).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_refuses_closed_segments_that_do_not_continue_each_other() {
+        let (data, dir, last, _) = laid_out("hole");
+        fs::remove_file(segment_path(&dir, 2)).unwrap();
+        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).expect_err("a hole in the log");
+        assert!(format!("{error:#}").contains("starts at position"), "{error:#}");
+        assert!(snapshots(&dir).unwrap().is_empty());
         fs::remove_dir_all(&data).unwrap();
     }
 

@@ -382,6 +382,14 @@ impl Shard {
         Ok((self.snapshot(), valid))
     }
 
+    /// Applies the records of `log` that follow this state's position, for a shard that
+    /// has not served yet (loaded from a snapshot, or new): a driver that builds a
+    /// snapshot from one log segment at a time calls it once per segment, then takes
+    /// [`Shard::snapshot`]. Returns the bytes of valid records.
+    pub fn replay_log(&mut self, log: &[u8]) -> Result<usize, RecoverError> {
+        self.replay(log)
+    }
+
     /// Applies the records of `log` that follow the state's position; returns the bytes
     /// of valid records.
     fn replay(&mut self, log: &[u8]) -> Result<usize, RecoverError> {
