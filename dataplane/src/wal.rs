@@ -807,6 +807,15 @@ mod tests {
         (data, dir, last, hash)
     }
 
+    /// Flips the bits `mask` of byte `at` of the file at `path` (`at` past the end: of its
+    /// middle byte).
+    fn flip(path: &Path, at: usize, mask: u8) {
+        let mut bytes = fs::read(path).unwrap();
+        let at = if at < bytes.len() { at } else { bytes.len() / 2 };
+        bytes[at] ^= mask;
+        fs::write(path, &bytes).unwrap();
+    }
+
     fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> =
             fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
@@ -879,10 +888,7 @@ mod tests {
         let (data, dir, last, hash) = laid_out("fallback");
         take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
         let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written.unwrap();
-        let mut bytes = fs::read(&newest).unwrap();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0x40;
-        fs::write(&newest, &bytes).unwrap();
+        flip(&newest, usize::MAX, 0x40);
         // A snapshot being written when the process died is not a snapshot.
         fs::write(dir.join("snap-00000000ffffffff.tmp"), b"half").unwrap();
         let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
@@ -899,9 +905,7 @@ mod tests {
         assert_eq!(segments(&dir).unwrap().first().map(|s| s.0), Some(3));
         // Even with the new one damaged too, the first and the log after it recover.
         let (new, _) = next.written.unwrap();
-        let mut bytes = fs::read(&new).unwrap();
-        bytes[100] ^= 1;
-        fs::write(&new, &bytes).unwrap();
+        flip(&new, 100, 1);
         let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(recovered.state_hash(), hash);
         fs::remove_dir_all(&data).unwrap();
@@ -914,9 +918,7 @@ mod tests {
         take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap();
         // Both snapshots damaged: the log alone starts at segment 3, after position 1.
         for (_, path) in snapshots(&dir).unwrap() {
-            let mut bytes = fs::read(&path).unwrap();
-            bytes[70] ^= 1;
-            fs::write(&path, &bytes).unwrap();
+            flip(&path, 70, 1);
         }
         let error = format!("{:#}", recover(&data, &config(), NOW, SEGMENT, false).err().expect("refused"));
         assert!(error.contains("starts after no snapshot") && error.contains("expected 1"), "{error}");
