@@ -648,6 +648,7 @@ impl WalWriter {
     async fn rotate(&mut self) -> anyhow::Result<()> {
         // Take the segment prepared in the background; if it is still being prepared,
         // wait for it (preparing the same file twice at once would race on its name).
+        let started = std::time::Instant::now();
         let file = loop {
             let state = std::mem::replace(&mut *self.next.borrow_mut(), NextSegment::None);
             match state {
@@ -665,7 +666,8 @@ impl WalWriter {
         self.file = file;
         self.tail_offset = 0;
         self.tail.clear();
-        info!(segment = self.sequence, "WAL segment started");
+        let waited = started.elapsed();
+        info!(segment = self.sequence, waited_us = waited.as_micros() as u64, "WAL segment started");
         Ok(())
     }
 }
