@@ -407,8 +407,7 @@ pub fn take_snapshot(
     let covered = ends.last().map_or(0, |e| e.2);
     if covered > base_position {
         stopping()?;
-        let snapshot = shard.snapshot();
-        drop(shard);
+        let snapshot = shard.into_snapshot();
         let path = snapshot_path(dir, covered);
         write_durably(&path, &snapshot)?;
         done.written = Some((path, covered));

@@ -35,7 +35,7 @@ pub use config::{ConfigError, ShardConfig};
 pub use peer::{Decision, PeerLine, PeerMessage};
 pub use route::{home_for, shard_for, ShardId};
 pub use shard::{
-    Origin, RecoverError, Reply, Shard, ShardStats, SnapshotError, SnapshotHeader, SNAPSHOT_FORMAT,
+    Origin, RecoverError, Reply, Shard, ShardStats, SnapshotBytes, SnapshotError, SnapshotHeader, SNAPSHOT_FORMAT,
     SNAPSHOT_HEADER_BYTES, SNAPSHOT_MAGIC,
 };
 

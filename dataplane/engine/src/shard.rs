@@ -38,7 +38,9 @@ use crate::Tick;
 mod participant;
 mod snapshot;
 
-pub use snapshot::{SnapshotError, SnapshotHeader, SNAPSHOT_FORMAT, SNAPSHOT_HEADER_BYTES, SNAPSHOT_MAGIC};
+pub use snapshot::{
+    SnapshotBytes, SnapshotError, SnapshotHeader, SNAPSHOT_FORMAT, SNAPSHOT_HEADER_BYTES, SNAPSHOT_MAGIC,
+};
 
 pub(crate) const NONE: u32 = u32::MAX;
 /// The cursor of a hold's first line in `Shard::hold_line` walks.
@@ -333,7 +335,7 @@ impl Shard {
         Shard::recover_from(config, now, None, log)
     }
 
-    /// Rebuilds a shard from a snapshot (see [`Shard::snapshot`]; `None`: from empty) and
+    /// Rebuilds a shard from a snapshot (see [`Shard::into_snapshot`]; `None`: from empty) and
     /// the WAL bytes after it, as [`Shard::recover`] does from the whole log. The log may
     /// start at or before the record after the snapshot's position (segments of the log
     /// are deleted whole, so its first ones may hold records the snapshot includes: they
@@ -344,10 +346,7 @@ impl Shard {
         snapshot: Option<&[u8]>,
         log: &[u8],
     ) -> Result<(Shard, usize), RecoverError> {
-        match snapshot {
-            Some(bytes) => Shard::from_snapshot(config, now, bytes)?.resume(log),
-            None => Shard::new(config, now)?.resume(log),
-        }
+        Shard::loaded(config, now, snapshot)?.resume(log)
     }
 
     /// Replays the records of `log` after this state's position (a shard just loaded
@@ -360,32 +359,33 @@ impl Shard {
     }
 
     /// The snapshot that a snapshot (`None`: an empty shard) and the WAL bytes after it
-    /// make: what a driver writes in the background from log segments it has closed,
-    /// without touching the shard that serves. Returns the new snapshot's bytes and the
-    /// bytes of `log` that were valid records.
+    /// make, without touching the shard that serves. Returns the new snapshot's bytes
+    /// and the bytes of `log` that were valid records. A driver with its log in segments
+    /// does the same one segment at a time: [`Shard::replay_log`] per segment, then
+    /// [`Shard::into_snapshot`].
     pub fn compact(
         config: &ShardConfig,
         now: Tick,
         snapshot: Option<&[u8]>,
         log: &[u8],
-    ) -> Result<(Vec<u8>, usize), RecoverError> {
-        match snapshot {
-            Some(bytes) => Shard::from_snapshot(config, now, bytes)?.compact_with(log),
-            None => Shard::new(config, now)?.compact_with(log),
-        }
+    ) -> Result<(SnapshotBytes, usize), RecoverError> {
+        let mut shard = Shard::loaded(config, now, snapshot)?;
+        let valid = shard.replay(log)?;
+        Ok((shard.into_snapshot(), valid))
     }
 
-    /// This state (a shard loaded from a snapshot, or a new one, never one that has
-    /// served) with the records of `log` after its position applied, as a snapshot.
-    pub fn compact_with(mut self, log: &[u8]) -> Result<(Vec<u8>, usize), RecoverError> {
-        let valid = self.replay(log)?;
-        Ok((self.snapshot(), valid))
+    /// The shard a snapshot holds, or a new one without a snapshot.
+    fn loaded(config: &ShardConfig, now: Tick, snapshot: Option<&[u8]>) -> Result<Shard, RecoverError> {
+        Ok(match snapshot {
+            Some(bytes) => Shard::from_snapshot(config, now, bytes)?,
+            None => Shard::new(config, now)?,
+        })
     }
 
     /// Applies the records of `log` that follow this state's position, for a shard that
     /// has not served yet (loaded from a snapshot, or new): a driver that builds a
     /// snapshot from one log segment at a time calls it once per segment, then takes
-    /// [`Shard::snapshot`]. Returns the bytes of valid records.
+    /// [`Shard::into_snapshot`]. Returns the bytes of valid records.
     pub fn replay_log(&mut self, log: &[u8]) -> Result<usize, RecoverError> {
         self.replay(log)
     }

@@ -58,7 +58,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use stockplane_engine::wal::{self, CartOutcome, WalRecord, ANY_LOCATION};
-use stockplane_engine::{Decision, PeerMessage, RecoverError, Reply, Shard, ShardConfig, ShardId, Tick};
+use stockplane_engine::{Decision, PeerMessage, RecoverError, Reply, Shard, ShardConfig, ShardId, SnapshotBytes, Tick};
 use stockplane_wire::{Body, Op, Status};
 
 use crate::disk::{CrashKept, Disk};
@@ -154,7 +154,7 @@ pub(crate) struct Node {
     pub(crate) failed: bool,
     /// The shard's newest snapshot and the byte of the durable log its segments start at
     /// now (the log before it counts as deleted: recovery from the snapshot never reads it).
-    pub(crate) snapshot: Option<(Vec<u8>, usize)>,
+    pub(crate) snapshot: Option<(SnapshotBytes, usize)>,
 }
 
 /// What the clients saw of one hold.

@@ -31,6 +31,9 @@ pub const SNAPSHOT_FORMAT: u32 = 1;
 /// Bytes before the payload (a multiple of rkyv's largest alignment, 16).
 pub const SNAPSHOT_HEADER_BYTES: usize = 64;
 
+/// A snapshot file's bytes, 16-byte aligned so that its payload can be read in place.
+pub type SnapshotBytes = rkyv::util::AlignedVec<16>;
+
 /// Why a snapshot cannot be loaded.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SnapshotError {
@@ -158,60 +161,67 @@ struct Image {
     wal_head: u64,
 }
 
-fn sorted<K: Ord + Copy, V: Clone>(map: &super::FixedMap<K, V>) -> Vec<(K, V)> {
-    let mut pairs: Vec<(K, V)> = map.iter().map(|(k, v)| (*k, v.clone())).collect();
+fn sorted<K: Ord + Copy, V>(map: super::FixedMap<K, V>) -> Vec<(K, V)> {
+    let mut pairs: Vec<(K, V)> = map.into_iter().collect();
     pairs.sort_unstable_by_key(|(k, _)| *k);
     pairs
 }
 
 impl Shard {
-    /// The snapshot of this shard's durable state at its current WAL position: the
-    /// bytes of a snapshot file, header included. What is waiting in the outboxes (WAL
-    /// bytes not yet taken, gated replies) is not state and is not included.
-    pub fn snapshot(&self) -> Vec<u8> {
-        let mut forgotten_shares: Vec<(u128, u64, Tick)> =
-            self.forgotten_shares.iter().map(|(hold, &(txn, expires_at))| (*hold, txn, expires_at)).collect();
-        forgotten_shares.sort_unstable_by_key(|s| s.0);
+    /// This shard's durable state at its WAL position, as the bytes of a snapshot file
+    /// (header included). Consumes the shard: its tables move into the archive's input
+    /// instead of being copied, and the archive is written after the header in place, so
+    /// a snapshot costs its own bytes and no second copy of the state. What waits in the
+    /// outboxes (WAL bytes not yet taken, gated replies) is not state and is not included.
+    pub fn into_snapshot(self) -> SnapshotBytes {
         let superseded = (0..self.hold_slab.len() as u32)
             .filter(|&slot| {
                 let hold = &self.hold_slab[slot as usize];
                 hold.phase != Phase::Free && self.holds.find(hold.id(), |found| found == slot).is_none()
             })
             .collect();
+        let (shard, shards) = (self.config.shard, self.config.shards);
+        let mut forgotten_shares: Vec<(u128, u64, Tick)> =
+            self.forgotten_shares.into_iter().map(|(hold, (txn, expires_at))| (hold, txn, expires_at)).collect();
+        forgotten_shares.sort_unstable_by_key(|s| s.0);
         let image = Image {
-            stock: self.stock.clone(),
-            hold_slab: self.hold_slab.clone(),
-            hold_free: self.hold_free.clone(),
+            stock: self.stock,
+            hold_slab: self.hold_slab,
+            hold_free: self.hold_free,
             superseded,
-            arm_generation: self.arm_generation.clone(),
-            extra_lines: self.extra_lines.clone(),
-            extra_free: self.extra_free.clone(),
-            participations: sorted(&self.participations),
+            arm_generation: self.arm_generation,
+            extra_lines: self.extra_lines,
+            extra_free: self.extra_free,
+            participations: sorted(self.participations),
             forgotten_shares,
-            forgotten_order: self.forgotten_order.iter().copied().collect(),
+            forgotten_order: self.forgotten_order.into(),
             live_holds: self.live_holds,
             finished_extra_lines: self.finished_extra_lines as u64,
-            finished: self.finished.iter().copied().collect(),
-            carts: sorted(&self.carts),
-            cart_deadlines: self.cart_deadlines.iter().copied().collect(),
-            carts_finished: self.carts_finished.iter().copied().collect(),
+            finished: self.finished.into(),
+            carts: sorted(self.carts),
+            cart_deadlines: self.cart_deadlines.into_iter().collect(),
+            carts_finished: self.carts_finished.into(),
             next_txn: self.next_txn,
-            adjustments: sorted(&self.adjustments),
-            adjustment_order: self.adjustment_order.iter().copied().collect(),
-            journal: self.journal.iter().copied().collect(),
+            adjustments: sorted(self.adjustments),
+            adjustment_order: self.adjustment_order.into(),
+            journal: self.journal.into(),
             journal_next: self.journal_next,
             wal_head: self.wal_head,
         };
-        let mut out = vec![0u8; SNAPSHOT_HEADER_BYTES];
-        let payload = rkyv::to_bytes::<rancor::Error>(&image).expect("a shard's state always archives");
-        out.extend_from_slice(&payload);
+        let mut out = SnapshotBytes::with_capacity(SNAPSHOT_HEADER_BYTES);
+        out.extend_from_slice(&[0u8; SNAPSHOT_HEADER_BYTES]);
+        // Relative pointers and 16-byte alignment hold from the payload's start too (the
+        // header is a multiple of 16 bytes), so the payload can be read in place.
+        let mut out =
+            rkyv::api::high::to_bytes_in::<_, rancor::Error>(&image, out).expect("a shard's state always archives");
+        let payload_bytes = (out.len() - SNAPSHOT_HEADER_BYTES) as u64;
         out[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
         out[8..12].copy_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
-        out[12..16].copy_from_slice(&self.config.shard.to_le_bytes());
-        out[16..20].copy_from_slice(&self.config.shards.to_le_bytes());
-        out[24..32].copy_from_slice(&self.wal_head.to_le_bytes());
-        out[32..40].copy_from_slice(&self.journal_next.to_le_bytes());
-        out[40..48].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        out[12..16].copy_from_slice(&shard.to_le_bytes());
+        out[16..20].copy_from_slice(&shards.to_le_bytes());
+        out[24..32].copy_from_slice(&image.wal_head.to_le_bytes());
+        out[32..40].copy_from_slice(&image.journal_next.to_le_bytes());
+        out[40..48].copy_from_slice(&payload_bytes.to_le_bytes());
         let crc = snapshot_crc(&out);
         out[48..52].copy_from_slice(&crc.to_le_bytes());
         out
