@@ -808,6 +808,15 @@ mod tests {
         (data, dir, last, hash)
     }
 
+    /// `laid_out`, then two snapshots: one of segments 1 and 2, then one of every closed
+    /// segment (which deletes 1 and 2); also returns the newer snapshot's file.
+    fn with_two_snapshots(name: &str) -> (PathBuf, PathBuf, u64, u64, PathBuf) {
+        let (data, dir, last, hash) = laid_out(name);
+        take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
+        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written.unwrap();
+        (data, dir, last, hash, newest)
+    }
+
     /// Flips the bits `mask` of byte `at` of the file at `path` (`at` past the end: of its
     /// middle byte).
     fn flip(path: &Path, at: usize, mask: u8) {
@@ -886,9 +895,7 @@ mod tests {
 
     #[test]
     fn a_damaged_newest_snapshot_falls_back_to_the_older_one_and_is_set_aside() {
-        let (data, dir, last, hash) = laid_out("fallback");
-        take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
-        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written.unwrap();
+        let (data, dir, last, hash, newest) = with_two_snapshots("fallback");
         flip(&newest, usize::MAX, 0x40);
         // A snapshot being written when the process died is not a snapshot.
         fs::write(dir.join("snap-00000000ffffffff.tmp"), b"half").unwrap();
@@ -914,9 +921,7 @@ mod tests {
 
     #[test]
     fn a_log_that_starts_after_every_loadable_snapshot_is_refused_by_name() {
-        let (data, dir, last, _) = laid_out("gap");
-        take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
-        take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap();
+        let (data, dir, _, _, _) = with_two_snapshots("gap");
         // Both snapshots damaged: the log alone starts at segment 3, after position 1.
         for (_, path) in snapshots(&dir).unwrap() {
             flip(&path, 70, 1);

@@ -501,6 +501,14 @@ async fn carts_quantities_and_ttls_out_of_bounds_are_invalid() {
     server.stop();
 }
 
+/// Creates `skus` at `LOCATION` with one `call_many`: one answer per SKU, each `Ok`.
+async fn upsert_all(control: &Client, skus: &[u64]) {
+    let upserts = skus.iter().map(|&sku| Op::UpsertSku { sku, location: LOCATION, backorder_limit: 0 }).collect();
+    let answers = control.call_many(upserts).await;
+    assert_eq!(answers.len(), skus.len());
+    assert!(answers.iter().all(|a| matches!(a, Ok(o) if o.status == Status::Ok)), "every upsert is acknowledged");
+}
+
 /// `call_many` sends a batch larger than a frame across every shard and answers each op
 /// in its own place, mixed statuses included: what the control plane's pusher relies
 /// on when it matches answers to the rows and adjustments it sent.
@@ -509,10 +517,7 @@ async fn many_calls_at_once_are_answered_in_order() {
     let server = start(2, |_| {});
     let control = server.client("control").await;
     let skus: Vec<u64> = (1..=1_000).collect();
-    let upserts = skus.iter().map(|&sku| Op::UpsertSku { sku, location: LOCATION, backorder_limit: 0 }).collect();
-    let answers = control.call_many(upserts).await;
-    assert_eq!(answers.len(), skus.len());
-    assert!(answers.iter().all(|a| matches!(a, Ok(o) if o.status == Status::Ok)), "every upsert is acknowledged");
+    upsert_all(&control, &skus).await;
     // Even SKUs get sku units; odd positions name a SKU nobody made, answered UnknownSku.
     let adjusts: Vec<Op> = (0..2_000u64)
         .map(|i| {
@@ -541,8 +546,7 @@ async fn answers_larger_than_a_frame_are_split_across_frames() {
     let server = start(1, |_| {});
     let control = server.client("control").await;
     let skus: Vec<u64> = (1..=256).collect();
-    let upserts = skus.iter().map(|&sku| Op::UpsertSku { sku, location: LOCATION, backorder_limit: 0 }).collect();
-    assert!(control.call_many(upserts).await.iter().all(|a| matches!(a, Ok(o) if o.status == Status::Ok)));
+    upsert_all(&control, &skus).await;
     let items: Vec<SkuAt> = skus.iter().map(|&sku| SkuAt { sku, location: Some(LOCATION) }).collect();
     let queries = (0..512).map(|_| Op::QueryStock { items: items.clone() }).collect();
     let answers = control.call_many(queries).await;

@@ -303,6 +303,16 @@ async fn drain(
     Ok(())
 }
 
+/// Pushes everything due (`push_all`), then checks that nothing is left unacknowledged;
+/// returns the upserts and adjustments acknowledged and the seconds since `started`
+/// (taken when the push was done, before the check).
+async fn push_timed(db: &Db, dataplane: &Dataplane, batch: u32, started: Instant) -> anyhow::Result<(u64, u64, f64)> {
+    let (upserted, applied) = push_all(db, dataplane, batch).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    push_backlog_none(db, dataplane.shards()).await?;
+    Ok((upserted, applied, seconds))
+}
+
 async fn bootstrap(db: &Db, dataplane: &Dataplane, skus: u64, batch: u32) -> anyhow::Result<()> {
     let started = Instant::now();
     seed_books(db, dataplane.shards(), skus, 100).await?;
@@ -310,14 +320,11 @@ async fn bootstrap(db: &Db, dataplane: &Dataplane, skus: u64, batch: u32) -> any
         "books: {skus} SKUs with 100 units each written to PostgreSQL in {:.2} s (not timed below)",
         started.elapsed().as_secs_f64()
     );
-    let started = Instant::now();
-    let (upserted, applied) = push_all(db, dataplane, batch).await?;
-    let seconds = started.elapsed().as_secs_f64();
+    let (upserted, applied, seconds) = push_timed(db, dataplane, batch, Instant::now()).await?;
     println!(
         "bootstrap: {upserted} upserts and {applied} adjustments acknowledged by an empty data plane in {seconds:.2} s ({:.0} SKUs/s, batch {batch} per shard and round)",
         skus as f64 / seconds
     );
-    push_backlog_none(db, dataplane.shards()).await?;
     let sample: Vec<SkuAt> =
         (0..1_000).map(|i| SkuAt { sku: i * (skus / 1_000).max(1) + 1, location: Some(1) }).collect();
     let sample: Vec<SkuAt> = sample.into_iter().filter(|s| s.sku <= skus).collect();
@@ -369,13 +376,11 @@ async fn rebootstrap(db: &Db, dataplane: &Dataplane, skus: u64, batch: u32) -> a
         anyhow::ensure!(pass.new_epoch, "shard {shard}: the drain did not see that the shard restarted empty");
     }
     let epoch = started.elapsed().as_secs_f64();
-    let (upserted, applied) = push_all(db, dataplane, batch).await?;
-    let seconds = started.elapsed().as_secs_f64();
+    let (upserted, applied, seconds) = push_timed(db, dataplane, batch, started).await?;
     println!(
         "rebootstrap: new epochs begun in {epoch:.2} s, then {upserted} upserts and {applied} bootstrap adjustments acknowledged by the empty data plane: {seconds:.2} s in all ({:.0} SKUs/s, batch {batch} per shard and round)",
         skus as f64 / seconds
     );
-    push_backlog_none(db, dataplane.shards()).await?;
     let report = reconcile(db, dataplane).await?;
     anyhow::ensure!(report.differences.is_empty(), "reconcile: {} rows differ", report.differences.len());
     println!("check: nothing left unacknowledged; reconcile: {} rows, no difference", report.rows);
