@@ -370,25 +370,29 @@ fn check_image(config: &ShardConfig, image: &Image) -> Result<(), SnapshotError>
             return fail("a hold's first line is outside the stock slab");
         }
         // Walk the extra lines no further than the hold says it has: no cycle can hang us.
-        let mut lines = vec![(hold.line0_slot, hold.line0_qty)];
+        // A live hold's lines count towards their rows' `held` as they are walked.
+        let is_live = hold.phase.is_live();
+        let mut add = |row: u32, qty: u32| {
+            if is_live {
+                held[row as usize] += i64::from(qty);
+            }
+        };
+        add(hold.line0_slot, hold.line0_qty);
+        let mut count = 1;
         let mut extra = hold.extra;
         while extra != NONE {
-            if lines.len() >= usize::from(hold.lines) {
+            if count >= usize::from(hold.lines) {
                 return fail("a hold has more lines than it says");
             }
             let line = image.extra_lines[extra as usize];
-            lines.push((line.slot, line.qty));
+            add(line.slot, line.qty);
+            count += 1;
             extra = line.next;
         }
-        if lines.len() != usize::from(hold.lines) {
+        if count != usize::from(hold.lines) {
             return fail("a hold has fewer lines than it says");
         }
-        if hold.phase.is_live() {
-            live += 1;
-            for (row, qty) in lines {
-                held[row as usize] += i64::from(qty);
-            }
-        }
+        live += u32::from(is_live);
     }
     if live != image.live_holds {
         return fail("live holds differ from the count");
