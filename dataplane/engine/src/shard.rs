@@ -491,18 +491,20 @@ impl Shard {
         // One clock reading for the whole batch: expiries are applied once, up front.
         self.advance(now);
         for chunk in batch.requests.as_slice().chunks(PREFETCH_CHUNK) {
+            let mut finishing = 0;
             for request in chunk {
                 self.prefetch_buckets(&request.op);
+                finishing += usize::from(matches!(request.op, ArchivedOp::Commit { .. } | ArchivedOp::Release { .. }));
             }
             // Finishing a hold evicts the oldest finished one: fetch those records too.
-            for &slot in self.finished.iter().take(chunk.len()) {
+            for &slot in self.finished.iter().take(finishing) {
                 prefetch(&self.hold_slab[slot as usize]);
             }
             for request in chunk {
                 self.prefetch_records(&request.op);
             }
-            for &slot in self.finished.iter().take(chunk.len()) {
-                self.holds.prefetch(self.hold_slab[slot as usize].id());
+            for &slot in self.finished.iter().take(finishing) {
+                self.holds.prefetch_removal(self.hold_slab[slot as usize].id());
             }
             for request in chunk {
                 self.prefetch_hold_rows(&request.op);
