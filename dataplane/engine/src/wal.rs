@@ -302,152 +302,209 @@ mod kind {
     pub const CART_FORGOTTEN: u8 = 14;
 }
 
-/// Writes fields into a record's bytes, which were sized (and zeroed) up front.
-struct Writer<'b> {
-    out: &'b mut [u8],
-    at: usize,
+/// A CRC32C being folded over a record one 8-byte word at a time, as it is written.
+trait Checksum {
+    fn new(head: u32) -> Self;
+    fn word(&mut self, word: u64);
+    fn finish(self) -> u32;
 }
 
-impl Writer<'_> {
-    #[inline]
-    fn bytes<const N: usize>(&mut self, v: [u8; N]) {
-        self.out[self.at..self.at + N].copy_from_slice(&v);
-        self.at += N;
+/// The `crc32c` crate's table-driven CRC: for CPUs without the CRC32C instruction.
+struct PortableCrc(u32);
+
+impl Checksum for PortableCrc {
+    fn new(head: u32) -> Self {
+        PortableCrc(crc32c::crc32c(&head.to_le_bytes()))
     }
-    fn u8(&mut self, v: u8) {
-        self.bytes([v]);
+    fn word(&mut self, word: u64) {
+        self.0 = crc32c::crc32c_append(self.0, &word.to_le_bytes());
     }
-    fn u32(&mut self, v: u32) {
-        self.bytes(v.to_le_bytes());
+    fn finish(self) -> u32 {
+        self.0
     }
-    fn u64(&mut self, v: u64) {
-        self.bytes(v.to_le_bytes());
+}
+
+/// The CPU's CRC32C instruction. Only [`encode_sse42`], which runs once SSE4.2 was
+/// detected, creates one.
+#[cfg(target_arch = "x86_64")]
+struct Sse42Crc(u32);
+
+#[cfg(target_arch = "x86_64")]
+impl Checksum for Sse42Crc {
+    #[inline(always)]
+    fn new(head: u32) -> Self {
+        // SAFETY: a `Sse42Crc` exists only inside `encode_sse42`, which runs on CPUs
+        // that have SSE4.2 (its caller checks).
+        Sse42Crc(unsafe { std::arch::x86_64::_mm_crc32_u32(!0, head) })
     }
-    fn u128(&mut self, v: u128) {
-        self.bytes(v.to_le_bytes());
+    #[inline(always)]
+    fn word(&mut self, word: u64) {
+        // SAFETY: as in `new`.
+        self.0 = unsafe { std::arch::x86_64::_mm_crc32_u64(u64::from(self.0), word) } as u32;
     }
+    #[inline(always)]
+    fn finish(self) -> u32 {
+        !self.0
+    }
+}
+
+/// Appends a record's words to the output (its room reserved up front) and folds each
+/// into the checksum on the way, so that the record is written and summed in one pass.
+struct Writer<'b, C> {
+    out: &'b mut Vec<u8>,
+    crc: C,
+}
+
+impl<C: Checksum> Writer<'_, C> {
+    #[inline(always)]
+    fn word(&mut self, word: u64) {
+        self.out.extend_from_slice(&word.to_le_bytes());
+        self.crc.word(word);
+    }
+    /// Two 32-bit fields that share a word, `low` first.
+    #[inline(always)]
+    fn pair(&mut self, low: u32, high: u32) {
+        self.word(u64::from(low) | u64::from(high) << 32);
+    }
+    #[inline(always)]
+    fn id(&mut self, id: u128) {
+        self.word(id as u64);
+        self.word((id >> 64) as u64);
+    }
+    #[inline(always)]
     fn lines(&mut self, lines: &Lines<'_>) {
         match lines {
             Lines::Bytes(bytes) => {
-                self.out[self.at..self.at + bytes.len()].copy_from_slice(bytes);
-                self.at += bytes.len();
+                for word in bytes.chunks_exact(8) {
+                    self.word(u64::from_le_bytes(word.try_into().expect("8 bytes")));
+                }
             }
             Lines::Slice(lines) => {
                 for line in *lines {
-                    self.u64(line.sku);
-                    self.u32(line.location);
-                    self.u32(line.qty);
+                    self.word(line.sku);
+                    self.pair(line.location, line.qty);
                 }
             }
         }
     }
 }
 
+/// [`WalRecord::encode`] with the CRC32C instruction.
+///
+/// # Safety
+/// The CPU must support SSE4.2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn encode_sse42(record: &WalRecord<'_>, position: u64, out: &mut Vec<u8>) -> usize {
+    record.encode_with::<Sse42Crc>(position, out)
+}
+
 impl WalRecord<'_> {
     /// Appends this record, at `position`, to `out`; returns the bytes written.
     pub fn encode(&self, position: u64, out: &mut Vec<u8>) -> usize {
-        let start = out.len();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("sse4.2") {
+                // SAFETY: the CPU supports SSE4.2, checked just above.
+                return unsafe { encode_sse42(self, position, out) };
+            }
+        }
+        self.encode_with::<PortableCrc>(position, out)
+    }
+
+    /// The kind byte and the flags byte of this record's header.
+    fn kind_and_flags(&self) -> (u8, u8) {
+        match *self {
+            WalRecord::SkuUpserted { .. } => (kind::SKU_UPSERTED, 0),
+            WalRecord::Adjusted { .. } => (kind::ADJUSTED, 0),
+            WalRecord::Held { prepared_for, .. } => (kind::HELD, u8::from(prepared_for.is_some())),
+            WalRecord::Kept { .. } => (kind::KEPT, 0),
+            WalRecord::Committed { .. } => (kind::COMMITTED, 0),
+            WalRecord::Released { .. } => (kind::RELEASED, 0),
+            WalRecord::Expired { .. } => (kind::EXPIRED, 0),
+            WalRecord::Extended { .. } => (kind::EXTENDED, 0),
+            WalRecord::Pinned { .. } => (kind::PINNED, 0),
+            WalRecord::Unpinned { .. } => (kind::UNPINNED, 0),
+            WalRecord::CartOpened { .. } => (kind::CART_OPENED, 0),
+            WalRecord::CartStarted { phase, .. } => {
+                (kind::CART_STARTED, if matches!(phase, CartPhase::Commit { .. }) { 1 } else { 2 })
+            }
+            WalRecord::CartDecided { .. } => (kind::CART_DECIDED, 0),
+            WalRecord::CartForgotten { .. } => (kind::CART_FORGOTTEN, 0),
+        }
+    }
+
+    #[inline(always)]
+    fn encode_with<C: Checksum>(&self, position: u64, out: &mut Vec<u8>) -> usize {
         let len = self.encoded_len();
         assert!(len <= usize::from(u16::MAX), "record of {len} bytes");
-        out.resize(start + len, 0);
-        let mut w = Writer { out: &mut out[start..start + len], at: 8 };
-        w.u64(position);
-        let (kind, flags) = match *self {
+        let (kind, flags) = self.kind_and_flags();
+        let head = u32::from_le_bytes([len as u8, (len >> 8) as u8, kind, flags]);
+        out.reserve(len);
+        let start = out.len();
+        // The checksum's place is filled in last.
+        out.extend_from_slice(&u64::from(head).to_le_bytes());
+        let mut w = Writer { out, crc: C::new(head) };
+        w.word(position);
+        match *self {
             WalRecord::SkuUpserted { sku, location, backorder_limit } => {
-                w.u64(sku);
-                w.u32(location);
-                w.u32(backorder_limit);
-                (kind::SKU_UPSERTED, 0)
+                w.word(sku);
+                w.pair(location, backorder_limit);
             }
             WalRecord::Adjusted { adjustment, sku, location, delta } => {
-                w.u128(adjustment);
-                w.u64(sku);
-                w.u32(location);
-                w.u32(0);
-                w.u64(delta as u64);
-                (kind::ADJUSTED, 0)
+                w.id(adjustment);
+                w.word(sku);
+                w.pair(location, 0);
+                w.word(delta as u64);
             }
             WalRecord::Held { hold, expires_at_ms, fingerprint, prepared_for, ref lines } => {
-                w.u128(hold);
-                w.u64(expires_at_ms);
-                w.u32(fingerprint);
-                w.u32(lines.len() as u32);
+                w.id(hold);
+                w.word(expires_at_ms);
+                w.pair(fingerprint, lines.len() as u32);
                 if let Some((coordinator, txn)) = prepared_for {
-                    w.u32(coordinator);
-                    w.u32(0);
-                    w.u64(txn);
+                    w.pair(coordinator, 0);
+                    w.word(txn);
                 }
                 w.lines(lines);
-                (kind::HELD, u8::from(prepared_for.is_some()))
             }
-            WalRecord::Kept { hold } => {
-                w.u128(hold);
-                (kind::KEPT, 0)
-            }
+            WalRecord::Kept { hold }
+            | WalRecord::Released { hold }
+            | WalRecord::Expired { hold }
+            | WalRecord::Unpinned { hold }
+            | WalRecord::CartForgotten { hold } => w.id(hold),
             WalRecord::Committed { hold, mask, at_ms } => {
-                w.u128(hold);
-                w.u64(mask);
-                w.u64(at_ms);
-                (kind::COMMITTED, 0)
+                w.id(hold);
+                w.word(mask);
+                w.word(at_ms);
             }
-            WalRecord::Released { hold } => {
-                w.u128(hold);
-                (kind::RELEASED, 0)
-            }
-            WalRecord::Expired { hold } => {
-                w.u128(hold);
-                (kind::EXPIRED, 0)
-            }
-            WalRecord::Extended { hold, expires_at_ms } => {
-                w.u128(hold);
-                w.u64(expires_at_ms);
-                (kind::EXTENDED, 0)
-            }
-            WalRecord::Pinned { hold, txn } => {
-                w.u128(hold);
-                w.u64(txn);
-                (kind::PINNED, 0)
-            }
-            WalRecord::Unpinned { hold } => {
-                w.u128(hold);
-                (kind::UNPINNED, 0)
+            WalRecord::Extended { hold, expires_at_ms: value } | WalRecord::Pinned { hold, txn: value } => {
+                w.id(hold);
+                w.word(value);
             }
             WalRecord::CartOpened { hold, txn, fingerprint, expires_at_ms, ref lines } => {
-                w.u128(hold);
-                w.u64(txn);
-                w.u64(expires_at_ms);
-                w.u32(fingerprint);
-                w.u32(lines.len() as u32);
+                w.id(hold);
+                w.word(txn);
+                w.word(expires_at_ms);
+                w.pair(fingerprint, lines.len() as u32);
                 w.lines(lines);
-                (kind::CART_OPENED, 0)
             }
             WalRecord::CartStarted { hold, txn, phase } => {
-                w.u128(hold);
-                w.u64(txn);
-                let (flags, value) = match phase {
-                    CartPhase::Commit { mask } => (1, mask),
-                    CartPhase::Extend { expires_at_ms } => (2, expires_at_ms),
-                };
-                w.u64(value);
-                (kind::CART_STARTED, flags)
+                w.id(hold);
+                w.word(txn);
+                w.word(match phase {
+                    CartPhase::Commit { mask } => mask,
+                    CartPhase::Extend { expires_at_ms } => expires_at_ms,
+                });
             }
             WalRecord::CartDecided { hold, txn, outcome, status } => {
-                w.u128(hold);
-                w.u64(txn);
-                w.u8(outcome as u8);
-                w.u8(status);
-                (kind::CART_DECIDED, 0)
+                w.id(hold);
+                w.word(txn);
+                // Two bytes, then zero padding to the word's end.
+                w.word(u64::from(outcome as u8) | u64::from(status) << 8);
             }
-            WalRecord::CartForgotten { hold } => {
-                w.u128(hold);
-                (kind::CART_FORGOTTEN, 0)
-            }
-        };
-        debug_assert!(w.at <= len && len - w.at < 8, "encoded_len disagrees with encode");
-        out[start..start + 2].copy_from_slice(&(len as u16).to_le_bytes());
-        out[start + 2] = kind;
-        out[start + 3] = flags;
-        let crc = record_crc(&out[start..start + len]);
+        }
+        let crc = w.crc.finish();
+        debug_assert_eq!(out.len() - start, len, "encoded_len disagrees with encode");
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         len
     }
@@ -780,6 +837,50 @@ mod tests {
             let portable = crc32c::crc32c_append(crc32c::crc32c(&bytes[0..4]), &bytes[8..]);
             prop_assert_eq!(record_crc(&bytes), portable);
         }
+    }
+
+    proptest! {
+        /// The encoder that sums with the CRC32C instruction writes the same bytes as the
+        /// portable one, after whatever the output already held.
+        #[test]
+        fn encoders_agree(owned in owned_strategy(), position in any::<u64>(), prefix in 0usize..24) {
+            let record = owned.record();
+            let mut portable = vec![0xa5; prefix];
+            let len = record.encode_with::<PortableCrc>(position, &mut portable);
+            prop_assert_eq!(portable.len(), prefix + len);
+            prop_assert_eq!(record_crc(&portable[prefix..]).to_le_bytes(), &portable[prefix + 4..prefix + 8]);
+            let mut chosen = vec![0xa5; prefix];
+            record.encode(position, &mut chosen);
+            prop_assert_eq!(chosen, portable);
+        }
+    }
+
+    /// A `Held` record byte by byte, as `docs/wal.md` draws it.
+    #[test]
+    fn held_record_layout() {
+        let lines = [WalLine { sku: 0x0102_0304_0506_0708, location: 7, qty: 3 }];
+        let hold = 0x1112_1314_1516_1718_191a_1b1c_1d1e_1f20u128;
+        let record = WalRecord::Held {
+            hold,
+            expires_at_ms: 900,
+            fingerprint: 0xabcd,
+            prepared_for: None,
+            lines: Lines::Slice(&lines),
+        };
+        let mut bytes = Vec::new();
+        record.encode(5, &mut bytes);
+        let mut expected = vec![64, 0, kind::HELD, 0, 0, 0, 0, 0];
+        expected.extend_from_slice(&5u64.to_le_bytes());
+        expected.extend_from_slice(&hold.to_le_bytes());
+        expected.extend_from_slice(&900u64.to_le_bytes());
+        expected.extend_from_slice(&0xabcdu32.to_le_bytes());
+        expected.extend_from_slice(&1u32.to_le_bytes());
+        expected.extend_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+        expected.extend_from_slice(&7u32.to_le_bytes());
+        expected.extend_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&expected[0..4]), &expected[8..]);
+        expected[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(bytes, expected);
     }
 
     #[test]
