@@ -13,7 +13,7 @@
 //! bytes per SKU-location and 128 per live hold). Deletion (holds only) shifts later
 //! entries back instead of leaving tombstones.
 
-use crate::route::{mix64, reduce};
+use crate::route::reduce;
 
 const EMPTY: u32 = u32::MAX;
 
@@ -29,6 +29,15 @@ pub(crate) fn prefetch<T>(value: &T) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
+}
+
+/// Spreads a key over the buckets: one multiply by 2^64 / golden ratio (Fibonacci
+/// hashing), whose high bits, which `reduce` keeps, depend on every bit of the key and
+/// spread consecutive keys evenly. Bucket placement is private to the process (indexes
+/// are rebuilt on load), so unlike routing it may change.
+#[inline]
+fn spread(key: u64) -> u64 {
+    key.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 fn buckets_for(entries_max: usize) -> usize {
@@ -81,7 +90,7 @@ impl SkuIndex {
 
     #[inline]
     fn bucket(&self, sku: u64) -> usize {
-        reduce(mix64(sku), self.entries.len() as u32) as usize
+        reduce(spread(sku), self.entries.len() as u32) as usize
     }
 
     /// Hints that `sku` will be looked up soon.
@@ -125,6 +134,18 @@ impl SkuIndex {
     pub(crate) fn len(&self) -> usize {
         self.len
     }
+
+    /// Buckets a lookup of `sku` reads.
+    #[cfg(test)]
+    fn probes(&self, sku: u64) -> usize {
+        let mut bucket = self.bucket(sku);
+        let mut probes = 1;
+        while self.entries[bucket].slot != EMPTY && self.entries[bucket].sku != sku {
+            bucket = next_bucket(bucket, self.entries.len());
+            probes += 1;
+        }
+        probes
+    }
 }
 
 /// A hold's entry: the id's low 64 bits, 32 more bits as a tag, and the slot. The rest of
@@ -158,7 +179,7 @@ impl HoldIndex {
 
     #[inline]
     fn bucket_of(&self, id_lo: u64, tag: u32) -> usize {
-        reduce(mix64(id_lo ^ (u64::from(tag) << 32 | u64::from(tag))), self.entries.len() as u32) as usize
+        reduce(spread(id_lo ^ (u64::from(tag) << 32 | u64::from(tag))), self.entries.len() as u32) as usize
     }
 
     /// Hints that `id` will be looked up soon.
@@ -272,6 +293,32 @@ mod tests {
         assert_eq!(index.find(11), Some(1));
         assert_eq!(index.find(13), None);
         assert_eq!(index.len(), 3);
+    }
+
+    /// A full index (3/4 of its buckets used) keeps lookups short for the key sets
+    /// catalogs use: consecutive ids, ids with a prefix in the high bits, ids that step
+    /// by a power of two, and scattered ones. Linear probing at 3/4 load averages 2.5
+    /// probes with a perfectly random hash; a hash that clusters these sets does far worse.
+    #[test]
+    fn sku_lookups_stay_short_at_full_load() {
+        let count = 300_000u64;
+        type KeySet = (&'static str, fn(u64) -> u64);
+        let sets: [KeySet; 4] = [
+            ("consecutive", |i| 1_000_000 + i),
+            ("prefixed", |i| 0xabcd << 48 | i),
+            ("strided", |i| i << 20),
+            ("scattered", |i| crate::route::mix64(i)),
+        ];
+        for (name, sku) in sets {
+            let mut index = SkuIndex::new(count as usize);
+            for i in 0..count {
+                assert!(index.insert(sku(i), i as u32));
+            }
+            let probes: usize = (0..count).map(|i| index.probes(sku(i))).sum();
+            let mean = probes as f64 / count as f64;
+            assert!(mean < 3.0, "{name}: {mean:.2} probes per lookup");
+            assert_eq!(index.find(sku(count / 2)), Some((count / 2) as u32));
+        }
     }
 
     proptest! {
