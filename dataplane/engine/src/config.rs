@@ -122,6 +122,9 @@ impl ShardConfig {
         if self.holds_max == 0 || self.carts_max == 0 || self.carts_finished_max >= self.carts_max {
             return fail("holds_max and carts_max must be above zero, carts_finished_max below carts_max");
         }
+        if u64::from(self.holds_max) + u64::from(self.holds_finished_max) > HOLD_SLOTS_MAX {
+            return fail("holds_max + holds_finished_max must be at most 2^30");
+        }
         if self.qty_max == 0 || self.hold_ttl_ms_min == 0 || self.hold_ttl_ms_min > self.hold_ttl_ms_max {
             return fail("qty_max and hold_ttl_ms_min must be above zero, and the TTL range not empty");
         }
@@ -134,6 +137,10 @@ impl ShardConfig {
         Ok(())
     }
 }
+
+/// The most hold slots (live and finished) a shard may have: slot numbers stay far from
+/// the values the engine reserves as markers, and the hold index below `u32::MAX` buckets.
+pub const HOLD_SLOTS_MAX: u64 = 1 << 30;
 
 /// A configuration whose bounds cannot work together.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -154,5 +161,10 @@ mod tests {
         let mut config = ShardConfig::new(0, 1);
         config.hold_ttl_ms_min = config.hold_ttl_ms_max + 1;
         assert!(config.validate().is_err());
+        let mut config = ShardConfig::new(0, 1);
+        (config.holds_max, config.holds_finished_max) = (u32::MAX, 1);
+        assert!(config.validate().is_err());
+        (config.holds_max, config.holds_finished_max) = (1 << 29, 1 << 29);
+        assert_eq!(config.validate(), Ok(()));
     }
 }

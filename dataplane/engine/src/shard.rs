@@ -46,6 +46,9 @@ pub(crate) const NONE: u32 = u32::MAX;
 /// The cursor of a hold's first line in `Shard::hold_line` walks.
 const FIRST_LINE: u32 = u32::MAX - 1;
 const PREFETCH_CHUNK: usize = 32;
+/// The hold lookup memo's answer for an id that is not indexed (no slot is this high:
+/// `ShardConfig::validate` bounds the slots by `HOLD_SLOTS_MAX`).
+const UNKNOWN_HOLD: u32 = u32::MAX - 2;
 /// Records between the one recovery prefetches for and the one it applies.
 const RECOVER_PREFETCH: usize = 16;
 
@@ -233,7 +236,8 @@ pub struct Shard {
     skus: SkuIndex,
     stock: Vec<Stock>,
     holds: HoldIndex,
-    /// The last hold found or indexed, and its slot (`NONE`: nothing remembered).
+    /// The last hold looked up or indexed, and its slot (`NONE`: nothing remembered;
+    /// `UNKNOWN_HOLD`: not indexed). Every change to the index updates it.
     hold_memo: std::cell::Cell<(u128, u32)>,
     hold_slab: Vec<Hold>,
     hold_free: Vec<u32>,
@@ -994,17 +998,17 @@ impl Shard {
     ///
     /// A request touches its hold several times (prefetch passes, the decision, the
     /// record's apply); the last answer is remembered so that those cost one probe.
+    /// That a hold is unknown is remembered too: a reserve asks before its record is
+    /// applied, and the apply asks again.
     #[inline]
     fn find_hold(&self, id: u128) -> Option<u32> {
         let (memo_id, memo_slot) = self.hold_memo.get();
         if memo_id == id && memo_slot != NONE {
-            return Some(memo_slot);
+            return (memo_slot != UNKNOWN_HOLD).then_some(memo_slot);
         }
         let id_hi = (id >> 64) as u64;
         let found = self.holds.find(id, |slot| self.hold_slab[slot as usize].id_hi == id_hi);
-        if let Some(slot) = found {
-            self.hold_memo.set((id, slot));
-        }
+        self.hold_memo.set((id, found.unwrap_or(UNKNOWN_HOLD)));
         found
     }
 
