@@ -355,7 +355,21 @@ struct Writer<'b, C> {
     crc: C,
 }
 
-impl<C: Checksum> Writer<'_, C> {
+impl<'b, C: Checksum> Writer<'b, C> {
+    /// Starts a record of `kind` with `payload` bytes after its header at the end of
+    /// `out`: reserves its room and writes the header, its checksum left zero.
+    #[inline(always)]
+    fn begin(out: &'b mut Vec<u8>, position: u64, kind: u8, flags: u8, payload: usize) -> Self {
+        let len = (HEADER_BYTES + payload).next_multiple_of(8);
+        assert!(len <= usize::from(u16::MAX), "record of {len} bytes");
+        let head = u32::from_le_bytes([len as u8, (len >> 8) as u8, kind, flags]);
+        out.reserve(len);
+        out.extend_from_slice(&u64::from(head).to_le_bytes());
+        let mut w = Writer { out, crc: C::new(head) };
+        w.word(position);
+        w
+    }
+
     #[inline(always)]
     fn word(&mut self, word: u64) {
         self.out.extend_from_slice(&word.to_le_bytes());
@@ -412,52 +426,30 @@ impl WalRecord<'_> {
         self.encode_with::<PortableCrc>(position, out)
     }
 
-    /// The kind byte and the flags byte of this record's header.
-    fn kind_and_flags(&self) -> (u8, u8) {
-        match *self {
-            WalRecord::SkuUpserted { .. } => (kind::SKU_UPSERTED, 0),
-            WalRecord::Adjusted { .. } => (kind::ADJUSTED, 0),
-            WalRecord::Held { prepared_for, .. } => (kind::HELD, u8::from(prepared_for.is_some())),
-            WalRecord::Kept { .. } => (kind::KEPT, 0),
-            WalRecord::Committed { .. } => (kind::COMMITTED, 0),
-            WalRecord::Released { .. } => (kind::RELEASED, 0),
-            WalRecord::Expired { .. } => (kind::EXPIRED, 0),
-            WalRecord::Extended { .. } => (kind::EXTENDED, 0),
-            WalRecord::Pinned { .. } => (kind::PINNED, 0),
-            WalRecord::Unpinned { .. } => (kind::UNPINNED, 0),
-            WalRecord::CartOpened { .. } => (kind::CART_OPENED, 0),
-            WalRecord::CartStarted { phase, .. } => {
-                (kind::CART_STARTED, if matches!(phase, CartPhase::Commit { .. }) { 1 } else { 2 })
-            }
-            WalRecord::CartDecided { .. } => (kind::CART_DECIDED, 0),
-            WalRecord::CartForgotten { .. } => (kind::CART_FORGOTTEN, 0),
-        }
-    }
-
     #[inline(always)]
     fn encode_with<C: Checksum>(&self, position: u64, out: &mut Vec<u8>) -> usize {
-        let len = self.encoded_len();
-        assert!(len <= usize::from(u16::MAX), "record of {len} bytes");
-        let (kind, flags) = self.kind_and_flags();
-        let head = u32::from_le_bytes([len as u8, (len >> 8) as u8, kind, flags]);
-        out.reserve(len);
         let start = out.len();
-        // The checksum's place is filled in last.
-        out.extend_from_slice(&u64::from(head).to_le_bytes());
-        let mut w = Writer { out, crc: C::new(head) };
-        w.word(position);
-        match *self {
+        // Each kind starts its record with its header (so one match decides everything),
+        // then writes its payload.
+        let lines_bytes = |lines: &Lines<'_>| lines.len() * LINE_BYTES;
+        let w = match *self {
             WalRecord::SkuUpserted { sku, location, backorder_limit } => {
+                let mut w = Writer::<C>::begin(out, position, kind::SKU_UPSERTED, 0, 16);
                 w.word(sku);
                 w.pair(location, backorder_limit);
+                w
             }
             WalRecord::Adjusted { adjustment, sku, location, delta } => {
+                let mut w = Writer::<C>::begin(out, position, kind::ADJUSTED, 0, 40);
                 w.id(adjustment);
                 w.word(sku);
                 w.pair(location, 0);
                 w.word(delta as u64);
+                w
             }
             WalRecord::Held { hold, expires_at_ms, fingerprint, prepared_for, ref lines } => {
+                let (flags, extra) = if prepared_for.is_some() { (1, 16) } else { (0, 0) };
+                let mut w = Writer::<C>::begin(out, position, kind::HELD, flags, 32 + extra + lines_bytes(lines));
                 w.id(hold);
                 w.word(expires_at_ms);
                 w.pair(fingerprint, lines.len() as u32);
@@ -466,46 +458,71 @@ impl WalRecord<'_> {
                     w.word(txn);
                 }
                 w.lines(lines);
+                w
             }
             WalRecord::Kept { hold }
             | WalRecord::Released { hold }
             | WalRecord::Expired { hold }
             | WalRecord::Unpinned { hold }
-            | WalRecord::CartForgotten { hold } => w.id(hold),
+            | WalRecord::CartForgotten { hold } => {
+                let kind = match *self {
+                    WalRecord::Kept { .. } => kind::KEPT,
+                    WalRecord::Released { .. } => kind::RELEASED,
+                    WalRecord::Expired { .. } => kind::EXPIRED,
+                    WalRecord::Unpinned { .. } => kind::UNPINNED,
+                    _ => kind::CART_FORGOTTEN,
+                };
+                let mut w = Writer::<C>::begin(out, position, kind, 0, 16);
+                w.id(hold);
+                w
+            }
             WalRecord::Committed { hold, mask, at_ms } => {
+                let mut w = Writer::<C>::begin(out, position, kind::COMMITTED, 0, 32);
                 w.id(hold);
                 w.word(mask);
                 w.word(at_ms);
+                w
             }
             WalRecord::Extended { hold, expires_at_ms: value } | WalRecord::Pinned { hold, txn: value } => {
+                let kind = if matches!(self, WalRecord::Extended { .. }) { kind::EXTENDED } else { kind::PINNED };
+                let mut w = Writer::<C>::begin(out, position, kind, 0, 24);
                 w.id(hold);
                 w.word(value);
+                w
             }
             WalRecord::CartOpened { hold, txn, fingerprint, expires_at_ms, ref lines } => {
+                let mut w = Writer::<C>::begin(out, position, kind::CART_OPENED, 0, 40 + lines_bytes(lines));
                 w.id(hold);
                 w.word(txn);
                 w.word(expires_at_ms);
                 w.pair(fingerprint, lines.len() as u32);
                 w.lines(lines);
+                w
             }
             WalRecord::CartStarted { hold, txn, phase } => {
+                let (flags, value) = match phase {
+                    CartPhase::Commit { mask } => (1, mask),
+                    CartPhase::Extend { expires_at_ms } => (2, expires_at_ms),
+                };
+                let mut w = Writer::<C>::begin(out, position, kind::CART_STARTED, flags, 32);
                 w.id(hold);
                 w.word(txn);
-                w.word(match phase {
-                    CartPhase::Commit { mask } => mask,
-                    CartPhase::Extend { expires_at_ms } => expires_at_ms,
-                });
+                w.word(value);
+                w
             }
             WalRecord::CartDecided { hold, txn, outcome, status } => {
+                let mut w = Writer::<C>::begin(out, position, kind::CART_DECIDED, 0, 26);
                 w.id(hold);
                 w.word(txn);
                 // Two bytes, then zero padding to the word's end.
                 w.word(u64::from(outcome as u8) | u64::from(status) << 8);
+                w
             }
-        }
+        };
         let crc = w.crc.finish();
-        debug_assert_eq!(out.len() - start, len, "encoded_len disagrees with encode");
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        let len = w.out.len() - start;
+        debug_assert_eq!(len, self.encoded_len(), "encoded_len disagrees with encode");
+        w.out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         len
     }
 
