@@ -504,14 +504,16 @@ impl Shard {
             for &slot in self.finished.iter().take(finishing) {
                 prefetch(&self.hold_slab[slot as usize]);
             }
-            for request in chunk {
-                self.prefetch_records(&request.op);
+            // The slots of the holds the requests name, as the index suggests them.
+            let mut named = [NONE; PREFETCH_CHUNK];
+            for (request, named) in chunk.iter().zip(&mut named) {
+                *named = self.prefetch_records(&request.op);
             }
             for &slot in self.finished.iter().take(finishing) {
                 self.holds.prefetch_removal(self.hold_slab[slot as usize].id());
             }
-            for request in chunk {
-                self.prefetch_hold_rows(&request.op);
+            for &slot in named.iter().filter(|&&slot| slot != NONE) {
+                self.prefetch_hold_row(slot);
             }
             for request in chunk {
                 self.handle_current(origin, request);
@@ -536,7 +538,8 @@ impl Shard {
     }
 
     /// Second pass: the stock rows a reserve names and the hold records others name.
-    fn prefetch_records(&self, op: &ArchivedOp) {
+    /// Returns the slot of the hold a commit or release names, unverified (`NONE`: none).
+    fn prefetch_records(&self, op: &ArchivedOp) -> u32 {
         match op {
             ArchivedOp::Reserve { lines, .. } => {
                 for line in lines.iter() {
@@ -548,20 +551,19 @@ impl Shard {
             ArchivedOp::Commit { hold, .. } | ArchivedOp::Release { hold } => {
                 if let Some(slot) = self.find_hold_unverified(hold.0.to_native()) {
                     prefetch(&self.hold_slab[slot as usize]);
+                    return slot;
                 }
             }
             _ => {}
         }
+        NONE
     }
 
-    /// Third pass: the stock row of a named hold's first line.
-    fn prefetch_hold_rows(&self, op: &ArchivedOp) {
-        if let ArchivedOp::Commit { hold, .. } | ArchivedOp::Release { hold } = op {
-            if let Some(slot) = self.find_hold(hold.0.to_native()) {
-                if let Some(row) = self.stock.get(self.hold_slab[slot as usize].line0_slot as usize) {
-                    prefetch(row);
-                }
-            }
+    /// Third pass: the stock row of the first line of the hold at `slot` (which may
+    /// belong to another hold than the request's: this is only a hint).
+    fn prefetch_hold_row(&self, slot: u32) {
+        if let Some(row) = self.stock.get(self.hold_slab[slot as usize].line0_slot as usize) {
+            prefetch(row);
         }
     }
 
