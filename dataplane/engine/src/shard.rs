@@ -229,6 +229,48 @@ struct Adjustment {
     delta: i64,
 }
 
+/// A journal entry as the shard keeps it, in 32 bytes instead of the wire's 64: its SKU
+/// and location are its stock row's (rows are never removed or re-keyed) and its
+/// position is its place in the journal. Each commit writes one, so its size is most of
+/// the journal's traffic through the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct Journaled {
+    /// The hold of a sale, or the id of an adjustment (low and high halves).
+    id_lo: u64,
+    id_hi: u64,
+    /// A sale's commit time, or an adjustment's delta (as its two's complement bits).
+    value: u64,
+    row: u32,
+    /// A sale's units (a line holds at least one); 0 marks an adjustment.
+    qty: u32,
+}
+
+impl Journaled {
+    fn sale(row: u32, hold: u128, qty: u32, at_ms: u64) -> Journaled {
+        debug_assert!(qty > 0);
+        Journaled { id_lo: hold as u64, id_hi: (hold >> 64) as u64, value: at_ms, row, qty }
+    }
+
+    fn adjustment(row: u32, adjustment: u128, delta: i64) -> Journaled {
+        Journaled { id_lo: adjustment as u64, id_hi: (adjustment >> 64) as u64, value: delta as u64, row, qty: 0 }
+    }
+
+    pub(crate) fn row(&self) -> u32 {
+        self.row
+    }
+
+    /// The entry as the wire carries it, at `position`, with its row `stock`.
+    fn entry(&self, position: u64, stock: &Stock) -> JournalEntry {
+        let id = u128::from(self.id_lo) | u128::from(self.id_hi) << 64;
+        let change = if self.qty == 0 {
+            JournalChange::Adjustment { adjustment: id, delta: self.value as i64 }
+        } else {
+            JournalChange::Sale { hold: HoldId(id), qty: self.qty, at_ms: self.value }
+        };
+        JournalEntry { position, sku: stock.sku, location: stock.location, change }
+    }
+}
+
 /// One shard's stock and holds. See the crate documentation for how to drive it.
 pub struct Shard {
     pub(crate) config: ShardConfig,
@@ -265,7 +307,7 @@ pub struct Shard {
     pub(crate) next_txn: u64,
     adjustments: FixedMap<u128, Adjustment>,
     adjustment_order: VecDeque<u128>,
-    journal: VecDeque<JournalEntry>,
+    journal: VecDeque<Journaled>,
     journal_next: u64,
     wal_out: Vec<u8>,
     wal_head: u64,
@@ -1293,7 +1335,9 @@ impl Shard {
         }
         let count = (self.journal_next - from).min(u64::from(max_entries.min(self.config.journal_read_max)));
         let start = (from - first) as usize;
-        let entries: Vec<JournalEntry> = self.journal.range(start..start + count as usize).copied().collect();
+        let entries: Vec<JournalEntry> = (self.journal.range(start..start + count as usize).zip(from..))
+            .map(|(journaled, position)| journaled.entry(position, &self.stock[journaled.row as usize]))
+            .collect();
         // Entries leave only once durable, like any answer about state changes.
         self.reply_after_log(
             origin.client,
@@ -1322,7 +1366,7 @@ impl Shard {
                     let oldest = self.adjustment_order.pop_front().expect("not empty");
                     self.adjustments.remove(&oldest);
                 }
-                self.journal_push(sku, location, JournalChange::Adjustment { adjustment, delta });
+                self.journal_push(Journaled::adjustment(slot, adjustment, delta));
                 Ok(())
             }
             WalRecord::Held { hold, expires_at_ms, fingerprint, prepared_for, lines } => {
@@ -1346,8 +1390,7 @@ impl Shard {
                     stock.held -= i64::from(qty);
                     if mask & (1 << index) != 0 {
                         stock.on_hand -= i64::from(qty);
-                        let (sku, location) = (stock.sku, stock.location);
-                        self.journal_push(sku, location, JournalChange::Sale { hold: HoldId(hold), qty, at_ms });
+                        self.journal_push(Journaled::sale(row, hold, qty, at_ms));
                     }
                     (cursor, index) = (next, index + 1);
                 }
@@ -1633,8 +1676,8 @@ impl Shard {
         self.hold_free.push(slot);
     }
 
-    fn journal_push(&mut self, sku: u64, location: u32, change: JournalChange) {
-        self.journal.push_back(JournalEntry { position: self.journal_next, sku, location, change });
+    fn journal_push(&mut self, entry: Journaled) {
+        self.journal.push_back(entry);
         self.journal_next += 1;
         if self.journal.len() > self.config.journal_entries_max as usize {
             self.journal.pop_front();
@@ -1643,8 +1686,8 @@ impl Shard {
 
     // ---------------------------------------------------------------- inspection
 
-    /// A digest of the whole durable state (stock, holds, carts, retained ids, journal
-    /// position), independent of slot layout: equal states give equal hashes.
+    /// A digest of the whole durable state (stock, holds, carts, retained ids, the
+    /// journal), independent of slot layout: equal states give equal hashes.
     pub fn state_hash(&self) -> u64 {
         let mut sum = 0u64;
         let mut add = |parts: &[u64]| {
@@ -1700,6 +1743,20 @@ impl Shard {
             ]);
         }
         add(&[5, self.journal_next, self.next_txn, u64::from(self.live_holds)]);
+        let first = self.journal_next - self.journal.len() as u64;
+        for (entry, position) in self.journal.iter().zip(first..) {
+            let row = &self.stock[entry.row as usize];
+            add(&[
+                6,
+                position,
+                row.sku,
+                u64::from(row.location),
+                entry.id_lo,
+                entry.id_hi,
+                entry.value,
+                u64::from(entry.qty),
+            ]);
+        }
         sum
     }
 

@@ -15,10 +15,9 @@
 use std::collections::VecDeque;
 
 use rkyv::rancor;
-use stockplane_wire::JournalEntry;
 use thiserror::Error;
 
-use super::{Adjustment, ExtraLine, Hold, Participation, Phase, Shard, Stock, NONE};
+use super::{Adjustment, ExtraLine, Hold, Journaled, Participation, Phase, Shard, Stock, NONE};
 use crate::cart::Cart;
 use crate::config::{ConfigError, ShardConfig};
 use crate::wheel::Wheel;
@@ -27,7 +26,7 @@ use crate::Tick;
 /// The first 8 bytes of every snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SPSNAP\r\n";
 /// The snapshot format this engine writes and reads.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 /// Bytes before the payload (a multiple of rkyv's largest alignment, 16).
 pub const SNAPSHOT_HEADER_BYTES: usize = 64;
 
@@ -156,7 +155,7 @@ struct Image {
     next_txn: u64,
     adjustments: Vec<(u128, Adjustment)>,
     adjustment_order: Vec<u128>,
-    journal: Vec<JournalEntry>,
+    journal: Vec<Journaled>,
     journal_next: u64,
     wal_head: u64,
 }
@@ -344,6 +343,11 @@ fn check_image(config: &ShardConfig, image: &Image) -> Result<(), SnapshotError>
         || image.finished.len() > config.holds_finished_max as usize
     {
         return fail("more journal entries, adjustments or finished holds than their bounds");
+    }
+    if image.journal.iter().any(|entry| entry.row() as usize >= rows)
+        || image.journal_next <= image.journal.len() as u64
+    {
+        return fail("a journal entry's row is outside the stock slab, or the journal's positions start below 1");
     }
     for (slot, row) in image.stock.iter().enumerate() {
         if row.next_location != NONE && (row.next_location as usize <= slot || row.next_location as usize >= rows) {
