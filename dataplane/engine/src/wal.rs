@@ -353,6 +353,9 @@ impl Checksum for Sse42Crc {
 struct Writer<'b, C> {
     out: &'b mut Vec<u8>,
     crc: C,
+    /// Where the record starts in `out`, and where it ends as its header declares.
+    start: usize,
+    end: usize,
 }
 
 impl<'b, C: Checksum> Writer<'b, C> {
@@ -364,10 +367,20 @@ impl<'b, C: Checksum> Writer<'b, C> {
         assert!(len <= usize::from(u16::MAX), "record of {len} bytes");
         let head = u32::from_le_bytes([len as u8, (len >> 8) as u8, kind, flags]);
         out.reserve(len);
+        let start = out.len();
         out.extend_from_slice(&u64::from(head).to_le_bytes());
-        let mut w = Writer { out, crc: C::new(head) };
+        let mut w = Writer { out, crc: C::new(head), start, end: start + len };
         w.word(position);
         w
+    }
+
+    /// Ends the record: fills in its checksum; returns its length.
+    #[inline(always)]
+    fn finish(self) -> usize {
+        debug_assert_eq!(self.out.len(), self.end, "a record's words disagree with the length its header declares");
+        let crc = self.crc.finish();
+        self.out[self.start + 4..self.start + 8].copy_from_slice(&crc.to_le_bytes());
+        self.end - self.start
     }
 
     #[inline(always)]
@@ -428,9 +441,8 @@ impl WalRecord<'_> {
 
     #[inline(always)]
     fn encode_with<C: Checksum>(&self, position: u64, out: &mut Vec<u8>) -> usize {
-        let start = out.len();
-        // Each kind starts its record with its header (so one match decides everything),
-        // then writes its payload.
+        // Each kind starts its record with its header, declaring its payload's bytes (so
+        // one match decides everything), then writes the payload.
         let lines_bytes = |lines: &Lines<'_>| lines.len() * LINE_BYTES;
         let w = match *self {
             WalRecord::SkuUpserted { sku, location, backorder_limit } => {
@@ -519,33 +531,7 @@ impl WalRecord<'_> {
                 w
             }
         };
-        let crc = w.crc.finish();
-        let len = w.out.len() - start;
-        debug_assert_eq!(len, self.encoded_len(), "encoded_len disagrees with encode");
-        w.out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        len
-    }
-
-    /// The bytes this record takes, header and padding included.
-    pub fn encoded_len(&self) -> usize {
-        let payload = match *self {
-            WalRecord::SkuUpserted { .. } => 16,
-            WalRecord::Adjusted { .. } => 40,
-            WalRecord::Held { prepared_for, ref lines, .. } => {
-                32 + if prepared_for.is_some() { 16 } else { 0 } + lines.len() * LINE_BYTES
-            }
-            WalRecord::Kept { .. }
-            | WalRecord::Released { .. }
-            | WalRecord::Expired { .. }
-            | WalRecord::Unpinned { .. }
-            | WalRecord::CartForgotten { .. } => 16,
-            WalRecord::Extended { .. } | WalRecord::Pinned { .. } => 24,
-            WalRecord::Committed { .. } => 32,
-            WalRecord::CartOpened { ref lines, .. } => 40 + lines.len() * LINE_BYTES,
-            WalRecord::CartStarted { .. } => 32,
-            WalRecord::CartDecided { .. } => 26,
-        };
-        (HEADER_BYTES + payload).next_multiple_of(8)
+        w.finish()
     }
 }
 
