@@ -102,16 +102,24 @@ impl SkuIndex {
     /// The slot of `sku`, if it is indexed.
     #[inline]
     pub(crate) fn find(&self, sku: u64) -> Option<u32> {
+        self.probe(sku).0
+    }
+
+    /// The slot of `sku`, if indexed, and the buckets the lookup read.
+    #[inline]
+    fn probe(&self, sku: u64) -> (Option<u32>, usize) {
         let mut bucket = self.bucket(sku);
+        let mut probes = 1;
         loop {
             let entry = &self.entries[bucket];
             if entry.slot == EMPTY {
-                return None;
+                return (None, probes);
             }
             if entry.sku == sku {
-                return Some(entry.slot);
+                return (Some(entry.slot), probes);
             }
             bucket = next_bucket(bucket, self.entries.len());
+            probes += 1;
         }
     }
 
@@ -133,18 +141,6 @@ impl SkuIndex {
     /// Number of indexed SKUs.
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Buckets a lookup of `sku` reads.
-    #[cfg(test)]
-    fn probes(&self, sku: u64) -> usize {
-        let mut bucket = self.bucket(sku);
-        let mut probes = 1;
-        while self.entries[bucket].slot != EMPTY && self.entries[bucket].sku != sku {
-            bucket = next_bucket(bucket, self.entries.len());
-            probes += 1;
-        }
-        probes
     }
 }
 
@@ -314,7 +310,7 @@ mod tests {
             for i in 0..count {
                 assert!(index.insert(sku(i), i as u32));
             }
-            let probes: usize = (0..count).map(|i| index.probes(sku(i))).sum();
+            let probes: usize = (0..count).map(|i| index.probe(sku(i)).1).sum();
             let mean = probes as f64 / count as f64;
             assert!(mean < 3.0, "{name}: {mean:.2} probes per lookup");
             assert_eq!(index.find(sku(count / 2)), Some((count / 2) as u32));
