@@ -234,7 +234,7 @@ struct Adjustment {
 /// position is its place in the journal. Each commit writes one, so its size is most of
 /// the journal's traffic through the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub(crate) struct Journaled {
+struct Journaled {
     /// The hold of a sale, or the id of an adjustment (low and high halves).
     id_lo: u64,
     id_hi: u64,
@@ -253,10 +253,6 @@ impl Journaled {
 
     fn adjustment(row: u32, adjustment: u128, delta: i64) -> Journaled {
         Journaled { id_lo: adjustment as u64, id_hi: (adjustment >> 64) as u64, value: delta as u64, row, qty: 0 }
-    }
-
-    pub(crate) fn row(&self) -> u32 {
-        self.row
     }
 
     /// The entry as the wire carries it, at `position`, with its row `stock`.
@@ -1328,7 +1324,7 @@ impl Shard {
     }
 
     fn read_journal(&mut self, origin: Origin, id: u64, from: u64, max_entries: u32) {
-        let first = self.journal_next - self.journal.len() as u64;
+        let first = self.journal_first();
         if from < first || from > self.journal_next || max_entries == 0 {
             let status = if from < first { Status::JournalTruncated } else { Status::InvalidArgument };
             return self.reply_now(origin, id, status, Body::Empty);
@@ -1676,6 +1672,11 @@ impl Shard {
         self.hold_free.push(slot);
     }
 
+    /// The position of the oldest journal entry kept (`journal_next` when none is).
+    fn journal_first(&self) -> u64 {
+        self.journal_next - self.journal.len() as u64
+    }
+
     fn journal_push(&mut self, entry: Journaled) {
         self.journal.push_back(entry);
         self.journal_next += 1;
@@ -1743,7 +1744,7 @@ impl Shard {
             ]);
         }
         add(&[5, self.journal_next, self.next_txn, u64::from(self.live_holds)]);
-        let first = self.journal_next - self.journal.len() as u64;
+        let first = self.journal_first();
         for (entry, position) in self.journal.iter().zip(first..) {
             let row = &self.stock[entry.row as usize];
             add(&[

@@ -344,8 +344,7 @@ fn check_image(config: &ShardConfig, image: &Image) -> Result<(), SnapshotError>
     {
         return fail("more journal entries, adjustments or finished holds than their bounds");
     }
-    if image.journal.iter().any(|entry| entry.row() as usize >= rows)
-        || image.journal_next <= image.journal.len() as u64
+    if image.journal.iter().any(|entry| entry.row as usize >= rows) || image.journal_next <= image.journal.len() as u64
     {
         return fail("a journal entry's row is outside the stock slab, or the journal's positions start below 1");
     }
