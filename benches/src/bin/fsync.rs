@@ -9,7 +9,7 @@
 //! The durability issue asks for the p99 of a durable request to stay within the disk's
 //! own p99 plus 500 µs; this prints the disk's figures for the same run.
 //!
-//! `cargo run --release -p stockplane-benches --bin fsync -- --dir target --syncs 2000`
+//! `cargo run --release -p stockplane-benches --bin fsync -- --dir target --syncs 2000 [--write-bytes 4096]`
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,10 @@ struct Args {
     /// Write+sync rounds per file.
     #[arg(long, default_value_t = 2_000)]
     syncs: usize,
+    /// Bytes written before each `fdatasync` (a multiple of 4096): the WAL writes what
+    /// arrived during the previous round, a few KiB at low load, ~100 KiB at saturation.
+    #[arg(long, default_value_t = BLOCK)]
+    write_bytes: usize,
 }
 
 const BLOCK: usize = 4096;
@@ -38,21 +42,25 @@ fn main() -> anyhow::Result<()> {
         stockplane_loadgen::machine::report_header("stockplane fdatasync latency (benches/src/bin/fsync.rs)")
     );
     println!(
-        "parameters: {} rounds of one {BLOCK}-byte O_DIRECT write + fdatasync per file, in {}",
+        "parameters: {} rounds of one {}-byte O_DIRECT write + fdatasync per file, in {}",
         args.syncs,
+        args.write_bytes,
         args.dir.display()
     );
-    let (dir, syncs) = (args.dir.clone(), args.syncs);
+    if args.write_bytes == 0 || !args.write_bytes.is_multiple_of(BLOCK) {
+        anyhow::bail!("--write-bytes must be a positive multiple of {BLOCK}, not {}", args.write_bytes);
+    }
+    let (dir, syncs, write_bytes) = (args.dir.clone(), args.syncs, args.write_bytes);
     let result = LocalExecutorBuilder::new(Placement::Unbound)
         .io_memory(512 << 10)
-        .spawn(move || async move { measure(&dir, syncs).await })
+        .spawn(move || async move { measure(&dir, syncs, write_bytes).await })
         .map_err(|e| anyhow::anyhow!("start an executor: {e}"))?
         .join()
         .map_err(|e| anyhow::anyhow!("the executor failed: {e:?}"))?;
     result
 }
 
-async fn measure(dir: &std::path::Path, syncs: usize) -> anyhow::Result<()> {
+async fn measure(dir: &std::path::Path, syncs: usize, write_bytes: usize) -> anyhow::Result<()> {
     for (name, preallocate) in [("overwrite (zero-filled, synced file)", true), ("append (growing file)", false)] {
         let path = dir.join(format!("fsync-bench-{}.tmp", std::process::id()));
         let file = OpenOptions::new()
@@ -65,7 +73,7 @@ async fn measure(dir: &std::path::Path, syncs: usize) -> anyhow::Result<()> {
             .map_err(std::io::Error::from)
             .with_context(|| format!("create {}", path.display()))?;
         if preallocate {
-            let bytes = syncs * BLOCK;
+            let bytes = syncs * write_bytes;
             let mut at = 0;
             while at < bytes {
                 let n = (bytes - at).min(1 << 20);
@@ -78,10 +86,10 @@ async fn measure(dir: &std::path::Path, syncs: usize) -> anyhow::Result<()> {
         }
         let mut samples: Vec<Duration> = Vec::with_capacity(syncs);
         for round in 0..syncs {
-            let mut buffer = file.alloc_dma_buffer(BLOCK);
+            let mut buffer = file.alloc_dma_buffer(write_bytes);
             buffer.as_bytes_mut().fill(round as u8 | 1);
             let started = Instant::now();
-            file.write_at(buffer, (round * BLOCK) as u64).await.map_err(std::io::Error::from)?;
+            file.write_at(buffer, (round * write_bytes) as u64).await.map_err(std::io::Error::from)?;
             file.fdatasync().await.map_err(std::io::Error::from)?;
             samples.push(started.elapsed());
         }
