@@ -29,11 +29,19 @@ struct Args {
     syncs: usize,
     /// Bytes written before each `fdatasync` (a multiple of 4096): the WAL writes what
     /// arrived during the previous round, a few KiB at low load, ~100 KiB at saturation.
-    #[arg(long, default_value_t = BLOCK)]
+    #[arg(long, default_value_t = BLOCK, value_parser = whole_blocks)]
     write_bytes: usize,
 }
 
 const BLOCK: usize = 4096;
+
+/// `--write-bytes`: O_DIRECT writes whole blocks.
+fn whole_blocks(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(bytes) if bytes > 0 && bytes.is_multiple_of(BLOCK) => Ok(bytes),
+        _ => Err(format!("must be a positive multiple of {BLOCK}")),
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -47,9 +55,6 @@ fn main() -> anyhow::Result<()> {
         args.write_bytes,
         args.dir.display()
     );
-    if args.write_bytes == 0 || !args.write_bytes.is_multiple_of(BLOCK) {
-        anyhow::bail!("--write-bytes must be a positive multiple of {BLOCK}, not {}", args.write_bytes);
-    }
     let (dir, syncs, write_bytes) = (args.dir.clone(), args.syncs, args.write_bytes);
     let result = LocalExecutorBuilder::new(Placement::Unbound)
         .io_memory(512 << 10)
