@@ -26,6 +26,7 @@ REPORT_DIR := perf-reports
 SERVER_CPU ?= 0
 DRIVER_CPU ?= 1
 E2E_SECONDS ?= 10
+JITTER_SECONDS ?= 10
 E2E_WARMUP ?= 2
 E2E_SKUS ?= 100000
 MESH_SECONDS ?= 2
@@ -120,17 +121,21 @@ bench: check-toolchain
 
 # benches/e2e.sh starts the server, runs the driver three times and stops the server
 # (also on failure); each run prints its own header (date, machine, commit, command).
-# One report: the disk's own fdatasync latency, then the server without its disk
-# (--durability none), then with every reply after its fdatasync (--durability sync).
+# One report: the CPU jitter of both CPUs (a floor on any server's tail latency there),
+# the disk's own fdatasync latency, then the server without its disk (--durability none),
+# then with every reply after its fdatasync (--durability sync).
 bench-e2e: check-toolchain
 	$(CARGO) build --release -p stockplane-dataplane -p stockplane-loadgen --bins
-	$(CARGO) build --release -p stockplane-benches --bin fsync
+	$(CARGO) build --release -p stockplane-benches --bin fsync --bin jitter
 	@test -f target/certs/ca.pem || $(BIN_DIR)/dataplane certs --dir target/certs
 	@mkdir -p $(REPORT_DIR)
 	@set -o pipefail; report=$(REPORT_DIR)/e2e-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
 	export STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
 	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS); \
-	{ echo "=== the disk: fdatasync latency (the WAL's own write pattern)"; \
+	{ echo "=== the CPUs: time taken from a pinned thread (server CPU, then driver CPU)"; \
+	  taskset -c $(SERVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
+	  taskset -c $(DRIVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
+	  echo "=== the disk: fdatasync latency (the WAL's own write pattern)" && \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target && echo && \
 	  echo "=== durability none: the server without its disk" && \
 	  DURABILITY=none benches/e2e.sh $(BIN_DIR) && echo && \
