@@ -4,12 +4,14 @@
 //! - a file already written full of zeros and synced (an *overwrite*: what the WAL does,
 //!   its segments being zero-filled ahead of use), and
 //! - a file that grows with every write (an *append*: what a log without preallocation
-//!   would do, each sync also committing the file's new size and blocks).
+//!   would do, each sync also committing the file's new size and blocks), and
+//! - the zero-filled file opened with `O_DSYNC`, each write durable when it completes,
+//!   with no `fdatasync` after it (one operation a round instead of two).
 //!
 //! The durability issue asks for the p99 of a durable request to stay within the disk's
 //! own p99 plus 500 µs; this prints the disk's figures for the same run.
 //!
-//! `cargo run --release -p stockplane-benches --bin fsync -- --dir target --syncs 2000 [--write-bytes 4096]`
+//! `cargo run --release -p stockplane-benches --bin fsync -- --dir target --syncs 2000 [--write-bytes 4096] [--gap-us 0]`
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,10 @@ struct Args {
     /// arrived during the previous round, a few KiB at low load, ~100 KiB at saturation.
     #[arg(long, default_value_t = BLOCK, value_parser = whole_blocks)]
     write_bytes: usize,
+    /// Microseconds to wait between rounds (0: back to back): at low load the WAL writes
+    /// one round per arrival, far apart.
+    #[arg(long, default_value_t = 0)]
+    gap_us: u64,
 }
 
 const BLOCK: usize = 4096;
@@ -50,29 +56,37 @@ fn main() -> anyhow::Result<()> {
         stockplane_loadgen::machine::report_header("stockplane fdatasync latency (benches/src/bin/fsync.rs)")
     );
     println!(
-        "parameters: {} rounds of one {}-byte O_DIRECT write + fdatasync per file, in {}",
+        "parameters: {} rounds of one {}-byte O_DIRECT write (+ fdatasync) per file, {} us apart, in {}",
         args.syncs,
         args.write_bytes,
+        args.gap_us,
         args.dir.display()
     );
     let (dir, syncs, write_bytes) = (args.dir.clone(), args.syncs, args.write_bytes);
+    let gap = Duration::from_micros(args.gap_us);
     let result = LocalExecutorBuilder::new(Placement::Unbound)
         .io_memory(512 << 10)
-        .spawn(move || async move { measure(&dir, syncs, write_bytes).await })
+        .spawn(move || async move { measure(&dir, syncs, write_bytes, gap).await })
         .map_err(|e| anyhow::anyhow!("start an executor: {e}"))?
         .join()
         .map_err(|e| anyhow::anyhow!("the executor failed: {e:?}"))?;
     result
 }
 
-async fn measure(dir: &std::path::Path, syncs: usize, write_bytes: usize) -> anyhow::Result<()> {
-    for (name, preallocate) in [("overwrite (zero-filled, synced file)", true), ("append (growing file)", false)] {
+async fn measure(dir: &std::path::Path, syncs: usize, write_bytes: usize, gap: Duration) -> anyhow::Result<()> {
+    let cases = [
+        ("overwrite (zero-filled, synced file): write+fdatasync", true, false),
+        ("append (growing file): write+fdatasync", false, false),
+        ("overwrite, O_DSYNC (the write is the sync): write", true, true),
+    ];
+    for (name, preallocate, dsync) in cases {
         let path = dir.join(format!("fsync-bench-{}.tmp", std::process::id()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
             .dma_open(&path)
             .await
             .map_err(std::io::Error::from)
@@ -95,15 +109,20 @@ async fn measure(dir: &std::path::Path, syncs: usize, write_bytes: usize) -> any
             buffer.as_bytes_mut().fill(round as u8 | 1);
             let started = Instant::now();
             file.write_at(buffer, (round * write_bytes) as u64).await.map_err(std::io::Error::from)?;
-            file.fdatasync().await.map_err(std::io::Error::from)?;
+            if !dsync {
+                file.fdatasync().await.map_err(std::io::Error::from)?;
+            }
             samples.push(started.elapsed());
+            if !gap.is_zero() {
+                glommio::timer::sleep(gap).await;
+            }
         }
         file.close().await.map_err(std::io::Error::from)?;
         std::fs::remove_file(&path)?;
         samples.sort();
         let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
         println!(
-            "{name}: write+fdatasync us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+            "{name} us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
             at(0.50),
             at(0.90),
             at(0.99),
