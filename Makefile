@@ -22,9 +22,12 @@ FUZZ_SECONDS ?= 60
 # Benchmarks run pinned to one core; the other core is left for the OS and the build.
 BENCH_CORE ?= 1
 REPORT_DIR := perf-reports
-# The end-to-end benchmark: the data plane on SERVER_CPU, the driver on DRIVER_CPU.
-SERVER_CPU ?= 0
-DRIVER_CPU ?= 1
+# The end-to-end benchmark: the data plane on SERVER_CPU, the driver on DRIVER_CPU. By
+# default the data plane goes on the CPU that takes the interrupts of the disk under this
+# directory and the driver on another (benches/cpus.sh says why); set both to override.
+CPU_CHOICE := $(shell benches/cpus.sh . 2>/dev/null || echo "0 1 (defaults)")
+SERVER_CPU ?= $(word 1,$(CPU_CHOICE))
+DRIVER_CPU ?= $(word 2,$(CPU_CHOICE))
 E2E_SECONDS ?= 10
 JITTER_SECONDS ?= 10
 E2E_WARMUP ?= 2
@@ -132,7 +135,8 @@ bench-e2e: check-toolchain
 	@set -o pipefail; report=$(REPORT_DIR)/e2e-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
 	export STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
 	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS); \
-	{ echo "=== the CPUs: time taken from a pinned thread (server CPU, then driver CPU)"; \
+	{ echo "=== the CPUs: server on $(SERVER_CPU), driver on $(DRIVER_CPU); benches/cpus.sh: $(CPU_CHOICE)"; \
+	  echo "time taken from a pinned thread (server CPU, then driver CPU)"; \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
 	  taskset -c $(DRIVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
 	  echo "=== the disk: fdatasync latency (the WAL's own write pattern)" && \

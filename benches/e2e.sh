@@ -10,7 +10,7 @@
 # Makefile tees it into perf-reports/.
 #
 # Usage: benches/e2e.sh BIN_DIR   (the directory of the release `dataplane` and
-# `stockplane-e2e` binaries). Environment: SERVER_CPU (0), DRIVER_CPU (1),
+# `stockplane-e2e` binaries). Environment: SERVER_CPU, DRIVER_CPU (benches/cpus.sh's choice),
 # E2E_SECONDS (10), E2E_WARMUP (2), E2E_SKUS (100000), CERTS (target/certs),
 # E2E_CONFIG (benches/e2e.toml), DURABILITY (none: the server without its disk; sync:
 # every reply after the fdatasync that covers it). The log goes to a fresh directory,
@@ -18,8 +18,10 @@
 set -euo pipefail
 
 bin=${1:?usage: benches/e2e.sh BIN_DIR}
-server_cpu=${SERVER_CPU:-0}
-driver_cpu=${DRIVER_CPU:-1}
+# Defaults: the data plane on the CPU that takes the disk's interrupts (benches/cpus.sh).
+read -r default_server default_driver _ < <("$(dirname "$0")/cpus.sh" .)
+server_cpu=${SERVER_CPU:-$default_server}
+driver_cpu=${DRIVER_CPU:-$default_driver}
 seconds=${E2E_SECONDS:-10}
 warmup=${E2E_WARMUP:-2}
 skus=${E2E_SKUS:-100000}

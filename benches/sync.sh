@@ -17,8 +17,10 @@
 set -euo pipefail
 
 bin=${1:?usage: benches/sync.sh BIN_DIR}
-server_cpu=${SERVER_CPU:-0}
-driver_cpu=${DRIVER_CPU:-1}
+# Defaults: the data plane on the CPU that takes the disk's interrupts (benches/cpus.sh).
+read -r default_server default_driver _ < <("$(dirname "$0")/cpus.sh" .)
+server_cpu=${SERVER_CPU:-$default_server}
+driver_cpu=${DRIVER_CPU:-$default_driver}
 certs=${CERTS:-target/certs}
 lines=${SYNC_LINES:-2000000}
 skus=${SYNC_SKUS:-1000000}
