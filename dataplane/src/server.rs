@@ -30,6 +30,8 @@ use crate::wal::{self, Durability, WalStart, WalWriter};
 const TICK_MAX: Duration = Duration::from_millis(1);
 /// How often each core publishes its metrics.
 const METRICS_EVERY: Duration = Duration::from_secs(1);
+/// A WAL round at least this long is logged (the disk stalled, or the core did).
+const WAL_ROUND_SLOW: Duration = Duration::from_millis(20);
 
 /// A running data plane.
 pub struct Server {
@@ -500,7 +502,16 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                     open_sequence = writer.sequence();
                                     let _ = snapshot_wake.try_send(open_sequence);
                                 }
-                                sync_seconds.record(started.elapsed().as_secs_f64());
+                                let took = started.elapsed();
+                                sync_seconds.record(took.as_secs_f64());
+                                if took >= WAL_ROUND_SLOW {
+                                    warn!(
+                                        shard,
+                                        ms = took.as_secs_f64() * 1e3,
+                                        bytes = bytes.len(),
+                                        "a WAL round (write and fdatasync) was slow; replies waited for it"
+                                    );
+                                }
                                 batch_bytes.record(bytes.len() as f64);
                                 let now = Instant::now();
                                 let out = {
