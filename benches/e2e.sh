@@ -82,4 +82,11 @@ echo
 # not yet understood), so the rate phase spreads its load thinner than the 4 above.
 "${driver[@]}" --skip-setup --mode half --batch 128 --connections 16 --frames-in-flight 4 --quic-stats || status=1
 echo
+if [ "$durability" != none ]; then
+  # The log's own view of the three runs: how long its write+fdatasync rounds took
+  # (cumulative counts by upper bound, in seconds) and how many bytes each wrote.
+  echo "server WAL rounds over the three runs (from its /metrics):"
+  curl -sf "http://$admin/metrics" | grep -E '^stockplane_wal_(sync_seconds|batch_bytes)' | sed 's/^/  /' || true
+  echo
+fi
 exit "$status"
