@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The end-to-end benchmark (`make bench-e2e`): a one-core data plane pinned to one CPU,
-# the stockplane-e2e driver pinned to another, three runs against the same server:
+# The end-to-end benchmark (`make bench-e2e`): a one-core data plane whose shard pins
+# itself to one CPU (`--cpu-first`; its background snapshot thread runs at SCHED_IDLE on
+# any CPU, as in production), the stockplane-e2e driver pinned to another, three runs
+# against the same server:
 #   1. saturate, 128 requests per frame (batched);
 #   2. saturate, one request per frame, 64 frames in flight per connection;
 #   3. half: saturate again (16 connections), then the open loop at half the rate it
@@ -31,7 +33,7 @@ durability=${DURABILITY:-none}
 log=$(mktemp -t stockplane-e2e-server.XXXXXX.log)
 data=$(mktemp -d -p "${E2E_DATA_PARENT:-target}" e2e-data.XXXXXX)
 
-server=(taskset -c "$server_cpu" "$bin/dataplane" serve --config "$config" --cores 1 --cpu-first "$server_cpu"
+server=("$bin/dataplane" serve --config "$config" --cores 1 --cpu-first "$server_cpu"
   --certs "$certs" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --durability "$durability" --data-dir "$data")
 echo "server command: ${server[*]}"
 echo "server config ($config, over dataplane/dataplane.toml's defaults):"
