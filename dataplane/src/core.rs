@@ -166,7 +166,9 @@ pub(crate) struct Core {
     wal: Vec<u8>,
     wal_queue: WalQueue,
     /// The writer holds records taken from the queue and not yet durable.
-    wal_writing: bool,
+    /// Batches taken by the WAL writer and not yet durable (two while one syncs and the
+    /// next is written).
+    wal_batches_unsynced: u32,
     wal_wake: glommio::channels::local_channel::LocalSender<()>,
     durability: Durability,
     stopping: bool,
@@ -220,7 +222,7 @@ impl Core {
             forward: (0..shards).map(|_| Vec::new()).collect(),
             wal: Vec::with_capacity(1 << 20),
             wal_queue: WalQueue { head: 0, ..WalQueue::default() },
-            wal_writing: false,
+            wal_batches_unsynced: 0,
             wal_wake,
             durability: config.durability()?,
             stopping: false,
@@ -242,13 +244,13 @@ impl Core {
         let mut spare = spare;
         spare.clear();
         let bytes = mem::replace(&mut self.wal_queue.pending, spare);
-        self.wal_writing = true;
+        self.wal_batches_unsynced += 1;
         Some((bytes, self.wal_queue.head))
     }
 
     /// True when every record the engine emitted is on disk (or the disk failed).
     pub fn wal_idle(&self) -> bool {
-        self.wal_queue.failed.is_some() || (self.wal_queue.pending.is_empty() && !self.wal_writing)
+        self.wal_queue.failed.is_some() || (self.wal_queue.pending.is_empty() && self.wal_batches_unsynced == 0)
     }
 
     /// The shard's state hash (equal to that of a shard rebuilt from its durable log once
@@ -259,7 +261,7 @@ impl Core {
 
     /// The WAL writer made every record up to `position` durable.
     pub fn on_durable(&mut self, position: u64) {
-        self.wal_writing = false;
+        self.wal_batches_unsynced = self.wal_batches_unsynced.saturating_sub(1);
         self.metrics.wal_syncs += 1;
         if let Durability::Sync = self.durability {
             self.shard.handle_durable(position);
@@ -269,7 +271,7 @@ impl Core {
     /// The WAL writer failed: nothing more is written or acknowledged; state changes are
     /// answered `Unavailable` from now on, reads still served.
     pub fn on_wal_failed(&mut self, reason: String) {
-        self.wal_writing = false;
+        self.wal_batches_unsynced = 0;
         self.wal_queue.pending.clear();
         self.wal_queue.failed = Some(reason);
     }

@@ -10,9 +10,10 @@
 //!
 //! Group commit: the core appends what the engine emits to `WalQueue`; the writer task
 //! takes everything queued, writes it in one `write_at` (rewriting the partly filled last
-//! block with its new tail), calls `fdatasync`, and tells the core which position is now
-//! durable. Whatever arrived during that write and sync goes in the next round: no timer
-//! adds latency at low load, and one sync covers many records at high load.
+//! block with its new tail), then `fdatasync`s it, and tells the core which position is
+//! now durable. The next batch is written while that sync runs (`write_unsynced`, then
+//! `sync` of `file`; see the writer task in `server.rs`): no timer adds latency at low
+//! load, and one sync covers many records at high load.
 //!
 //! Recovery reads every segment in order (plain reads, before the core serves), cuts a
 //! torn tail of the last segment (zeroing it on disk, so that it cannot resurface), and
@@ -616,7 +617,38 @@ impl WalWriter {
         Ok(())
     }
 
+    /// True when `bytes` (whole records) fit in the open segment after what is there:
+    /// then `write_unsynced` takes them in one write, with no rotation.
+    pub fn fits(&self, bytes: &[u8]) -> bool {
+        let end = self.tail_offset + self.tail.len() as u64;
+        end + bytes.len() as u64 <= self.segment_bytes
+    }
+
+    /// Writes `bytes` (whole records that `fits`) after what is on disk, without syncing:
+    /// they are durable once a `sync` that starts after this returns has completed. The
+    /// write rewrites the block that holds the end of the earlier records with the same
+    /// bytes there, so whichever version of that block a crash leaves, the earlier records
+    /// are whole (the new ones may be torn, and recovery cuts them).
+    pub async fn write_unsynced(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        debug_assert!(self.fits(bytes));
+        if self.tail_offset + self.tail.len() as u64 > self.segment_bytes / 2 {
+            self.prepare_next();
+        }
+        self.write_at_tail(bytes).await
+    }
+
+    /// The open segment, for an `fdatasync` that runs while the next write goes out.
+    pub fn file(&self) -> Rc<DmaFile> {
+        self.file.clone()
+    }
+
     async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.write_at_tail(bytes).await?;
+        self.file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
+        Ok(())
+    }
+
+    async fn write_at_tail(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let data = self.tail.len() + bytes.len();
         let size = (data as u64).div_ceil(BLOCK) * BLOCK;
         let mut buffer = self.file.alloc_dma_buffer(size as usize);
@@ -628,7 +660,6 @@ impl WalWriter {
         if written as u64 != size {
             bail!("short WAL write: {written} of {size} bytes");
         }
-        self.file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
         let end = self.tail_offset + data as u64;
         let new_tail_offset = end / BLOCK * BLOCK;
         let keep = (end - new_tail_offset) as usize;
@@ -669,6 +700,13 @@ impl WalWriter {
         info!(segment = self.sequence, waited_us = waited.as_micros() as u64, "WAL segment started");
         Ok(())
     }
+}
+
+/// Syncs `file` (a segment from `WalWriter::file`): every write to it that completed
+/// before this started is durable when it returns.
+pub(crate) async fn sync(file: Rc<DmaFile>) -> anyhow::Result<()> {
+    file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
+    Ok(())
 }
 
 /// The segment after the current one.
