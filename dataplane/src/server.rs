@@ -329,6 +329,18 @@ struct Batch {
     taken: Instant,
 }
 
+/// A WAL batch and the fdatasync that makes it durable, running.
+type Syncing = (Batch, glommio::Task<anyhow::Result<()>>);
+
+/// Waits for the running sync, if there is one, and acknowledges its batch.
+async fn finish_sync(syncing: &mut Option<Syncing>, durable: &impl Fn(Batch)) -> anyhow::Result<()> {
+    if let Some((batch, sync)) = syncing.take() {
+        sync.await?;
+        durable(batch);
+    }
+    Ok(())
+}
+
 /// The CPUs the process may run on, as it started (before the executors pinned their
 /// threads): where background threads go.
 static PROCESS_CPUS: std::sync::OnceLock<libc::cpu_set_t> = std::sync::OnceLock::new();
@@ -571,7 +583,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                 let mut spare = Vec::new();
                 let mut open_sequence = writer.sequence();
                 // The batch whose fdatasync is running, and that sync.
-                let mut syncing: Option<(Batch, glommio::Task<anyhow::Result<()>>)> = None;
+                let mut syncing: Option<Syncing> = None;
                 loop {
                     if syncing.is_none() {
                         if wal_woken.recv().await.is_none() {
@@ -585,11 +597,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                     let step: anyhow::Result<()> = async {
                         let Some((bytes, position)) = taken else {
                             // Nothing new: wait for the running sync.
-                            if let Some((batch, sync)) = syncing.take() {
-                                sync.await?;
-                                durable(batch);
-                            }
-                            return Ok(());
+                            return finish_sync(&mut syncing, &durable).await;
                         };
                         let batch = Batch { position, bytes: bytes.len(), taken: Instant::now() };
                         if writer.fits(&bytes) {
@@ -625,10 +633,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         } else {
                             // The batch ends this segment: finish the running sync, then
                             // write and sync segment by segment.
-                            if let Some((previous, sync)) = syncing.take() {
-                                sync.await?;
-                                durable(previous);
-                            }
+                            finish_sync(&mut syncing, &durable).await?;
                             writer.append(&bytes).await?;
                             durable(batch);
                             if writer.sequence() != open_sequence {

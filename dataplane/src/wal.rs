@@ -601,27 +601,33 @@ impl WalWriter {
     pub async fn append(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let mut rest = bytes;
         while !rest.is_empty() {
-            let end = self.tail_offset + self.tail.len() as u64;
-            if end > self.segment_bytes / 2 {
-                self.prepare_next();
-            }
-            let room = (self.segment_bytes - end) as usize;
+            let room = (self.segment_bytes - self.end()) as usize;
             let fits = fitting_records(rest, room);
             if fits == 0 {
                 self.rotate().await?;
                 continue;
             }
-            self.write(&rest[..fits]).await?;
+            self.write_unsynced(&rest[..fits]).await?;
+            sync(self.file()).await?;
             rest = &rest[fits..];
         }
         Ok(())
     }
 
+    /// The offset just after the last record of the open segment.
+    fn end(&self) -> u64 {
+        self.tail_offset + self.tail.len() as u64
+    }
+
     /// True when `bytes` (whole records) fit in the open segment after what is there:
     /// then `write_unsynced` takes them in one write, with no rotation.
     pub fn fits(&self, bytes: &[u8]) -> bool {
-        let end = self.tail_offset + self.tail.len() as u64;
-        end + bytes.len() as u64 <= self.segment_bytes
+        self.end() + bytes.len() as u64 <= self.segment_bytes
+    }
+
+    /// The open segment, for an `fdatasync` that runs while the next write goes out.
+    pub fn file(&self) -> Rc<DmaFile> {
+        self.file.clone()
     }
 
     /// Writes `bytes` (whole records that `fits`) after what is on disk, without syncing:
@@ -631,24 +637,9 @@ impl WalWriter {
     /// are whole (the new ones may be torn, and recovery cuts them).
     pub async fn write_unsynced(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         debug_assert!(self.fits(bytes));
-        if self.tail_offset + self.tail.len() as u64 > self.segment_bytes / 2 {
+        if self.end() > self.segment_bytes / 2 {
             self.prepare_next();
         }
-        self.write_at_tail(bytes).await
-    }
-
-    /// The open segment, for an `fdatasync` that runs while the next write goes out.
-    pub fn file(&self) -> Rc<DmaFile> {
-        self.file.clone()
-    }
-
-    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        self.write_at_tail(bytes).await?;
-        self.file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
-        Ok(())
-    }
-
-    async fn write_at_tail(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let data = self.tail.len() + bytes.len();
         let size = (data as u64).div_ceil(BLOCK) * BLOCK;
         let mut buffer = self.file.alloc_dma_buffer(size as usize);
