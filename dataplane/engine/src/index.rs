@@ -20,15 +20,22 @@ const EMPTY: u32 = u32::MAX;
 /// Issues a prefetch of the cache line holding `value`; a hint with no effect on results.
 #[inline(always)]
 pub(crate) fn prefetch<T>(value: &T) {
+    prefetch_ptr(value as *const T);
+}
+
+/// Issues a prefetch of the cache line at `address`, which need not point to a value
+/// (nor be valid memory at all): a hint with no effect on results.
+#[inline(always)]
+pub(crate) fn prefetch_ptr<T>(address: *const T) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: prefetching is a hint; it never faults or reads memory semantically, and
-        // `value` is a valid reference anyway.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast::<i8>()) };
+        // SAFETY: prefetching is a hint; it never faults or reads memory semantically,
+        // whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast::<i8>()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
+    let _ = address;
 }
 
 /// Spreads a key over the buckets: one multiply by 2^64 / golden ratio (Fibonacci

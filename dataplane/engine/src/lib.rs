@@ -26,6 +26,7 @@ mod cart;
 mod config;
 mod index;
 mod peer;
+mod ring;
 mod route;
 mod shard;
 pub mod wal;

@@ -30,6 +30,7 @@ use crate::cart::Cart;
 use crate::config::{ConfigError, ShardConfig};
 use crate::index::{prefetch, HoldIndex, SkuIndex};
 use crate::peer::PeerMessage;
+use crate::ring::Ring;
 use crate::route::{home_for, mix64, shard_for, ShardId};
 use crate::wal::{self, Lines, WalDecodeError, WalLine, WalRecord, ANY_LOCATION};
 use crate::wheel::Wheel;
@@ -303,7 +304,7 @@ pub struct Shard {
     pub(crate) next_txn: u64,
     adjustments: FixedMap<u128, Adjustment>,
     adjustment_order: VecDeque<u128>,
-    journal: VecDeque<Journaled>,
+    journal: Ring<Journaled>,
     journal_next: u64,
     wal_out: Vec<u8>,
     wal_head: u64,
@@ -350,7 +351,7 @@ impl Shard {
             next_txn: 1,
             adjustments: fixed_map(0),
             adjustment_order: VecDeque::new(),
-            journal: VecDeque::with_capacity(config.journal_entries_max as usize + 1),
+            journal: Ring::new(config.journal_entries_max as usize),
             journal_next: 1,
             wal_out: Vec::new(),
             wal_head: 0,
@@ -550,9 +551,15 @@ impl Shard {
             for &slot in self.finished.iter().take(finishing) {
                 self.holds.prefetch_removal(self.hold_slab[slot as usize].id());
             }
-            for &slot in named.iter().filter(|&&slot| slot != NONE) {
+            // Each line a commit sells adds a journal entry, in a slot long out of the cache.
+            let mut sold = 0;
+            for (request, &slot) in chunk.iter().zip(&named).filter(|(_, &slot)| slot != NONE) {
                 self.prefetch_hold_row(slot);
+                if matches!(request.op, ArchivedOp::Commit { .. }) {
+                    sold += usize::from(self.hold_slab[slot as usize].lines);
+                }
             }
+            self.journal.prefetch_next(sold);
             for request in chunk {
                 self.handle_current(origin, request);
             }
@@ -1331,7 +1338,7 @@ impl Shard {
         }
         let count = (self.journal_next - from).min(u64::from(max_entries.min(self.config.journal_read_max)));
         let start = (from - first) as usize;
-        let entries: Vec<JournalEntry> = (self.journal.range(start..start + count as usize).zip(from..))
+        let entries: Vec<JournalEntry> = (self.journal.iter_from(start).take(count as usize).zip(from..))
             .map(|(journaled, position)| journaled.entry(position, &self.stock[journaled.row as usize]))
             .collect();
         // Entries leave only once durable, like any answer about state changes.
@@ -1678,11 +1685,8 @@ impl Shard {
     }
 
     fn journal_push(&mut self, entry: Journaled) {
-        self.journal.push_back(entry);
+        self.journal.push(entry);
         self.journal_next += 1;
-        if self.journal.len() > self.config.journal_entries_max as usize {
-            self.journal.pop_front();
-        }
     }
 
     // ---------------------------------------------------------------- inspection
