@@ -353,9 +353,12 @@ impl Checksum for Sse42Crc {
 struct Writer<'b, C> {
     out: &'b mut Vec<u8>,
     crc: C,
-    /// Where the record starts in `out`, and where it ends as its header declares.
+    /// Where the record starts in `out`, its length as its header declares, and how
+    /// many of its bytes are written. They go into `out`'s spare capacity; its length
+    /// covers them only once `finish` has checked that all were written.
     start: usize,
-    end: usize,
+    len: usize,
+    written: usize,
 }
 
 impl<'b, C: Checksum> Writer<'b, C> {
@@ -368,8 +371,8 @@ impl<'b, C: Checksum> Writer<'b, C> {
         let head = u32::from_le_bytes([len as u8, (len >> 8) as u8, kind, flags]);
         out.reserve(len);
         let start = out.len();
-        out.extend_from_slice(&u64::from(head).to_le_bytes());
-        let mut w = Writer { out, crc: C::new(head), start, end: start + len };
+        let mut w = Writer { out, crc: C::new(head), start, len, written: 0 };
+        w.put(u64::from(head));
         w.word(position);
         w
     }
@@ -377,18 +380,33 @@ impl<'b, C: Checksum> Writer<'b, C> {
     /// Ends the record: fills in its checksum; returns its length.
     #[inline(always)]
     fn finish(self) -> usize {
-        debug_assert_eq!(self.out.len(), self.end, "a record's words disagree with the length its header declares");
+        assert_eq!(self.written, self.len, "a record's words disagree with the length its header declares");
         let crc = self.crc.finish();
+        // SAFETY: `begin` reserved `len` bytes after `start`, and `put` wrote every one
+        // of them (it writes whole words, in order; the assertion above counted them).
+        unsafe { self.out.set_len(self.start + self.len) };
         self.out[self.start + 4..self.start + 8].copy_from_slice(&crc.to_le_bytes());
-        self.end - self.start
+        self.len
+    }
+
+    /// Writes the next word of the record without checksumming it.
+    #[inline(always)]
+    fn put(&mut self, word: u64) {
+        assert!(self.written + 8 <= self.len, "a record's words overrun the length its header declares");
+        // SAFETY: `begin` reserved `len` bytes after `start` (the length stays at `start`
+        // until `finish`), and the assertion keeps this word within them.
+        unsafe {
+            let at = self.out.as_mut_ptr().add(self.start + self.written);
+            at.cast::<u64>().write_unaligned(word.to_le());
+        }
+        self.written += 8;
     }
 
     #[inline(always)]
     fn word(&mut self, word: u64) {
-        self.out.extend_from_slice(&word.to_le_bytes());
+        self.put(word);
         self.crc.word(word);
     }
-    /// Two 32-bit fields that share a word, `low` first.
     #[inline(always)]
     fn pair(&mut self, low: u32, high: u32) {
         self.word(u64::from(low) | u64::from(high) << 32);
