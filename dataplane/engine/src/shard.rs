@@ -11,8 +11,9 @@
 //! holds live in a second slab (48 bytes, the first line inline); expiry is a timer wheel
 //! of (deadline, slot, generation) entries that are never unlinked, only ignored once
 //! stale. A batch is applied in chunks of 32 requests, each in four passes (prefetch the
-//! index buckets, prefetch the rows and hold records, prefetch the rows of named holds,
-//! apply), so that the chunk's cache misses overlap.
+//! index buckets, prefetch the rows and hold records, prefetch the rows of named holds
+//! and the journal slots their commits will fill, apply), so that the chunk's cache
+//! misses overlap.
 //!
 //! This module must not read a clock, perform I/O, or grow a table past its bound.
 
