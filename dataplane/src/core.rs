@@ -261,6 +261,7 @@ impl Core {
 
     /// The WAL writer made every record up to `position` durable.
     pub fn on_durable(&mut self, position: u64) {
+        debug_assert!(self.wal_batches_unsynced > 0, "a batch made durable that was never taken");
         self.wal_batches_unsynced = self.wal_batches_unsynced.saturating_sub(1);
         self.metrics.wal_syncs += 1;
         if let Durability::Sync = self.durability {

@@ -1339,7 +1339,7 @@ impl Shard {
         }
         let count = (self.journal_next - from).min(u64::from(max_entries.min(self.config.journal_read_max)));
         let start = (from - first) as usize;
-        let entries: Vec<JournalEntry> = (self.journal.iter_from(start).take(count as usize).zip(from..))
+        let entries: Vec<JournalEntry> = (self.journal.iter().skip(start).take(count as usize).zip(from..))
             .map(|(journaled, position)| journaled.entry(position, &self.stock[journaled.row as usize]))
             .collect();
         // Entries leave only once durable, like any answer about state changes.
