@@ -140,6 +140,11 @@ struct Cli {
     /// Skip creating and restocking the SKUs (they exist from an earlier run).
     #[arg(long)]
     skip_setup: bool,
+    /// The server's process id, when it runs on this machine: each phase then reports the
+    /// CPU time its threads spent in the measured window (from /proc/PID/task/*/schedstat),
+    /// which shows whether a closed loop saturated the server or left it waiting.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 /// What the driver runs.
@@ -707,6 +712,91 @@ struct PhaseResult {
     load: Load,
     stats: Stats,
     measured: Duration,
+    /// The server's and the driver's CPU time in the measured window, when
+    /// `--server-pid` was given.
+    server_cpu: Option<[ProcessCpu; 2]>,
+}
+
+/// CPU time of each thread of a process, in nanoseconds, by thread id (with its name).
+type ThreadTimes = std::collections::BTreeMap<u64, (String, u64)>;
+
+/// What a process's threads ran during a window.
+struct ProcessCpu {
+    what: &'static str,
+    pid: u32,
+    window: Duration,
+    /// (thread name, ns on a CPU in the window) of the threads that ran.
+    threads: Vec<(String, u64)>,
+}
+
+impl ProcessCpu {
+    /// Reads the time on CPU of every thread of `pid` (the first field of schedstat).
+    fn sample(pid: u32) -> anyhow::Result<ThreadTimes> {
+        let mut times = ThreadTimes::new();
+        let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("list {}", tasks.display()))? {
+            let task = task?.path();
+            let Some(tid) = task.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            // A thread may exit between the listing and the reads: skip it.
+            let (Ok(name), Ok(stat)) =
+                (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("schedstat")))
+            else {
+                continue;
+            };
+            let ns = stat.split_whitespace().next().and_then(|f| f.parse().ok()).context("parse schedstat")?;
+            times.insert(tid, (name.trim().to_string(), ns));
+        }
+        Ok(times)
+    }
+
+    /// The time each thread ran between two samples (threads born in the window count
+    /// from zero).
+    fn between(
+        what: &'static str,
+        pid: u32,
+        window: Duration,
+        before: &ThreadTimes,
+        after: &ThreadTimes,
+    ) -> ProcessCpu {
+        let threads: Vec<(String, u64)> = after
+            .iter()
+            .map(|(tid, (name, ns))| (name.clone(), ns.saturating_sub(before.get(tid).map_or(0, |(_, b)| *b))))
+            .filter(|(_, ns)| *ns > 0)
+            .collect();
+        ProcessCpu { what, pid, window, threads }
+    }
+
+    fn print(&self) {
+        let share = |ns: u64| ns as f64 / self.window.as_nanos() as f64 * 100.0;
+        let total: u64 = self.threads.iter().map(|(_, ns)| ns).sum();
+        // Threads of one name (io_uring's workers share theirs) count together.
+        let mut named: Vec<(&str, u64, usize)> = Vec::new();
+        for (name, ns) in &self.threads {
+            match named.iter_mut().find(|(n, _, _)| n == name) {
+                Some((_, sum, count)) => (*sum, *count) = (*sum + ns, *count + 1),
+                None => named.push((name, *ns, 1)),
+            }
+        }
+        named.sort_by_key(|&(_, ns, _)| std::cmp::Reverse(ns));
+        let busiest: Vec<String> = named
+            .iter()
+            .take(4)
+            .map(|(name, ns, count)| match count {
+                1 => format!("{name} {:.1}%", share(*ns)),
+                _ => format!("{name} (x{count}) {:.1}%", share(*ns)),
+            })
+            .collect();
+        println!(
+            "{} CPU in the measured window (pid {}, /proc schedstat): {:.1}% of one core over all threads; \
+             busiest: {}",
+            self.what,
+            self.pid,
+            share(total),
+            busiest.join(", ")
+        );
+    }
 }
 
 impl PhaseResult {
@@ -756,6 +846,9 @@ impl PhaseResult {
             us(h.value_at_quantile(0.999)),
             us(h.max())
         );
+        for cpu in self.server_cpu.iter().flatten() {
+            cpu.print();
+        }
         if let Load::Rate(_) = self.load {
             println!(
                 "pacer: {} frames sent, {} more than {} us after their intended time, largest lag {:.1} us",
@@ -798,6 +891,23 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         Keys::Uniform => Popularity::Uniform,
         Keys::Zipf => Popularity::zipf(),
     };
+    // The server's CPU time over the measured window, sampled at its two ends.
+    // With it, the driver's own: a driver that is itself saturated measures itself.
+    let server_cpu = cli.server_pid.map(|pid| {
+        tokio::task::spawn_local(async move {
+            let me = std::process::id();
+            tokio::time::sleep_until(measure_from.into()).await;
+            let before = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?);
+            let from = Instant::now();
+            tokio::time::sleep_until(window.until.into()).await;
+            let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?);
+            let window = from.elapsed();
+            anyhow::Ok([
+                ProcessCpu::between("server", pid, window, &before.0, &after.0),
+                ProcessCpu::between("driver", me, window, &before.1, &after.1),
+            ])
+        })
+    });
     let mut lanes = Vec::with_capacity(streams.len());
     let mut receivers = Vec::with_capacity(streams.len());
     let mut sends = Vec::with_capacity(streams.len());
@@ -848,6 +958,10 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         }
     };
     sending.context("send the load")?;
+    let server_cpu = match server_cpu {
+        Some(task) => Some(task.await.context("the server CPU sampler")?.context("sample the server's CPU time")?),
+        None => None,
+    };
     // Every stream is finished; the server finishes its side once all is answered.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         for task in receivers {
@@ -895,7 +1009,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
     for (endpoint, connection) in connections {
         disconnect(endpoint, connection).await;
     }
-    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from })
+    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, server_cpu })
 }
 
 /// A stream's receiver: counts answers until the server finishes the stream.
