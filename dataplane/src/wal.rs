@@ -23,7 +23,7 @@
 //! After a failed write or sync nothing more is written and nothing more becomes durable:
 //! the core answers state changes `Unavailable` and `/readyz` says why.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +40,22 @@ use tracing::{info, warn};
 pub(crate) const BLOCK: u64 = 4096;
 /// Zeros written per call when a segment is prepared.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Zeros written per call when the next segment is prepared beside a running log.
+///
+/// The next segment is zero-filled while the log fills the open one. Written as fast as
+/// the disk takes them, in 1 MiB calls, the zeros of a 64 MiB segment filled the disk's
+/// write cache, and every `fdatasync` of the log that ran meanwhile waited for them to be
+/// flushed too: group commit stalled for 20 to 100 ms in each segment at saturation. So
+/// the preparation keeps pace with the log instead: one 128 KiB write at a time, and no
+/// further than `PREPARE_LEAD_DIVISOR`'s share of a segment ahead of the log's own end in
+/// the open segment (it waits `PACED_ZERO_GAP` while it is that far ahead). Each of the
+/// log's syncs then finds at most a chunk or two of zeros in the cache with its records,
+/// and the segment is ready that share of a segment before the log needs it.
+const PACED_ZERO_CHUNK: usize = 128 << 10;
+/// Bytes of a snapshot written and synced at a time (see `write_durably`).
+const SNAPSHOT_SYNC_CHUNK: usize = 1 << 20;
+const PACED_ZERO_GAP: std::time::Duration = std::time::Duration::from_millis(1);
+const PREPARE_LEAD_DIVISOR: u64 = 8;
 
 /// How acknowledgements relate to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,10 +454,18 @@ pub fn take_snapshot(
 }
 
 /// Writes `bytes` as `path`: a temporary file, synced, renamed, and the directory synced.
+///
+/// The bytes go out `SNAPSHOT_SYNC_CHUNK` at a time, each chunk synced before the next is
+/// written: a snapshot's tens of megabytes handed to the kernel at once and synced at the
+/// end reached the disk as one burst, and the shard's log `fdatasync`s behind it waited
+/// for all of it (20 to 100 ms stalls of group commit while a snapshot was written).
 fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let temp = path.with_extension("tmp");
     let mut file = fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
-    file.write_all(bytes).with_context(|| format!("write {}", temp.display()))?;
+    for chunk in bytes.chunks(SNAPSHOT_SYNC_CHUNK) {
+        file.write_all(chunk).with_context(|| format!("write {}", temp.display()))?;
+        file.sync_data().with_context(|| format!("sync {}", temp.display()))?;
+    }
     file.sync_all().with_context(|| format!("sync {}", temp.display()))?;
     fs::rename(&temp, path).with_context(|| format!("rename {}", temp.display()))?;
     let dir = path.parent().expect("a file in a directory");
@@ -537,6 +561,9 @@ pub(crate) struct WalWriter {
     /// The records' bytes from `tail_offset` to their end (less than a block).
     tail: Vec<u8>,
     next: Rc<RefCell<NextSegment>>,
+    /// The end of the records in the open segment, for the preparation of the next one
+    /// to keep pace with (`PACED_ZERO_CHUNK`).
+    log_end: Rc<Cell<u64>>,
 }
 
 impl WalWriter {
@@ -568,6 +595,7 @@ impl WalWriter {
             tail_offset,
             tail,
             next: Rc::new(RefCell::new(NextSegment::None)),
+            log_end: Rc::new(Cell::new(start.end)),
         })
     }
 
@@ -583,8 +611,9 @@ impl WalWriter {
         }
         *self.next.borrow_mut() = NextSegment::Preparing;
         let (dir, sequence, bytes, next) = (self.dir.clone(), self.sequence + 1, self.segment_bytes, self.next.clone());
+        let log_end = self.log_end.clone();
         glommio::spawn_local(async move {
-            let prepared = prepare_segment(&dir, sequence, bytes).await;
+            let prepared = prepare_segment(&dir, sequence, bytes, Pace::Paced(log_end)).await;
             *next.borrow_mut() = match prepared {
                 Ok(file) => NextSegment::Ready(Rc::new(file)),
                 Err(error) => {
@@ -637,9 +666,7 @@ impl WalWriter {
     /// are whole (the new ones may be torn, and recovery cuts them).
     pub async fn write_unsynced(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         debug_assert!(self.fits(bytes));
-        if self.end() > self.segment_bytes / 2 {
-            self.prepare_next();
-        }
+        self.prepare_next();
         let data = self.tail.len() + bytes.len();
         let size = (data as u64).div_ceil(BLOCK) * BLOCK;
         let mut buffer = self.file.alloc_dma_buffer(size as usize);
@@ -663,6 +690,7 @@ impl WalWriter {
         }
         self.tail = tail;
         self.tail_offset = new_tail_offset;
+        self.log_end.set(end);
         Ok(())
     }
 
@@ -679,7 +707,7 @@ impl WalWriter {
                     glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
                 }
                 NextSegment::None | NextSegment::Failed => {
-                    break Rc::new(prepare_segment(&self.dir, self.sequence + 1, self.segment_bytes).await?)
+                    break Rc::new(prepare_segment(&self.dir, self.sequence + 1, self.segment_bytes, Pace::Full).await?)
                 }
             }
         };
@@ -687,6 +715,7 @@ impl WalWriter {
         self.file = file;
         self.tail_offset = 0;
         self.tail.clear();
+        self.log_end.set(0);
         let waited = started.elapsed();
         info!(segment = self.sequence, waited_us = waited.as_micros() as u64, "WAL segment started");
         Ok(())
@@ -726,8 +755,18 @@ fn fitting_records(bytes: &[u8], room: usize) -> usize {
     offset
 }
 
+/// How fast `prepare_segment` writes its zeros.
+#[derive(Debug, Clone)]
+enum Pace {
+    /// Beside a running log whose end in the open segment this cell holds (see
+    /// `PACED_ZERO_CHUNK`).
+    Paced(Rc<Cell<u64>>),
+    /// As fast as the disk takes them: the writer waits for this segment.
+    Full,
+}
+
 /// Creates segment `sequence` full of zeros, synced, with its directory entry synced.
-async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64) -> anyhow::Result<DmaFile> {
+async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64, pace: Pace) -> anyhow::Result<DmaFile> {
     let path = segment_path(dir, sequence);
     let temp = path.with_extension("tmp");
     let file = OpenOptions::new()
@@ -739,9 +778,19 @@ async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64) -> anyho
         .await
         .map_err(io)
         .with_context(|| format!("create {}", temp.display()))?;
+    let chunk = match pace {
+        Pace::Paced(_) => PACED_ZERO_CHUNK,
+        Pace::Full => ZERO_CHUNK,
+    };
+    let lead = segment_bytes / PREPARE_LEAD_DIVISOR;
     let mut at = 0;
     while at < segment_bytes {
-        let n = (segment_bytes - at).min(ZERO_CHUNK as u64);
+        if let Pace::Paced(log_end) = &pace {
+            while at >= log_end.get() + lead {
+                glommio::timer::sleep(PACED_ZERO_GAP).await;
+            }
+        }
+        let n = (segment_bytes - at).min(chunk as u64);
         let mut buffer = file.alloc_dma_buffer(n as usize);
         buffer.as_bytes_mut().fill(0);
         file.write_at(buffer, at).await.map_err(io).with_context(|| format!("zero {}", temp.display()))?;
