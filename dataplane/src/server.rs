@@ -31,6 +31,11 @@ use crate::wal::{self, Durability, WalStart, WalWriter};
 
 /// The timer `reactor_turn` waits for.
 const REACTOR_TURN: Duration = Duration::from_micros(1);
+/// How often the datagram task lets the reactor run while it has work: often enough that
+/// the WAL writer's completions wait far less than an `fdatasync` takes, rarely enough
+/// that the turns cost little (one after every round cost about 6% of the non-durable
+/// server's throughput in short checks).
+const REACTOR_TURN_EVERY: Duration = Duration::from_micros(200);
 /// The longest a core sleeps without looking at its timers and the stop signal.
 const TICK_MAX: Duration = Duration::from_millis(1);
 /// How often each core publishes its metrics.
@@ -710,6 +715,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         tasks.push(
             glommio::spawn_local(async move {
                 let result: anyhow::Result<()> = async {
+                    let mut last_turn = Instant::now();
                     loop {
                         if !core.borrow().datagrams_waiting() {
                             readiness.readable().await.context("wait for datagrams")?;
@@ -722,7 +728,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         };
                         mesh_out.send(out);
                         service.record(now.elapsed().as_secs_f64());
-                        reactor_turn().await;
+                        if now.duration_since(last_turn) >= REACTOR_TURN_EVERY {
+                            reactor_turn().await;
+                            last_turn = Instant::now();
+                        }
                     }
                 }
                 .await;

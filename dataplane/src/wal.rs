@@ -70,7 +70,7 @@ enum ReadPace {
     Paced,
 }
 const PACED_ZERO_GAP: std::time::Duration = std::time::Duration::from_millis(1);
-const PREPARE_LEAD_DIVISOR: u64 = 8;
+const PREPARE_LEAD_DIVISOR: u64 = 4;
 
 /// How acknowledgements relate to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
