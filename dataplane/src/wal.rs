@@ -52,25 +52,17 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// log's syncs then finds at most a chunk or two of zeros in the cache with its records,
 /// and the segment is ready that share of a segment before the log needs it.
 const PACED_ZERO_CHUNK: usize = 128 << 10;
-/// Bytes of a snapshot written and synced at a time (see `write_durably`).
-const SNAPSHOT_SYNC_CHUNK: usize = 1 << 20;
-/// How the snapshot thread reads the closed segments it replays: `SNAPSHOT_READ_CHUNK` at
-/// a time, `SNAPSHOT_READ_GAP` apart. Read at once, a 64 MiB segment filled the disk's
-/// queue, and the log's writes and `fdatasync`s behind those reads waited (batches of 20
-/// to 60 ms while a snapshot ran, at saturation). The gaps add about 64 ms a segment.
-const SNAPSHOT_READ_CHUNK: usize = 1 << 20;
-const SNAPSHOT_READ_GAP: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// How `read_segment` reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadPace {
-    /// As fast as the disk gives it (recovery, before any core serves).
-    Full,
-    /// Beside a serving log (the snapshot thread): see `SNAPSHOT_READ_CHUNK`.
-    Paced,
-}
 const PACED_ZERO_GAP: std::time::Duration = std::time::Duration::from_millis(1);
 const PREPARE_LEAD_DIVISOR: u64 = 4;
+/// Bytes of a snapshot written and synced at a time (see `write_durably`).
+const SNAPSHOT_SYNC_CHUNK: usize = 1 << 20;
+/// Bytes of a segment read per call (`read_segment`). The snapshot thread, which reads
+/// beside a serving log, pauses `SNAPSHOT_READ_GAP` after each: read at once, a 64 MiB
+/// segment filled the disk's queue, and the log's writes and `fdatasync`s behind those
+/// reads waited (batches of 20 to 60 ms while a snapshot ran, at saturation). The pauses
+/// add about 64 ms a segment.
+const SEGMENT_READ_CHUNK: usize = 1 << 20;
+const SNAPSHOT_READ_GAP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How acknowledgements relate to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +199,7 @@ pub fn recover(
     let mut log = Vec::new();
     let mut starts = Vec::with_capacity(found.len());
     for (sequence, path) in &found {
-        let bytes = read_segment(path, segment_bytes, ReadPace::Full)?;
+        let bytes = read_segment(path, segment_bytes, None)?;
         // Earlier segments end at their first zero-length header (a damaged length there
         // makes the next segment's first position a gap: an error, never a silent cut).
         // The last segment goes to recovery whole: it tells a torn tail (nothing valid
@@ -288,26 +280,25 @@ fn offset_is_first(error: &RecoverError) -> bool {
     matches!(error, RecoverError::Gap { offset: 0, .. })
 }
 
-/// Reads a whole segment and checks its size.
-fn read_segment(path: &Path, segment_bytes: u64, pace: ReadPace) -> anyhow::Result<Vec<u8>> {
-    let bytes = match pace {
-        ReadPace::Full => fs::read(path).with_context(|| format!("read {}", path.display()))?,
-        ReadPace::Paced => {
-            let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-            let mut bytes = Vec::new();
-            loop {
-                let before = bytes.len();
-                (&mut file)
-                    .take(SNAPSHOT_READ_CHUNK as u64)
-                    .read_to_end(&mut bytes)
-                    .with_context(|| format!("read {}", path.display()))?;
-                if bytes.len() == before {
-                    break bytes;
-                }
-                std::thread::sleep(SNAPSHOT_READ_GAP);
-            }
+/// Reads a whole segment and checks its size, `SEGMENT_READ_CHUNK` at a time, pausing
+/// `gap` after each read (`None`: recovery, before any core serves; the snapshot thread
+/// passes `SNAPSHOT_READ_GAP`).
+fn read_segment(path: &Path, segment_bytes: u64, gap: Option<std::time::Duration>) -> anyhow::Result<Vec<u8>> {
+    let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut bytes = Vec::with_capacity(segment_bytes as usize);
+    loop {
+        let before = bytes.len();
+        (&mut file)
+            .take(SEGMENT_READ_CHUNK as u64)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("read {}", path.display()))?;
+        if bytes.len() == before {
+            break;
         }
-    };
+        if let Some(gap) = gap {
+            std::thread::sleep(gap);
+        }
+    }
     if bytes.len() as u64 != segment_bytes {
         bail!(
             "{} is {} bytes, not the configured segment size {segment_bytes} (wal.segment_bytes changed?)",
@@ -429,7 +420,7 @@ pub fn take_snapshot(
     let mut ends: Vec<(u64, PathBuf, u64)> = Vec::new();
     for (sequence, path) in segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence) {
         stopping()?;
-        let bytes = read_segment(&path, segment_bytes, ReadPace::Paced)?;
+        let bytes = read_segment(&path, segment_bytes, Some(SNAPSHOT_READ_GAP))?;
         let records = &bytes[..records_end(&bytes)];
         let Some(last) = last_position(records) else {
             // An empty segment goes with the one before it.

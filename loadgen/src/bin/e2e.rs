@@ -714,7 +714,7 @@ struct PhaseResult {
     measured: Duration,
     /// The server's and the driver's CPU time in the measured window, when
     /// `--server-pid` was given.
-    server_cpu: Option<[ProcessCpu; 2]>,
+    cpu: Option<[ProcessCpu; 2]>,
 }
 
 /// CPU time of each thread of a process, in nanoseconds, by thread id (with its name).
@@ -846,7 +846,7 @@ impl PhaseResult {
             us(h.value_at_quantile(0.999)),
             us(h.max())
         );
-        for cpu in self.server_cpu.iter().flatten() {
+        for cpu in self.cpu.iter().flatten() {
             cpu.print();
         }
         if let Load::Rate(_) = self.load {
@@ -893,7 +893,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
     };
     // The server's CPU time over the measured window, sampled at its two ends.
     // With it, the driver's own: a driver that is itself saturated measures itself.
-    let server_cpu = cli.server_pid.map(|pid| {
+    let cpu = cli.server_pid.map(|pid| {
         tokio::task::spawn_local(async move {
             let me = std::process::id();
             tokio::time::sleep_until(measure_from.into()).await;
@@ -958,8 +958,8 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         }
     };
     sending.context("send the load")?;
-    let server_cpu = match server_cpu {
-        Some(task) => Some(task.await.context("the server CPU sampler")?.context("sample the server's CPU time")?),
+    let cpu = match cpu {
+        Some(task) => Some(task.await.context("the CPU sampler")?.context("sample the CPU time")?),
         None => None,
     };
     // Every stream is finished; the server finishes its side once all is answered.
@@ -1009,7 +1009,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
     for (endpoint, connection) in connections {
         disconnect(endpoint, connection).await;
     }
-    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, server_cpu })
+    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, cpu })
 }
 
 /// A stream's receiver: counts answers until the server finishes the stream.
