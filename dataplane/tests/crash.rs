@@ -230,7 +230,10 @@ async fn acknowledged_work_survives_kill_9() {
     let mut acked = Acked::default();
     let mut next_hold: u128 = 1 << 64;
     for cycle in 0..cycles {
+        // Both clients connect before the killer starts: a kill during a handshake would
+        // fail the connect, not the data plane.
         let client = connect(&dir, server.addr, "checkout").await;
+        let control = connect(&dir, server.addr, "control").await;
         let run_ms = rng.gen_range(20..250);
         let killer = {
             let pid = server.child.id();
@@ -240,7 +243,6 @@ async fn acknowledged_work_survives_kill_9() {
                 unsafe_free_kill(pid);
             })
         };
-        let control = connect(&dir, server.addr, "control").await;
         let until = Instant::now() + Duration::from_secs(5);
         tokio::join!(workload(&client, &skus, &mut acked, &mut next_hold, until), filler(&control, &fillers, until));
         killer.join().unwrap();
