@@ -469,9 +469,11 @@ enum Kind {
     Commit,
 }
 
-/// A frame in flight: when it was sent (saturate) or due (rate), and its requests.
+/// A frame in flight: when it was sent (saturate) or due (rate), when it was handed to
+/// its stream, and its requests.
 struct Slot {
     at: Instant,
+    sent: Instant,
     requests: Vec<(Kind, u128)>,
     missing: usize,
 }
@@ -486,6 +488,9 @@ struct Stats {
     frames: u64,
     /// Saturate: frame latency; rate: request latency from the intended send time (ns).
     latency_ns: Histogram<u64>,
+    /// Rate mode: request latency from when its frame was handed to the stream (ns), which
+    /// leaves out the pacer's own lateness (the driver's share of the tail).
+    from_send_ns: Histogram<u64>,
     /// Unexpected statuses, by code, for reserves and for commits.
     reserve_refused: [u64; 256],
     commit_refused: [u64; 256],
@@ -508,6 +513,7 @@ impl Stats {
             commits: 0,
             frames: 0,
             latency_ns: Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3).expect("valid histogram bounds"),
+            from_send_ns: Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3).expect("valid histogram bounds"),
             reserve_refused: [0; 256],
             commit_refused: [0; 256],
             unmatched: 0,
@@ -524,6 +530,7 @@ impl Stats {
         self.commits += other.commits;
         self.frames += other.frames;
         self.latency_ns.add(&other.latency_ns).expect("histograms with the same bounds");
+        self.from_send_ns.add(&other.from_send_ns).expect("histograms with the same bounds");
         for code in 0..256 {
             self.reserve_refused[code] += other.reserve_refused[code];
             self.commit_refused[code] += other.commit_refused[code];
@@ -569,12 +576,13 @@ impl Lane {
             | u128::from(self.holds_made)
     }
 
-    /// Fills `builder` with the next frame's requests and takes a slot for it.
-    fn lane_build(&mut self, builder: &mut FrameBuilder, at: Instant) {
+    /// Fills `builder` with the next frame's requests and takes a slot for it: `at` is when
+    /// the frame counts from, `sent` when it actually goes (the same in saturate mode).
+    fn lane_build(&mut self, builder: &mut FrameBuilder, at: Instant, sent: Instant) {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
-                self.slots.push(Slot { at, requests: Vec::with_capacity(self.batch), missing: 0 });
+                self.slots.push(Slot { at, sent, requests: Vec::with_capacity(self.batch), missing: 0 });
                 self.slots.len() - 1
             }
         };
@@ -597,7 +605,7 @@ impl Lane {
                 }
             }
         }
-        self.slots[slot] = Slot { at, requests, missing: self.batch };
+        self.slots[slot] = Slot { at, sent, requests, missing: self.batch };
         self.in_flight += 1;
         self.stats.frames_sent += 1;
     }
@@ -621,7 +629,7 @@ impl Lane {
                 (Kind::Reserve, other) => self.stats.reserve_refused[other.code() as usize] += 1,
                 (Kind::Commit, other) => self.stats.commit_refused[other.code() as usize] += 1,
             }
-            let at = entry.at;
+            let (at, sent) = (entry.at, entry.sent);
             let done = entry.missing == 0;
             if in_window {
                 self.stats.requests += 1;
@@ -633,6 +641,7 @@ impl Lane {
             let measured = self.window.contains(at);
             if matches!(self.load, Load::Rate(_)) && measured {
                 self.stats.latency_ns.saturating_record(now.saturating_duration_since(at).as_nanos() as u64);
+                self.stats.from_send_ns.saturating_record(now.saturating_duration_since(sent).as_nanos() as u64);
             }
             if done {
                 if matches!(self.load, Load::Saturate) && measured {
@@ -715,6 +724,58 @@ struct PhaseResult {
     /// The server's and the driver's CPU time in the measured window, when
     /// `--server-pid` was given.
     cpu: Option<[ProcessCpu; 2]>,
+    /// The time the hypervisor took from each CPU in the same window.
+    stolen: Option<Stolen>,
+}
+
+/// Time the hypervisor ran something else while a virtual CPU had work: the `steal`
+/// column of `/proc/stat`, per CPU, over a window. A virtual machine whose CPUs are
+/// stolen for milliseconds at a time has latency tails that no server on it can avoid.
+struct Stolen {
+    window: Duration,
+    /// (CPU, ticks of 1/100 s stolen in the window).
+    cpus: Vec<(String, u64)>,
+}
+
+impl Stolen {
+    /// The steal ticks of every CPU (`/proc/stat` counts in USER_HZ, 100 per second on Linux).
+    fn sample() -> anyhow::Result<Vec<(String, u64)>> {
+        let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        stat.lines()
+            .filter(|line| line.starts_with("cpu") && line.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .map(|line| {
+                let mut fields = line.split_whitespace();
+                let cpu = fields.next().unwrap_or_default().to_string();
+                // user nice system idle iowait irq softirq steal
+                let steal =
+                    fields.nth(7).and_then(|f| f.parse().ok()).context("parse the steal column of /proc/stat")?;
+                Ok((cpu, steal))
+            })
+            .collect()
+    }
+
+    fn between(window: Duration, before: &[(String, u64)], after: &[(String, u64)]) -> Stolen {
+        let cpus = after
+            .iter()
+            .map(|(cpu, ticks)| {
+                let was = before.iter().find(|(c, _)| c == cpu).map_or(0, |(_, t)| *t);
+                (cpu.clone(), ticks.saturating_sub(was))
+            })
+            .collect();
+        Stolen { window, cpus }
+    }
+
+    fn print(&self) {
+        let each: Vec<String> = self
+            .cpus
+            .iter()
+            .map(|(cpu, ticks)| {
+                let ms = *ticks as f64 * 10.0;
+                format!("{cpu} {ms:.0} ms ({:.2}%)", ms / self.window.as_secs_f64() / 10.0)
+            })
+            .collect();
+        println!("stolen by the hypervisor in the measured window (/proc/stat steal): {}", each.join(", "));
+    }
 }
 
 /// CPU time of each thread of a process, in nanoseconds, by thread id (with its name).
@@ -835,19 +896,27 @@ impl PhaseResult {
             s.requests, s.reserves, s.commits, s.frames
         );
         println!("throughput: {:.0} requests/s, {:.0} frames/s", s.requests as f64 / secs, s.frames as f64 / secs);
-        let h = &s.latency_ns;
         let us = |ns: u64| ns as f64 / 1_000.0;
-        println!(
-            "{what}, us ({} samples): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-            h.len(),
-            us(h.value_at_quantile(0.50)),
-            us(h.value_at_quantile(0.90)),
-            us(h.value_at_quantile(0.99)),
-            us(h.value_at_quantile(0.999)),
-            us(h.max())
-        );
+        let quantiles = |what: &str, h: &Histogram<u64>| {
+            println!(
+                "{what}, us ({} samples): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+                h.len(),
+                us(h.value_at_quantile(0.50)),
+                us(h.value_at_quantile(0.90)),
+                us(h.value_at_quantile(0.99)),
+                us(h.value_at_quantile(0.999)),
+                us(h.max())
+            )
+        };
+        quantiles(what, &s.latency_ns);
+        if let Load::Rate(_) = self.load {
+            quantiles("request latency from the actual send time (without the pacer's lateness)", &s.from_send_ns);
+        }
         for cpu in self.cpu.iter().flatten() {
             cpu.print();
+        }
+        if let Some(stolen) = &self.stolen {
+            stolen.print();
         }
         if let Load::Rate(_) = self.load {
             println!(
@@ -897,15 +966,18 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         tokio::task::spawn_local(async move {
             let me = std::process::id();
             tokio::time::sleep_until(measure_from.into()).await;
-            let before = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?);
+            let before = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?);
             let from = Instant::now();
             tokio::time::sleep_until(window.until.into()).await;
-            let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?);
+            let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?);
             let window = from.elapsed();
-            anyhow::Ok([
-                ProcessCpu::between("server", pid, window, &before.0, &after.0),
-                ProcessCpu::between("driver", me, window, &before.1, &after.1),
-            ])
+            anyhow::Ok((
+                [
+                    ProcessCpu::between("server", pid, window, &before.0, &after.0),
+                    ProcessCpu::between("driver", me, window, &before.1, &after.1),
+                ],
+                Stolen::between(window, &before.2, &after.2),
+            ))
         })
     });
     let mut lanes = Vec::with_capacity(streams.len());
@@ -958,9 +1030,12 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         }
     };
     sending.context("send the load")?;
-    let cpu = match cpu {
-        Some(task) => Some(task.await.context("the CPU sampler")?.context("sample the CPU time")?),
-        None => None,
+    let (cpu, stolen) = match cpu {
+        Some(task) => {
+            let (cpu, stolen) = task.await.context("the CPU sampler")?.context("sample the CPU time")?;
+            (Some(cpu), Some(stolen))
+        }
+        None => (None, None),
     };
     // Every stream is finished; the server finishes its side once all is answered.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -1009,7 +1084,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
     for (endpoint, connection) in connections {
         disconnect(endpoint, connection).await;
     }
-    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, cpu })
+    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, cpu, stolen })
 }
 
 /// A stream's receiver: counts answers until the server finishes the stream.
@@ -1045,7 +1120,7 @@ async fn saturate(
             room.notified().await;
             continue;
         }
-        lane.borrow_mut().lane_build(&mut builder, now);
+        lane.borrow_mut().lane_build(&mut builder, now, now);
         send.write_all(builder.frame_builder_encode()).await.context("send a frame")?;
     }
     send.finish().context("finish a stream")?;
@@ -1099,7 +1174,7 @@ async fn pace(
                 }
                 lane.stats.lag_max = lane.stats.lag_max.max(lag);
             }
-            lane.lane_build(&mut builder, due);
+            lane.lane_build(&mut builder, due, now);
         }
         sends[k].write_all(builder.frame_builder_encode()).await.context("send a frame")?;
         // `write_all` rarely waits, so a pacer that is behind would otherwise never let the
