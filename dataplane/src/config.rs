@@ -26,6 +26,10 @@ pub struct Config {
     pub cpu_first: usize,
     /// Bytes of DMA memory each executor reserves for io_uring (locked memory).
     pub io_memory_bytes: usize,
+    /// Microseconds an idle executor keeps polling before it sleeps in the kernel. A
+    /// sleeping core wakes late, most of all a virtual CPU that halts (the hypervisor must
+    /// schedule it again), so the default covers the gaps between a busy client's frames.
+    pub spin_before_park_us: u64,
     /// Where each shard keeps its write-ahead log (`<data_dir>/shard-<k>/`).
     pub data_dir: PathBuf,
     /// The write-ahead log.
@@ -143,6 +147,7 @@ impl Default for Config {
             cores: 0,
             cpu_first: 0,
             io_memory_bytes: 2 << 20,
+            spin_before_park_us: 1000,
             data_dir: "target/data".into(),
             wal: WalSettings::default(),
             tls: TlsFiles::default(),

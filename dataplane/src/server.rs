@@ -97,7 +97,7 @@ impl Server {
             let builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{shard}"))
                 .io_memory(config.io_memory_bytes)
-                .spin_before_park(Duration::from_micros(50));
+                .spin_before_park(Duration::from_micros(config.spin_before_park_us));
             let thread = builder
                 .spawn(move || async move {
                     let failed = context.failed.clone();
