@@ -78,6 +78,11 @@ impl Server {
         let mesh = MeshBuilder::<MeshMessage, Full>::full(cores, config.mesh.channel_messages_max);
         let members = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::with_capacity(cores);
+        let pinned: Vec<usize> =
+            (0..cores).map(|shard| config.cpu_first + shard).filter(|&cpu| cpu < available_cpus()).collect();
+        // SAFETY: cpu_set_t is plain bits, valid when zeroed (an empty set: stay put).
+        let process = PROCESS_CPUS.get().copied().unwrap_or(unsafe { std::mem::zeroed() });
+        let background = background_cpus(&process, &pinned);
         for (shard, (socket, recovered)) in sockets.into_iter().zip(recovered).enumerate() {
             let shard = shard as ShardId;
             let context = CoreContext {
@@ -91,6 +96,7 @@ impl Server {
                 stop: stop.clone(),
                 ready: ready.clone(),
                 health: health.clone(),
+                background,
             };
             let cpu = config.cpu_first + shard as usize;
             let placement = if cpu < available_cpus() { Placement::Fixed(cpu) } else { Placement::Unbound };
@@ -285,6 +291,8 @@ struct CoreContext {
     stop: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
     health: Arc<Health>,
+    /// Where the core's background threads run ([`background_cpus`]).
+    background: libc::cpu_set_t,
 }
 
 /// The mesh as a core sees it: senders, and shard number to mesh peer index.
@@ -389,10 +397,30 @@ async fn reactor_turn() {
     glommio::timer::sleep(REACTOR_TURN).await;
 }
 
-/// Lets the calling thread run on every CPU the process started with (a no-op before
-/// `remember_process_cpus`, or when that set could not be read).
-fn widen_to_process_cpus() -> std::io::Result<()> {
-    let Some(cpus) = PROCESS_CPUS.get().filter(|set| cpu_count(set) > 0) else { return Ok(()) };
+/// Where background threads run: the CPUs the process started with that no shard is
+/// pinned to, or all of them when the shards take every one. A shard spins when idle
+/// (`spin_before_park_us`), so on its CPU even a `SCHED_IDLE` thread gets the idle
+/// policy's small share, in slices of milliseconds that stall the shard (measured: 4 ms
+/// of a snapshot thread on a spinning shard's CPU during a 21 ms latency spike).
+fn background_cpus(process: &libc::cpu_set_t, shard_cpus: &[usize]) -> libc::cpu_set_t {
+    let mut set = *process;
+    for &cpu in shard_cpus.iter().filter(|&&cpu| cpu < libc::CPU_SETSIZE as usize) {
+        // SAFETY: CPU_CLR writes one bit of the set, in range (checked above).
+        unsafe { libc::CPU_CLR(cpu, &mut set) };
+    }
+    if cpu_count(&set) == 0 {
+        *process
+    } else {
+        set
+    }
+}
+
+/// Moves the calling thread onto `cpus` (a no-op for an empty set: the process's CPUs
+/// could not be read).
+fn move_to_cpus(cpus: &libc::cpu_set_t) -> std::io::Result<()> {
+    if cpu_count(cpus) == 0 {
+        return Ok(());
+    }
     // SAFETY: sched_setaffinity reads the set and changes only the calling thread's CPUs
     // (pid 0).
     if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), cpus) } != 0 {
@@ -402,8 +430,8 @@ fn widen_to_process_cpus() -> std::io::Result<()> {
 }
 
 /// Runs `work` on a thread of its own at the idle scheduling policy (`SCHED_IDLE`: it
-/// gets a CPU only when nothing else wants it, so a shard preempts it at once), free to
-/// run on any CPU the process started with rather than only its shard's (a snapshot takes
+/// gets a CPU only when nothing else wants it, so a shard preempts it at once), on
+/// `cpus` ([`background_cpus`]) rather than only its shard's (a snapshot takes
 /// seconds of CPU; kept on the shard's core it took that core's idle moments and caches:
 /// one run at half load measured a sync p99 of 198 ms there, 57.5 ms free to move), and
 /// waits for its result without blocking the executor (it is looked at every 20 ms). Not
@@ -413,6 +441,7 @@ fn widen_to_process_cpus() -> std::io::Result<()> {
 /// `run_core`).
 async fn on_idle_thread<T: Send + 'static>(
     name: String,
+    cpus: libc::cpu_set_t,
     running: &RefCell<Option<std::thread::JoinHandle<()>>>,
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -426,8 +455,8 @@ async fn on_idle_thread<T: Send + 'static>(
             if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
                 warn!(error = %std::io::Error::last_os_error(), "could not lower a background thread to SCHED_IDLE");
             }
-            if let Err(error) = widen_to_process_cpus() {
-                warn!(%error, "could not widen a background thread's CPUs");
+            if let Err(error) = move_to_cpus(&cpus) {
+                warn!(%error, "could not move a background thread off the shards' CPUs");
             }
             let _ = sender.send(work());
         })
@@ -470,7 +499,8 @@ fn recover_all(config: &Config, cores: usize) -> anyhow::Result<Vec<(Shard, WalS
 }
 
 async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, WalStart)) -> anyhow::Result<u64> {
-    let CoreContext { shard, shards, config, server_config, mesh, members, stop, ready, health, .. } = context;
+    let CoreContext { shard, shards, config, server_config, mesh, members, stop, ready, health, background, .. } =
+        context;
     members.lock().expect("members lock").push((glommio::executor().id(), shard));
     let (senders, mut receivers) = mesh.join().await.map_err(|e| anyhow!("join the mesh: {e}"))?;
     // Mesh peers are numbered by executor id; map shard numbers onto them.
@@ -534,7 +564,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                     let (dir, shard_config, stop) = (dir.clone(), shard_config.clone(), stop.clone());
                     let now = crate::core::wall_clock_ms();
                     let started = Instant::now();
-                    let done = on_idle_thread(format!("snapshot-{shard}"), &running, move || {
+                    let done = on_idle_thread(format!("snapshot-{shard}"), background, &running, move || {
                         wal::take_snapshot(&dir, &shard_config, now, segment_bytes, open, &stop)
                     })
                     .await;
@@ -817,27 +847,52 @@ mod tests {
         set
     }
 
+    /// A set of the given CPUs.
+    fn cpus(list: &[usize]) -> libc::cpu_set_t {
+        // SAFETY: cpu_set_t is plain bits, valid when zeroed.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in list {
+            // SAFETY: CPU_SET writes one bit of the set, in range (the tests use small CPUs).
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        set
+    }
+
+    fn members(set: &libc::cpu_set_t) -> Vec<usize> {
+        // SAFETY: CPU_ISSET reads one bit of the set, in range (below CPU_SETSIZE).
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, set) }).collect()
+    }
+
     #[test]
-    fn a_background_thread_leaves_its_pinned_shard_for_the_process_cpus() {
+    fn background_threads_go_where_no_shard_is_pinned() {
+        assert_eq!(members(&background_cpus(&cpus(&[0, 1]), &[1])), [0]);
+        assert_eq!(members(&background_cpus(&cpus(&[0, 1, 2, 3]), &[0, 1])), [2, 3]);
+        // Shards on every CPU: background threads may run on any of them.
+        assert_eq!(members(&background_cpus(&cpus(&[0, 1]), &[0, 1])), [0, 1]);
+        // A shard pinned outside the process's CPUs changes nothing.
+        assert_eq!(members(&background_cpus(&cpus(&[2, 3]), &[0])), [2, 3]);
+    }
+
+    #[test]
+    fn a_background_thread_leaves_its_pinned_shard() {
         remember_process_cpus();
         let process = *PROCESS_CPUS.get().expect("remembered");
-        let count = cpu_count(&process);
-        let widened = std::thread::spawn(move || {
+        let first = members(&process)[0];
+        let background = background_cpus(&process, &[first]);
+        let moved = std::thread::spawn(move || {
             // Pinned to one CPU, as a shard's thread is (and as a thread it spawns starts).
-            // SAFETY: cpu_set_t is plain bits, valid when zeroed.
-            let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: CPU_ISSET reads one bit of the set, in range (below CPU_SETSIZE).
-            let first = (0..libc::CPU_SETSIZE as usize).find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &process) });
-            // SAFETY: CPU_SET writes one bit of the set, in range.
-            unsafe { libc::CPU_SET(first.expect("the process has a CPU"), &mut one) };
+            let one = cpus(&[first]);
             // SAFETY: sched_setaffinity reads the set and changes only this thread's CPUs.
             assert_eq!(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) }, 0);
-            assert_eq!(cpu_count(&cpus_of_this_thread()), 1);
-            widen_to_process_cpus().expect("widen");
-            cpu_count(&cpus_of_this_thread())
+            assert_eq!(members(&cpus_of_this_thread()), [first]);
+            move_to_cpus(&background).expect("move");
+            members(&cpus_of_this_thread())
         })
         .join()
         .expect("the thread ran");
-        assert_eq!(widened, count);
+        assert_eq!(moved, members(&background));
+        if members(&process).len() > 1 {
+            assert!(!moved.contains(&first), "{moved:?} still holds the shard's CPU {first}");
+        }
     }
 }
