@@ -28,7 +28,10 @@ pub struct Config {
     pub io_memory_bytes: usize,
     /// Microseconds an idle executor keeps polling before it sleeps in the kernel. A
     /// sleeping core wakes late, most of all a virtual CPU that halts (the hypervisor must
-    /// schedule it again), so the default covers the gaps between a busy client's frames.
+    /// schedule it again), so a longer spin lowers latency at moderate load; but a spinning
+    /// shard leaves a `SCHED_IDLE` snapshot thread on its CPU almost no time (the kill -9
+    /// test took no snapshot at 1000 us on two shards of two CPUs). Raise it only when
+    /// some CPUs run no shard: background threads go there (`server::background_cpus`).
     pub spin_before_park_us: u64,
     /// Where each shard keeps its write-ahead log (`<data_dir>/shard-<k>/`).
     pub data_dir: PathBuf,
@@ -147,7 +150,7 @@ impl Default for Config {
             cores: 0,
             cpu_first: 0,
             io_memory_bytes: 2 << 20,
-            spin_before_park_us: 1000,
+            spin_before_park_us: 50,
             data_dir: "target/data".into(),
             wal: WalSettings::default(),
             tls: TlsFiles::default(),
