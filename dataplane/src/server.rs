@@ -78,11 +78,12 @@ impl Server {
         let mesh = MeshBuilder::<MeshMessage, Full>::full(cores, config.mesh.channel_messages_max);
         let members = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::with_capacity(cores);
-        let pinned: Vec<usize> =
-            (0..cores).map(|shard| config.cpu_first + shard).filter(|&cpu| cpu < available_cpus()).collect();
-        // SAFETY: cpu_set_t is plain bits, valid when zeroed (an empty set: stay put).
-        let process = PROCESS_CPUS.get().copied().unwrap_or(unsafe { std::mem::zeroed() });
-        let background = background_cpus(&process, &pinned);
+        // The CPU each shard is pinned to: core k on `cpu_first + k`, unbound past the last CPU.
+        let cpus = available_cpus();
+        let pinned: Vec<Option<usize>> =
+            (0..cores).map(|shard| Some(config.cpu_first + shard).filter(|&cpu| cpu < cpus)).collect();
+        let background =
+            background_cpus(PROCESS_CPUS.get().expect("remembered above"), pinned.iter().flatten().copied());
         for (shard, (socket, recovered)) in sockets.into_iter().zip(recovered).enumerate() {
             let shard = shard as ShardId;
             let context = CoreContext {
@@ -98,8 +99,7 @@ impl Server {
                 health: health.clone(),
                 background,
             };
-            let cpu = config.cpu_first + shard as usize;
-            let placement = if cpu < available_cpus() { Placement::Fixed(cpu) } else { Placement::Unbound };
+            let placement = pinned[shard as usize].map_or(Placement::Unbound, Placement::Fixed);
             let builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{shard}"))
                 .io_memory(config.io_memory_bytes)
@@ -402,9 +402,9 @@ async fn reactor_turn() {
 /// (`spin_before_park_us`), so on its CPU even a `SCHED_IDLE` thread gets the idle
 /// policy's small share, in slices of milliseconds that stall the shard (measured: 4 ms
 /// of a snapshot thread on a spinning shard's CPU during a 21 ms latency spike).
-fn background_cpus(process: &libc::cpu_set_t, shard_cpus: &[usize]) -> libc::cpu_set_t {
+fn background_cpus(process: &libc::cpu_set_t, shard_cpus: impl IntoIterator<Item = usize>) -> libc::cpu_set_t {
     let mut set = *process;
-    for &cpu in shard_cpus.iter().filter(|&&cpu| cpu < libc::CPU_SETSIZE as usize) {
+    for cpu in shard_cpus.into_iter().filter(|&cpu| cpu < libc::CPU_SETSIZE as usize) {
         // SAFETY: CPU_CLR writes one bit of the set, in range (checked above).
         unsafe { libc::CPU_CLR(cpu, &mut set) };
     }
@@ -865,12 +865,12 @@ mod tests {
 
     #[test]
     fn background_threads_go_where_no_shard_is_pinned() {
-        assert_eq!(members(&background_cpus(&cpus(&[0, 1]), &[1])), [0]);
-        assert_eq!(members(&background_cpus(&cpus(&[0, 1, 2, 3]), &[0, 1])), [2, 3]);
+        assert_eq!(members(&background_cpus(&cpus(&[0, 1]), [1])), [0]);
+        assert_eq!(members(&background_cpus(&cpus(&[0, 1, 2, 3]), [0, 1])), [2, 3]);
         // Shards on every CPU: background threads may run on any of them.
-        assert_eq!(members(&background_cpus(&cpus(&[0, 1]), &[0, 1])), [0, 1]);
+        assert_eq!(members(&background_cpus(&cpus(&[0, 1]), [0, 1])), [0, 1]);
         // A shard pinned outside the process's CPUs changes nothing.
-        assert_eq!(members(&background_cpus(&cpus(&[2, 3]), &[0])), [2, 3]);
+        assert_eq!(members(&background_cpus(&cpus(&[2, 3]), [0])), [2, 3]);
     }
 
     #[test]
@@ -878,7 +878,7 @@ mod tests {
         remember_process_cpus();
         let process = *PROCESS_CPUS.get().expect("remembered");
         let first = members(&process)[0];
-        let background = background_cpus(&process, &[first]);
+        let background = background_cpus(&process, [first]);
         let moved = std::thread::spawn(move || {
             // Pinned to one CPU, as a shard's thread is (and as a thread it spawns starts).
             let one = cpus(&[first]);
