@@ -117,14 +117,15 @@ impl Driver {
             }
             shard.handle_durable(position);
         }
-        while let Some(reply) = shard.poll_reply() {
-            self.outcomes.replies += 1;
+        let outcomes = &mut self.outcomes;
+        shard.drain_replies(|reply| {
+            outcomes.replies += 1;
             if reply.status.code() < 20 {
-                self.outcomes.succeeded += 1;
-            } else if self.outcomes.first_failure.is_none() {
-                self.outcomes.first_failure = Some(reply.status);
+                outcomes.succeeded += 1;
+            } else if outcomes.first_failure.is_none() {
+                outcomes.first_failure = Some(reply.status);
             }
-        }
+        });
         while shard.poll_peer().is_some() {}
         std::hint::black_box(shard.poll_timeout());
     }

@@ -163,6 +163,8 @@ pub(crate) struct Core {
     encoded: AlignedVec<FRAME_ALIGN>,
     response_batch: ResponseBatch,
     forward: Vec<Vec<Request>>,
+    /// Replies drained from the shard, on their way to `deliver` (kept for its capacity).
+    replies: Vec<Reply>,
     wal: Vec<u8>,
     wal_queue: WalQueue,
     /// The writer holds records taken from the queue and not yet durable.
@@ -220,6 +222,7 @@ impl Core {
             encoded: AlignedVec::with_capacity(64 * 1024),
             response_batch: ResponseBatch { responses: Vec::with_capacity(RESPONSES_PER_FRAME_MAX) },
             forward: (0..shards).map(|_| Vec::new()).collect(),
+            replies: Vec::new(),
             wal: Vec::with_capacity(1 << 20),
             wal_queue: WalQueue { head: 0, ..WalQueue::default() },
             wal_batches_unsynced: 0,
@@ -561,10 +564,14 @@ impl Core {
                     self.outgoing[to as usize].peers.push(message);
                 }
             }
-            while let Some(reply) = self.shard.poll_reply() {
-                progress = true;
+            // Through a scratch vector: delivering needs the whole core, the drain the shard.
+            let mut replies = mem::take(&mut self.replies);
+            self.shard.drain_replies(|reply| replies.push(reply));
+            progress |= !replies.is_empty();
+            for reply in replies.drain(..) {
                 self.deliver(reply);
             }
+            self.replies = replies;
             if !progress {
                 break;
             }

@@ -7,8 +7,9 @@
 //! It is driven like `quinn-proto`: inputs go in through `handle_*`, outputs come out
 //! through `poll_*`, and after any `handle_*` a driver drains, in this order,
 //! [`Shard::poll_wal_append`] (write those bytes, then call [`Shard::handle_durable`]),
-//! [`Shard::poll_reply`], [`Shard::poll_peer`], then arms a timer for
-//! [`Shard::poll_timeout`] and calls [`Shard::handle_timeout`] when it fires.
+//! [`Shard::poll_reply`] (or all at once, [`Shard::drain_replies`]), [`Shard::poll_peer`],
+//! then arms a timer for [`Shard::poll_timeout`] and calls [`Shard::handle_timeout`] when
+//! it fires.
 //!
 //! Invariants the engine keeps at every step (checked by assertions that stay on in
 //! release builds, by property tests and by the simulation in `dataplane/sim`):

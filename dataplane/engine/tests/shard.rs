@@ -186,12 +186,17 @@ fn journal_lists_sales_and_adjustments_in_order() {
     assert!(entries.windows(2).all(|w| w[1].position == w[0].position + 1));
 }
 
-#[test]
-fn replies_wait_for_durability() {
+/// A lone shard with room for ten SKUs, driven by hand (no cluster to pump it).
+fn bare_shard() -> Shard {
     let mut config = ShardConfig::new(0, 1);
     config.skus_max = 10;
     config.sku_locations_max = 10;
-    let mut shard = Shard::new(&config, 0).unwrap();
+    Shard::new(&config, 0).unwrap()
+}
+
+#[test]
+fn replies_wait_for_durability() {
+    let mut shard = bare_shard();
     let request = Request { id: 1, op: Op::UpsertSku { sku: 1, location: 1, backorder_limit: 0 } };
     shard.handle_owned(0, CONTROL, &request);
     assert!(shard.poll_reply().is_none(), "a reply left before its record was durable");
@@ -205,6 +210,51 @@ fn replies_wait_for_durability() {
     let query = Request { id: 2, op: Op::QueryStock { items: vec![SkuAt { sku: 1, location: None }] } };
     shard.handle_owned(0, CHECKOUT, &query);
     assert_eq!(shard.poll_reply().map(|r| r.status), Some(Status::Ok));
+}
+
+/// `drain_replies` hands out exactly what calling `poll_reply` until `None` would, in the
+/// same order: read answers at once, logged answers only up to the durable position.
+#[test]
+fn drain_replies_equals_polling_until_none() {
+    let (mut polled, mut drained) = (bare_shard(), bare_shard());
+    let query = |id| Request { id, op: Op::QueryStock { items: vec![SkuAt { sku: 1, location: None }] } };
+    let upsert = |id, sku| Request { id, op: Op::UpsertSku { sku, location: 1, backorder_limit: 0 } };
+    let requests = [
+        (CONTROL, upsert(1, 1)),
+        (CHECKOUT, query(2)),
+        (CONTROL, upsert(3, 2)),
+        (CHECKOUT, upsert(4, 3)),
+        (CONTROL, upsert(5, 3)),
+        (CHECKOUT, query(6)),
+    ];
+    let mut positions = Vec::new();
+    for (origin, request) in &requests {
+        polled.handle_owned(0, *origin, request);
+        drained.handle_owned(0, *origin, request);
+        let mut bytes = Vec::new();
+        if let Some(position) = polled.poll_wal_append(&mut bytes) {
+            positions.push(position);
+        }
+        drained.poll_wal_append(&mut bytes);
+    }
+    assert_eq!(positions, [1, 2, 3], "three upserts were logged");
+    let ids =
+        |replies: Vec<stockplane_engine::Reply>| replies.iter().map(|r| (r.request_id, r.status)).collect::<Vec<_>>();
+    // Durable up to the second record: the reads, the refused upsert and the first two
+    // logged answers may leave; the third waits.
+    for (position, expected) in [(2, 5), (3, 1)] {
+        polled.handle_durable(position);
+        drained.handle_durable(position);
+        let mut by_poll = Vec::new();
+        while let Some(reply) = polled.poll_reply() {
+            by_poll.push(reply);
+        }
+        let mut by_drain = Vec::new();
+        drained.drain_replies(|reply| by_drain.push(reply));
+        assert_eq!(by_poll.len(), expected, "at position {position}: {:?}", ids(by_poll.clone()));
+        assert_eq!(ids(by_drain), ids(by_poll), "at position {position}");
+        assert!(drained.poll_reply().is_none(), "drain_replies left a reply that may leave");
+    }
 }
 
 #[test]
