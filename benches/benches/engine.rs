@@ -21,12 +21,20 @@
 //! index and on the stock row (two DRAM misses, about 100 ns each unless overlapped),
 //! which is why `handle_batch` prefetches a chunk of requests at a time; Zipf keeps the
 //! hot rows in cache.
+//!
+//! The `baseline` groups run the same workload on [`PlainMaps`]: SKUs and holds in two
+//! plain hash maps, none of the engine's log, retention or gating. The issue sets the
+//! engine's targets against such maps (about 2.5 to 4.5 million pairs per second on the
+//! host it was written on); measured in the same run, the baseline also shows how fast the
+//! host was that day, which on a shared virtual machine moves by tens of percent.
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion, Throughput};
 use rkyv::util::AlignedVec;
-use stockplane_benches::{access, archive_into, catalog_config, fill_catalog, Driver, Finish, Workload, CHECKOUT};
+use stockplane_benches::{
+    access, archive_into, catalog_config, fill_catalog, Driver, Finish, PlainMaps, Workload, CHECKOUT,
+};
 use stockplane_engine::{Shard, ShardConfig, Tick};
 use stockplane_loadgen::Popularity;
 use stockplane_wire::{ArchivedRequestBatch, RequestBatch};
@@ -47,10 +55,34 @@ fn config() -> ShardConfig {
     config
 }
 
-/// One benchmark case: a shard in steady state and the workload that keeps it there.
+/// What a case applies its batches to.
+enum Target {
+    /// The engine, drained after each batch as a driver does.
+    Engine { shard: Box<Shard>, driver: Driver },
+    /// The plain-map baseline.
+    Plain(PlainMaps),
+}
+
+impl Target {
+    #[inline]
+    fn apply(&mut self, now: Tick, batch: &ArchivedRequestBatch) {
+        match self {
+            Target::Engine { shard, driver } => driver.apply(shard, now, CHECKOUT, batch),
+            Target::Plain(plain) => plain.apply(batch),
+        }
+    }
+
+    fn live_holds(&self) -> u64 {
+        match self {
+            Target::Engine { shard, .. } => u64::from(shard.live_holds()),
+            Target::Plain(plain) => plain.live_holds() as u64,
+        }
+    }
+}
+
+/// One benchmark case: a target in steady state and the workload that keeps it there.
 struct Case {
-    shard: Shard,
-    driver: Driver,
+    target: Target,
     workload: Workload,
     now: Tick,
     batch: RequestBatch,
@@ -60,28 +92,38 @@ struct Case {
 }
 
 impl Case {
-    fn new(popularity: Popularity, lines: usize, finish: Finish) -> Case {
+    fn new(target: TargetKind, popularity: Popularity, lines: usize, finish: Finish) -> Case {
         let started = Instant::now();
         let mut now = 1;
-        let mut shard = Shard::new(&config(), now).expect("valid configuration");
-        let mut driver = Driver::new();
-        fill_catalog(&mut shard, &mut driver, now, SKUS);
         let mut workload = Workload::new(popularity, SKUS, lines, finish, LIVE_HOLDS, 0x5eed);
+        let mut target = match target {
+            TargetKind::Engine => {
+                let mut shard = Box::new(Shard::new(&config(), now).expect("valid configuration"));
+                let mut driver = Driver::new();
+                fill_catalog(&mut shard, &mut driver, now, SKUS);
+                Target::Engine { shard, driver }
+            }
+            TargetKind::Plain => Target::Plain(PlainMaps::new(SKUS, LIVE_HOLDS as usize)),
+        };
         let mut buffer = AlignedVec::new();
         for batch in workload.prefill(BATCH_REQUESTS) {
             now += 1;
             buffer = archive_into(&batch, buffer);
-            driver.apply(&mut shard, now, CHECKOUT, access(&buffer));
+            target.apply(now, access(&buffer));
         }
-        assert_eq!(u64::from(shard.live_holds()), LIVE_HOLDS);
-        assert_eq!(driver.outcomes.first_failure, None, "setup failed: {:?}", driver.outcomes);
-        eprintln!("engine: setup of {SKUS} SKUs and {LIVE_HOLDS} live holds took {:.1?}", started.elapsed());
+        assert_eq!(target.live_holds(), LIVE_HOLDS);
+        let (outcomes, wal_at_start) = match &target {
+            Target::Engine { shard, driver } => (driver.outcomes, (shard.stats().wal_records, driver.wal_bytes)),
+            Target::Plain(plain) => (plain.outcomes, (0, 0)),
+        };
+        assert_eq!(outcomes.first_failure, None, "setup failed: {outcomes:?}");
+        eprintln!("setup of {SKUS} SKUs and {LIVE_HOLDS} live holds took {:.1?}", started.elapsed());
         let ring = (0..RING_BATCHES).map(|_| AlignedVec::new()).collect();
-        let wal_at_start = (shard.stats().wal_records, driver.wal_bytes);
-        Case { shard, driver, workload, now, batch: RequestBatch::default(), ring, wal_at_start }
+        Case { target, workload, now, batch: RequestBatch::default(), ring, wal_at_start }
     }
 
-    /// Applies `iters` fresh batches; returns the time spent applying and draining them.
+    /// Applies `iters` fresh batches; returns the time spent applying them (and, for the
+    /// engine, draining it).
     fn run(&mut self, iters: u64) -> Duration {
         let mut elapsed = Duration::ZERO;
         let mut left = iters;
@@ -92,57 +134,81 @@ impl Case {
                 *buffer = archive_into(&self.batch, std::mem::take(buffer));
             }
             let batches: Vec<&ArchivedRequestBatch> = self.ring[..count].iter().map(|b| access(b)).collect();
-            let (shard, driver) = (&mut self.shard, &mut self.driver);
+            let target = &mut self.target;
             let mut now = self.now;
             let start = Instant::now();
             for batch in batches {
                 now += 1;
-                driver.apply(shard, now, CHECKOUT, batch);
+                target.apply(now, batch);
             }
             elapsed += start.elapsed();
             self.now = now;
             left -= count as u64;
-            assert_eq!(u64::from(self.shard.live_holds()), LIVE_HOLDS, "the steady state drifted");
+            assert_eq!(self.target.live_holds(), LIVE_HOLDS, "the steady state drifted");
         }
         elapsed
     }
 
     /// Checks that every request of the run succeeded and reports WAL volume.
     fn finish(self, name: &str) {
-        let outcomes = self.driver.outcomes;
-        assert_eq!(outcomes.first_failure, None, "{name}: a request failed: {outcomes:?}");
         let pairs = self.workload.holds_reserved() - LIVE_HOLDS;
-        let records = self.shard.stats().wal_records - self.wal_at_start.0;
-        let bytes = self.driver.wal_bytes - self.wal_at_start.1;
-        eprintln!(
-            "engine/{name}: {pairs} pairs applied, {} live holds, {:.1} WAL bytes and {:.2} records per pair",
-            self.shard.live_holds(),
-            bytes as f64 / pairs as f64,
-            records as f64 / pairs as f64,
-        );
+        let live = self.target.live_holds();
+        match self.target {
+            Target::Engine { shard, driver } => {
+                let outcomes = driver.outcomes;
+                assert_eq!(outcomes.first_failure, None, "{name}: a request failed: {outcomes:?}");
+                let records = shard.stats().wal_records - self.wal_at_start.0;
+                let bytes = driver.wal_bytes - self.wal_at_start.1;
+                eprintln!(
+                    "{name}: {pairs} pairs applied, {live} live holds, {:.1} WAL bytes and {:.2} records per pair",
+                    bytes as f64 / pairs as f64,
+                    records as f64 / pairs as f64,
+                );
+            }
+            Target::Plain(plain) => {
+                let outcomes = plain.outcomes;
+                assert_eq!(outcomes.first_failure, None, "{name}: a request failed: {outcomes:?}");
+                eprintln!("{name}: {pairs} pairs applied, {live} live holds");
+            }
+        }
     }
 }
 
+/// Which target a case builds.
+#[derive(Clone, Copy)]
+enum TargetKind {
+    Engine,
+    Plain,
+}
+
 fn engine(c: &mut Criterion) {
-    let cases: [(&str, &str, Popularity, usize, Finish); 5] = [
-        ("reserve_commit_1_line", "uniform", Popularity::Uniform, 1, Finish::Commit),
-        ("reserve_commit_1_line", "zipf_1.1", Popularity::zipf(), 1, Finish::Commit),
-        ("reserve_release_1_line", "uniform", Popularity::Uniform, 1, Finish::Release),
-        ("reserve_commit_5_line_cart", "uniform", Popularity::Uniform, 5, Finish::Commit),
-        ("reserve_commit_5_line_cart", "zipf_1.1", Popularity::zipf(), 5, Finish::Commit),
+    use TargetKind::{Engine, Plain};
+    let cases: [(TargetKind, &str, &str, Popularity, usize, Finish); 8] = [
+        (Engine, "reserve_commit_1_line", "uniform", Popularity::Uniform, 1, Finish::Commit),
+        (Engine, "reserve_commit_1_line", "zipf_1.1", Popularity::zipf(), 1, Finish::Commit),
+        (Engine, "reserve_release_1_line", "uniform", Popularity::Uniform, 1, Finish::Release),
+        (Engine, "reserve_commit_5_line_cart", "uniform", Popularity::Uniform, 5, Finish::Commit),
+        (Engine, "reserve_commit_5_line_cart", "zipf_1.1", Popularity::zipf(), 5, Finish::Commit),
+        (Plain, "reserve_commit_1_line", "uniform", Popularity::Uniform, 1, Finish::Commit),
+        (Plain, "reserve_commit_1_line", "zipf_1.1", Popularity::zipf(), 1, Finish::Commit),
+        (Plain, "reserve_commit_5_line_cart", "uniform", Popularity::Uniform, 5, Finish::Commit),
     ];
-    for (group_name, popularity_name, popularity, lines, finish) in cases {
+    for (kind, group_name, popularity_name, popularity, lines, finish) in cases {
+        let prefix = match kind {
+            Engine => "engine",
+            Plain => "baseline",
+        };
         // Built on first use, so that a filtered-out case costs no setup.
         let mut case: Option<Case> = None;
-        let mut group = c.benchmark_group(format!("engine/{group_name}"));
+        let mut group = c.benchmark_group(format!("{prefix}/{group_name}"));
         group.throughput(Throughput::Elements(PAIRS_PER_BATCH as u64));
         group.bench_function(popularity_name, |b| {
-            let case = case.get_or_insert_with(|| Case::new(popularity, lines, finish));
+            let case = case.get_or_insert_with(|| Case::new(kind, popularity, lines, finish));
             b.iter_custom(|iters| case.run(iters))
         });
         group.finish();
         if let Some(case) = case {
-            case.finish(&format!("{group_name}/{popularity_name}"));
+            case.finish(&format!("{prefix}/{group_name}/{popularity_name}"));
         }
     }
 }

@@ -12,7 +12,9 @@ use rkyv::rancor::Error as RkyvError;
 use rkyv::util::AlignedVec;
 use stockplane_engine::{Origin, Shard, ShardConfig, Tick};
 use stockplane_loadgen::{KeyStream, Popularity};
-use stockplane_wire::{ArchivedRequestBatch, CartLine, HoldId, Op, Request, RequestBatch, Role, Status};
+use stockplane_wire::{
+    ArchivedCartLine, ArchivedOp, ArchivedRequestBatch, CartLine, HoldId, Op, Request, RequestBatch, Role, Status,
+};
 
 /// SKU ids are `SKU_BASE + index`, so they look nothing like slab slots.
 pub const SKU_BASE: u64 = 1 << 32;
@@ -128,6 +130,118 @@ impl Driver {
         });
         while shard.poll_peer().is_some() {}
         std::hint::black_box(shard.poll_timeout());
+    }
+}
+
+/// The reference the engine's throughput targets are set against: SKUs and holds in two
+/// plain hash maps (hashbrown with foldhash, as the engine's own maps), each archived
+/// request applied on its own. It keeps none of what the engine must: no WAL record with a
+/// checksum for each change, no finished holds kept for idempotent retries, no replies
+/// held until durable, no expiry timers, no bounds. It does what a checkout needs of stock
+/// (refuse what is not there, count held units, sell them once) and nothing more.
+///
+/// Run by the engine benchmark in the same process and minute as the engine, on the same
+/// batches, it also tells how fast the host is that day: a shared host's figures move by
+/// tens of percent from one day to the next, and the ratio of the two moves much less.
+pub struct PlainMaps {
+    /// `(on_hand, held)` by SKU id.
+    stock: hashbrown::HashMap<u64, (i64, i64), foldhash::fast::FixedState>,
+    /// The lines of each live hold (at most [`PLAIN_CART_LINES_MAX`]), by hold id.
+    holds: hashbrown::HashMap<u128, PlainHold, foldhash::fast::FixedState>,
+    /// How the requests applied so far turned out.
+    pub outcomes: Outcomes,
+}
+
+/// The most lines a [`PlainMaps`] hold keeps (the benchmark's carts have at most five).
+pub const PLAIN_CART_LINES_MAX: usize = 8;
+
+/// A live hold of [`PlainMaps`]: its lines inline, so holding allocates nothing.
+#[derive(Clone, Copy)]
+struct PlainHold {
+    lines: [(u64, u32); PLAIN_CART_LINES_MAX],
+    count: u8,
+}
+
+impl PlainMaps {
+    /// SKUs `0..skus` (ids from [`sku_id`]), each with [`STOCK_PER_SKU`] units, and room
+    /// for `holds` live holds.
+    pub fn new(skus: u32, holds: usize) -> PlainMaps {
+        let hasher = || foldhash::fast::FixedState::with_seed(0x5eed);
+        let mut stock = hashbrown::HashMap::with_capacity_and_hasher(skus as usize, hasher());
+        stock.extend((0..skus).map(|index| (sku_id(index), (STOCK_PER_SKU, 0))));
+        let holds = hashbrown::HashMap::with_capacity_and_hasher(holds, hasher());
+        PlainMaps { stock, holds, outcomes: Outcomes::default() }
+    }
+
+    /// Live holds.
+    pub fn live_holds(&self) -> usize {
+        self.holds.len()
+    }
+
+    /// `(on_hand, held)` of catalog entry `index`, if it exists.
+    pub fn level(&self, index: u32) -> Option<(i64, i64)> {
+        self.stock.get(&sku_id(index)).copied()
+    }
+
+    /// Applies every request of `batch` in order (reserve, commit and release; any
+    /// other operation counts as a failure).
+    pub fn apply(&mut self, batch: &ArchivedRequestBatch) {
+        for request in batch.requests.iter() {
+            let status = match &request.op {
+                ArchivedOp::Reserve { hold, lines, .. } => self.reserve(hold.0.to_native(), lines.as_slice()),
+                ArchivedOp::Commit { hold, .. } => self.finish(hold.0.to_native(), true),
+                ArchivedOp::Release { hold } => self.finish(hold.0.to_native(), false),
+                _ => Status::InvalidArgument,
+            };
+            self.outcomes.replies += 1;
+            if status.code() < 20 {
+                self.outcomes.succeeded += 1;
+            } else if self.outcomes.first_failure.is_none() {
+                self.outcomes.first_failure = Some(status);
+            }
+        }
+    }
+
+    fn reserve(&mut self, hold: u128, lines: &[ArchivedCartLine]) -> Status {
+        if lines.is_empty() || lines.len() > PLAIN_CART_LINES_MAX {
+            return Status::InvalidArgument;
+        }
+        if self.holds.contains_key(&hold) {
+            return Status::Conflict;
+        }
+        for line in lines {
+            match self.stock.get(&line.sku.to_native()) {
+                None => return Status::UnknownSku,
+                Some((on_hand, held)) if on_hand - held < i64::from(line.qty.to_native()) => {
+                    return Status::InsufficientStock
+                }
+                Some(_) => {}
+            }
+        }
+        let mut record = PlainHold { lines: [(0, 0); PLAIN_CART_LINES_MAX], count: lines.len() as u8 };
+        for (line, kept) in lines.iter().zip(&mut record.lines) {
+            let (sku, qty) = (line.sku.to_native(), line.qty.to_native());
+            self.stock.get_mut(&sku).expect("checked above").1 += i64::from(qty);
+            *kept = (sku, qty);
+        }
+        self.holds.insert(hold, record);
+        Status::Reserved
+    }
+
+    fn finish(&mut self, hold: u128, sell: bool) -> Status {
+        let Some(record) = self.holds.remove(&hold) else { return Status::UnknownHold };
+        for &(sku, qty) in &record.lines[..usize::from(record.count)] {
+            let (on_hand, held) = self.stock.get_mut(&sku).expect("a held SKU exists");
+            *held -= i64::from(qty);
+            if sell {
+                *on_hand -= i64::from(qty);
+            }
+        }
+        if sell {
+            Status::Committed
+        } else {
+            Status::Released
+        }
     }
 }
 
@@ -271,15 +385,21 @@ impl Workload {
 mod tests {
     use super::*;
 
+    /// A shard holding catalog entries `0..skus`, and the driver that filled it.
+    fn catalog_shard(skus: u32) -> (Shard, Driver) {
+        let mut shard = Shard::new(&catalog_config(skus), 0).expect("valid config");
+        let mut driver = Driver::new();
+        fill_catalog(&mut shard, &mut driver, 0, skus);
+        (shard, driver)
+    }
+
     /// A small end-to-end run: the workload keeps its live holds and every request
     /// succeeds, for commits, releases and multi-line carts.
     #[test]
     fn workload_keeps_live_holds_and_succeeds() {
         for (lines, finish) in [(1, Finish::Commit), (1, Finish::Release), (5, Finish::Commit)] {
             let skus = 1_000;
-            let mut shard = Shard::new(&catalog_config(skus), 0).expect("valid config");
-            let mut driver = Driver::new();
-            fill_catalog(&mut shard, &mut driver, 0, skus);
+            let (mut shard, mut driver) = catalog_shard(skus);
             let mut workload = Workload::new(Popularity::zipf(), skus, lines, finish, 100, 9);
             for batch in workload.prefill(64) {
                 driver.apply(&mut shard, 1, CHECKOUT, access(&archive_into(&batch, AlignedVec::new())));
@@ -295,6 +415,58 @@ mod tests {
             assert_eq!(driver.outcomes.replies, driver.outcomes.succeeded);
             shard.check_invariants();
         }
+    }
+
+    /// The baseline does the same stock work as the engine: fed the same batches, it ends
+    /// with the same live holds and every SKU at the same `(on_hand, held)`.
+    #[test]
+    fn plain_maps_agree_with_the_engine() {
+        for (lines, finish) in [(1, Finish::Commit), (1, Finish::Release), (5, Finish::Commit)] {
+            let skus = 500;
+            let (mut shard, mut driver) = catalog_shard(skus);
+            let mut plain = PlainMaps::new(skus, 100);
+            let mut workload = Workload::new(Popularity::zipf(), skus, lines, finish, 100, 3);
+            let mut batches = workload.prefill(64);
+            for _ in 0..20 {
+                let mut batch = RequestBatch::default();
+                workload.pairs(64, &mut batch);
+                batches.push(batch);
+            }
+            for (now, batch) in (1..).zip(&batches) {
+                let bytes = archive_into(batch, AlignedVec::new());
+                driver.apply(&mut shard, now, CHECKOUT, access(&bytes));
+                plain.apply(access(&bytes));
+            }
+            assert_eq!(plain.outcomes.first_failure, None);
+            assert_eq!(plain.outcomes.replies, batches.iter().map(|b| b.requests.len() as u64).sum::<u64>());
+            assert_eq!(plain.live_holds(), shard.live_holds() as usize);
+            let mut sold = 0;
+            for level in shard.stock_levels() {
+                let index = (level.sku - SKU_BASE) as u32;
+                assert_eq!(plain.level(index), Some((level.on_hand, level.held)), "SKU {index}");
+                sold += STOCK_PER_SKU - level.on_hand;
+            }
+            assert_eq!(sold > 0, finish == Finish::Commit, "{lines} lines, {finish:?}");
+        }
+    }
+
+    /// What the baseline cannot do, it refuses and counts as a failure, changing nothing.
+    #[test]
+    fn plain_maps_refuse_unknown_holds_and_skus() {
+        let mut plain = PlainMaps::new(10, 10);
+        let hold = hold_id(1);
+        let requests = vec![
+            Request { id: 1, op: Op::Commit { hold, lines: None } },
+            Request {
+                id: 2,
+                op: Op::Reserve { hold, ttl_ms: 1_000, lines: vec![CartLine { sku: 7, location: None, qty: 1 }] },
+            },
+        ];
+        plain.apply(access(&archive_into(&RequestBatch { requests }, AlignedVec::new())));
+        assert_eq!(plain.outcomes.succeeded, 0);
+        assert_eq!(plain.outcomes.first_failure, Some(Status::UnknownHold));
+        assert_eq!(plain.live_holds(), 0);
+        assert!((0..10).all(|index| plain.level(index) == Some((STOCK_PER_SKU, 0))));
     }
 
     #[test]
