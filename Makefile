@@ -39,7 +39,7 @@ SYNC_SKUS ?= 1000000
 # Where cargo puts the release binaries (CARGO_TARGET_DIR when set).
 BIN_DIR := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: help run pg pg-stop sim-seeds test lint unit sim sim-long fuzz bench bench-e2e bench-sync bench-mesh bench-disk memory certs crash-long check-toolchain
+.PHONY: help run pg pg-stop sim-seeds test lint unit sim sim-long fuzz bench bench-instructions bench-e2e bench-sync bench-mesh bench-disk memory certs crash-long check-toolchain
 
 help:
 	@echo "make run        PostgreSQL, the data plane and the control plane; a demo catalog through the API,"
@@ -51,6 +51,7 @@ help:
 	@echo "make sim-long   100,000,000 simulated operations with faults"
 	@echo "make fuzz       fuzz frame decoding and WAL recovery, FUZZ_SECONDS each (installs cargo-fuzz)"
 	@echo "make bench      criterion benchmarks pinned to core BENCH_CORE, report in perf-reports/"
+	@echo "make bench-instructions  instructions per reserve+commit pair (callgrind), engine and baseline"
 	@echo "make bench-e2e  one-core data plane on SERVER_CPU, stockplane-e2e on DRIVER_CPU: saturate (batched,"
 	@echo "                one request per frame) and latency at half saturation; report in perf-reports/"
 	@echo "make bench-sync the control plane: drain SYNC_LINES committed lines into PostgreSQL, and bootstrap"
@@ -176,6 +177,15 @@ bench-disk: check-toolchain
 	{ STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) $(BIN_DIR)/fsync --dir target && echo && \
 	  STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) taskset -c $(BENCH_CORE) $(BIN_DIR)/recovery --dir target; } \
 	  2>&1 | tee $$report; status=$$?; echo "report: $$report"; exit $$status
+
+# Instructions per pair (callgrind) of the engine and of the plain-map baseline: the engine's
+# cost as a count that repeats exactly, whatever the shared host's speed that day.
+bench-instructions: check-toolchain
+	$(CARGO) build --release -p stockplane-benches --example engine_profile
+	@mkdir -p $(REPORT_DIR)
+	@set -o pipefail; report=$(REPORT_DIR)/instructions-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
+	scripts/instructions.sh $(BIN_DIR)/examples/engine_profile 2>&1 | tee $$report; status=$$?; \
+	echo "report: $$report"; exit $$status
 
 memory: check-toolchain
 	@mkdir -p $(REPORT_DIR)

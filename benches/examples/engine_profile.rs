@@ -7,13 +7,24 @@
 //!     target/release/examples/engine_profile zipf 1 100000 200
 //! ```
 //! Arguments: popularity (`uniform` or `zipf`), lines per hold, SKUs, batches of 256
-//! requests (128 reserve+commit pairs). It prints the pairs applied.
+//! requests (128 reserve+commit pairs), and the target (`engine`, the default, or
+//! `plain`, the plain-map baseline of the engine benchmark). It prints the pairs applied.
+//! As in the criterion benchmark, the batches are archived and validated before the
+//! measured part, which applies them (and drains the engine) only.
+//!
+//! `scripts/instructions.sh` (`make bench-instructions`) runs it under callgrind for
+//! each case and reports instructions per pair: a figure that, unlike throughput on a
+//! shared host, repeats exactly from run to run.
 
 use rkyv::util::AlignedVec;
-use stockplane_benches::{access, archive_into, catalog_config, fill_catalog, Driver, Finish, Workload, CHECKOUT};
+use stockplane_benches::{
+    access, archive_into, catalog_config, fill_catalog, Driver, Finish, PlainMaps, Workload, CHECKOUT,
+};
 use stockplane_engine::Shard;
 use stockplane_loadgen::Popularity;
-use stockplane_wire::RequestBatch;
+use stockplane_wire::{ArchivedRequestBatch, RequestBatch};
+
+const LIVE_HOLDS: u64 = 10_000;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -22,36 +33,58 @@ fn main() {
     let lines: usize = arg(2, "1").parse().expect("lines per hold");
     let skus: u32 = arg(3, "100000").parse().expect("SKUs");
     let batches: usize = arg(4, "200").parse().expect("batches");
-    let mut config = catalog_config(skus);
-    config.hold_extra_lines_max = (config.holds_max + config.holds_finished_max) * 4;
-    let mut now = 1;
-    let mut shard = Shard::new(&config, now).expect("valid configuration");
-    let mut driver = Driver::new();
-    fill_catalog(&mut shard, &mut driver, now, skus);
-    let mut workload = Workload::new(popularity, skus, lines, Finish::Commit, 10_000, 0x5eed);
-    let mut buffer = AlignedVec::new();
-    for batch in workload.prefill(256) {
-        now += 1;
-        buffer = archive_into(&batch, buffer);
-        driver.apply(&mut shard, now, CHECKOUT, access(&buffer));
-    }
+    let plain = match arg(5, "engine").as_str() {
+        "engine" => false,
+        "plain" => true,
+        other => panic!("target {other:?}: engine or plain"),
+    };
+    let mut workload = Workload::new(popularity, skus, lines, Finish::Commit, LIVE_HOLDS, 0x5eed);
+    let prefill: Vec<AlignedVec> =
+        workload.prefill(256).iter().map(|batch| archive_into(batch, AlignedVec::new())).collect();
     let mut ring: Vec<AlignedVec> = Vec::with_capacity(batches);
     let mut batch = RequestBatch::default();
     for _ in 0..batches {
         workload.pairs(128, &mut batch);
         ring.push(archive_into(&batch, AlignedVec::new()));
     }
-    measured(&mut shard, &mut driver, now, &ring);
-    assert_eq!(driver.outcomes.first_failure, None, "a request failed: {:?}", driver.outcomes);
+    let ring: Vec<&ArchivedRequestBatch> = ring.iter().map(|bytes| access(bytes)).collect();
+    let outcomes = if plain {
+        let mut maps = PlainMaps::new(skus, LIVE_HOLDS as usize);
+        prefill.iter().for_each(|bytes| maps.apply(access(bytes)));
+        measured_plain(&mut maps, &ring);
+        maps.outcomes
+    } else {
+        let mut config = catalog_config(skus);
+        config.hold_extra_lines_max = (config.holds_max + config.holds_finished_max) * 4;
+        let mut now = 1;
+        let mut shard = Shard::new(&config, now).expect("valid configuration");
+        let mut driver = Driver::new();
+        fill_catalog(&mut shard, &mut driver, now, skus);
+        for bytes in &prefill {
+            now += 1;
+            driver.apply(&mut shard, now, CHECKOUT, access(bytes));
+        }
+        measured(&mut shard, &mut driver, now, &ring);
+        driver.outcomes
+    };
+    assert_eq!(outcomes.first_failure, None, "a request failed: {outcomes:?}");
     println!("{} pairs applied", batches * 128);
 }
 
 /// The measured part alone, out of line so that a profiler can collect it by name
 /// (`--toggle-collect='*engine_profile::measured*'`) and leave the setup out.
 #[inline(never)]
-fn measured(shard: &mut Shard, driver: &mut Driver, mut now: u64, ring: &[AlignedVec]) {
-    for bytes in ring {
+fn measured(shard: &mut Shard, driver: &mut Driver, mut now: u64, ring: &[&ArchivedRequestBatch]) {
+    for batch in ring {
         now += 1;
-        driver.apply(shard, now, CHECKOUT, access(bytes));
+        driver.apply(shard, now, CHECKOUT, batch);
+    }
+}
+
+/// The baseline's measured part (collected by the same pattern).
+#[inline(never)]
+fn measured_plain(maps: &mut PlainMaps, ring: &[&ArchivedRequestBatch]) {
+    for batch in ring {
+        maps.apply(batch);
     }
 }
