@@ -126,11 +126,12 @@ bench: check-toolchain
 # benches/e2e.sh starts the server, runs the driver three times and stops the server
 # (also on failure); each run prints its own header (date, machine, commit, command).
 # One report: the CPU jitter of both CPUs (a floor on any server's tail latency there),
-# the disk's own fdatasync latency, then the server without its disk (--durability none),
+# the disk's own fdatasync latency, the driver against a null server (what QUIC and framing
+# alone allow on the host that day), then the server without its disk (--durability none),
 # then with every reply after its fdatasync (--durability sync).
 bench-e2e: check-toolchain
 	$(CARGO) build --release -p stockplane-dataplane -p stockplane-loadgen --bins
-	$(CARGO) build --release -p stockplane-benches --bin fsync --bin jitter
+	$(CARGO) build --release -p stockplane-benches --bin fsync --bin jitter --bin null_server
 	@test -f target/certs/ca.pem || $(BIN_DIR)/dataplane certs --dir target/certs
 	@mkdir -p $(REPORT_DIR)
 	@set -o pipefail; report=$(REPORT_DIR)/e2e-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
@@ -142,6 +143,8 @@ bench-e2e: check-toolchain
 	  taskset -c $(DRIVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
 	  echo "=== the disk: fdatasync latency (the WAL's own write pattern)" && \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target && echo && \
+	  echo "=== calibration: the same driver against a null server (QUIC and framing on quinn, no engine)" && \
+	  benches/null.sh $(BIN_DIR) && echo && \
 	  echo "=== durability none: the server without its disk" && \
 	  DURABILITY=none benches/e2e.sh $(BIN_DIR) && echo && \
 	  echo "=== durability sync: every reply to a state change after the fdatasync that covers it" && \
