@@ -81,6 +81,19 @@ pub struct Outcomes {
     pub first_failure: Option<Status>,
 }
 
+impl Outcomes {
+    /// Counts one answer with `status`.
+    #[inline]
+    pub fn record(&mut self, status: Status) {
+        self.replies += 1;
+        if status.code() < 20 {
+            self.succeeded += 1;
+        } else if self.first_failure.is_none() {
+            self.first_failure = Some(status);
+        }
+    }
+}
+
 /// Plays the driver's part around a shard: hands it a batch, then drains the WAL
 /// output (reporting it durable at once, as if the write had completed), the replies,
 /// the peer messages and the next timeout, reusing one WAL buffer throughout.
@@ -120,14 +133,7 @@ impl Driver {
             shard.handle_durable(position);
         }
         let outcomes = &mut self.outcomes;
-        shard.drain_replies(|reply| {
-            outcomes.replies += 1;
-            if reply.status.code() < 20 {
-                outcomes.succeeded += 1;
-            } else if outcomes.first_failure.is_none() {
-                outcomes.first_failure = Some(reply.status);
-            }
-        });
+        shard.drain_replies(|reply| outcomes.record(reply.status));
         while shard.poll_peer().is_some() {}
         std::hint::black_box(shard.poll_timeout());
     }
@@ -193,12 +199,7 @@ impl PlainMaps {
                 ArchivedOp::Release { hold } => self.finish(hold.0.to_native(), false),
                 _ => Status::InvalidArgument,
             };
-            self.outcomes.replies += 1;
-            if status.code() < 20 {
-                self.outcomes.succeeded += 1;
-            } else if self.outcomes.first_failure.is_none() {
-                self.outcomes.first_failure = Some(status);
-            }
+            self.outcomes.record(status);
         }
     }
 
