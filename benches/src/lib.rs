@@ -203,29 +203,32 @@ impl PlainMaps {
         }
     }
 
+    /// One lookup of the hold and one of each line's SKU: each line is held as it is
+    /// checked, and the lines held so far are given back when a later one fails.
     fn reserve(&mut self, hold: u128, lines: &[ArchivedCartLine]) -> Status {
         if lines.is_empty() || lines.len() > PLAIN_CART_LINES_MAX {
             return Status::InvalidArgument;
         }
-        if self.holds.contains_key(&hold) {
-            return Status::Conflict;
-        }
+        let hashbrown::hash_map::Entry::Vacant(slot) = self.holds.entry(hold) else { return Status::Conflict };
+        let mut record = PlainHold { lines: [(0, 0); PLAIN_CART_LINES_MAX], count: 0 };
         for line in lines {
-            match self.stock.get(&line.sku.to_native()) {
-                None => return Status::UnknownSku,
-                Some((on_hand, held)) if on_hand - held < i64::from(line.qty.to_native()) => {
-                    return Status::InsufficientStock
-                }
-                Some(_) => {}
-            }
-        }
-        let mut record = PlainHold { lines: [(0, 0); PLAIN_CART_LINES_MAX], count: lines.len() as u8 };
-        for (line, kept) in lines.iter().zip(&mut record.lines) {
             let (sku, qty) = (line.sku.to_native(), line.qty.to_native());
-            self.stock.get_mut(&sku).expect("checked above").1 += i64::from(qty);
-            *kept = (sku, qty);
+            let status = match self.stock.get_mut(&sku) {
+                None => Status::UnknownSku,
+                Some((on_hand, held)) if *on_hand - *held < i64::from(qty) => Status::InsufficientStock,
+                Some((_, held)) => {
+                    *held += i64::from(qty);
+                    record.lines[usize::from(record.count)] = (sku, qty);
+                    record.count += 1;
+                    continue;
+                }
+            };
+            for &(sku, qty) in &record.lines[..usize::from(record.count)] {
+                self.stock.get_mut(&sku).expect("held above").1 -= i64::from(qty);
+            }
+            return status;
         }
-        self.holds.insert(hold, record);
+        slot.insert(record);
         Status::Reserved
     }
 
@@ -462,9 +465,21 @@ mod tests {
                 id: 2,
                 op: Op::Reserve { hold, ttl_ms: 1_000, lines: vec![CartLine { sku: 7, location: None, qty: 1 }] },
             },
+            // The first line is held before the second is found unknown: it is given back.
+            Request {
+                id: 3,
+                op: Op::Reserve {
+                    hold,
+                    ttl_ms: 1_000,
+                    lines: vec![
+                        CartLine { sku: sku_id(0), location: None, qty: 1 },
+                        CartLine { sku: 7, location: None, qty: 1 },
+                    ],
+                },
+            },
         ];
         plain.apply(access(&archive_into(&RequestBatch { requests }, AlignedVec::new())));
-        assert_eq!(plain.outcomes.succeeded, 0);
+        assert_eq!((plain.outcomes.replies, plain.outcomes.succeeded), (3, 0));
         assert_eq!(plain.outcomes.first_failure, Some(Status::UnknownHold));
         assert_eq!(plain.live_holds(), 0);
         assert!((0..10).all(|index| plain.level(index) == Some((STOCK_PER_SKU, 0))));
