@@ -32,93 +32,39 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, Criterion, Throughput};
 use rkyv::util::AlignedVec;
-use stockplane_benches::{
-    access, archive_into, catalog_config, fill_catalog, Driver, Finish, PlainMaps, Workload, CHECKOUT,
-};
-use stockplane_engine::{Shard, ShardConfig, Tick};
+use stockplane_benches::{access, archive_into, Finish, Target, Workload, LIVE_HOLDS};
+use stockplane_engine::Tick;
 use stockplane_loadgen::Popularity;
 use stockplane_wire::{ArchivedRequestBatch, RequestBatch};
 
 const SKUS: u32 = 1_000_000;
-const LIVE_HOLDS: u64 = 10_000;
 const BATCH_REQUESTS: usize = 256;
 const PAIRS_PER_BATCH: usize = BATCH_REQUESTS / 2;
 /// Batches built, archived and validated before each timed stretch.
 const RING_BATCHES: usize = 32;
 
-/// The shard's bounds: room for the catalog; the default hold bounds (131,072 live,
-/// 65,536 finished kept for retries) except extra cart lines, raised so that five-line
-/// carts kept as finished holds do not exhaust them.
-fn config() -> ShardConfig {
-    let mut config = catalog_config(SKUS);
-    config.hold_extra_lines_max = (config.holds_max + config.holds_finished_max) * 4;
-    config
-}
-
-/// What a case applies its batches to.
-enum Target {
-    /// The engine, drained after each batch as a driver does.
-    Engine { shard: Box<Shard>, driver: Driver },
-    /// The plain-map baseline.
-    Plain(PlainMaps),
-}
-
-impl Target {
-    #[inline]
-    fn apply(&mut self, now: Tick, batch: &ArchivedRequestBatch) {
-        match self {
-            Target::Engine { shard, driver } => driver.apply(shard, now, CHECKOUT, batch),
-            Target::Plain(plain) => plain.apply(batch),
-        }
-    }
-
-    fn live_holds(&self) -> u64 {
-        match self {
-            Target::Engine { shard, .. } => u64::from(shard.live_holds()),
-            Target::Plain(plain) => plain.live_holds() as u64,
-        }
-    }
-}
-
 /// One benchmark case: a target in steady state and the workload that keeps it there.
+/// The engine's bounds are `cart_config`'s: room for the catalog, the default hold bounds
+/// (131,072 live, 65,536 finished kept for retries), extra cart lines raised so that
+/// five-line carts kept as finished holds do not exhaust them.
 struct Case {
     target: Target,
     workload: Workload,
     now: Tick,
     batch: RequestBatch,
     ring: Vec<AlignedVec>,
-    /// WAL records and bytes once the steady state was reached, to count the run's own.
-    wal_at_start: (u64, u64),
+    /// The engine's WAL records and bytes once the steady state was reached, to count
+    /// the run's own.
+    wal_at_start: Option<(u64, u64)>,
 }
 
 impl Case {
-    fn new(target: TargetKind, popularity: Popularity, lines: usize, finish: Finish) -> Case {
+    fn new(plain: bool, popularity: Popularity, lines: usize, finish: Finish) -> Case {
         let started = Instant::now();
-        let mut now = 1;
-        let mut workload = Workload::new(popularity, SKUS, lines, finish, LIVE_HOLDS, 0x5eed);
-        let mut target = match target {
-            TargetKind::Engine => {
-                let mut shard = Box::new(Shard::new(&config(), now).expect("valid configuration"));
-                let mut driver = Driver::new();
-                fill_catalog(&mut shard, &mut driver, now, SKUS);
-                Target::Engine { shard, driver }
-            }
-            TargetKind::Plain => Target::Plain(PlainMaps::new(SKUS, LIVE_HOLDS as usize)),
-        };
-        let mut buffer = AlignedVec::new();
-        for batch in workload.prefill(BATCH_REQUESTS) {
-            now += 1;
-            buffer = archive_into(&batch, buffer);
-            target.apply(now, access(&buffer));
-        }
-        assert_eq!(target.live_holds(), LIVE_HOLDS);
-        let (outcomes, wal_at_start) = match &target {
-            Target::Engine { shard, driver } => (driver.outcomes, (shard.stats().wal_records, driver.wal_bytes)),
-            Target::Plain(plain) => (plain.outcomes, (0, 0)),
-        };
-        assert_eq!(outcomes.first_failure, None, "setup failed: {outcomes:?}");
+        let (target, workload, now) = Target::steady(plain, popularity, SKUS, lines, finish);
         eprintln!("setup of {SKUS} SKUs and {LIVE_HOLDS} live holds took {:.1?}", started.elapsed());
         let ring = (0..RING_BATCHES).map(|_| AlignedVec::new()).collect();
+        let wal_at_start = target.wal();
         Case { target, workload, now, batch: RequestBatch::default(), ring, wal_at_start }
     }
 
@@ -151,59 +97,41 @@ impl Case {
 
     /// Checks that every request of the run succeeded and reports WAL volume.
     fn finish(self, name: &str) {
+        let outcomes = self.target.outcomes();
+        assert_eq!(outcomes.first_failure, None, "{name}: a request failed: {outcomes:?}");
         let pairs = self.workload.holds_reserved() - LIVE_HOLDS;
         let live = self.target.live_holds();
-        match self.target {
-            Target::Engine { shard, driver } => {
-                let outcomes = driver.outcomes;
-                assert_eq!(outcomes.first_failure, None, "{name}: a request failed: {outcomes:?}");
-                let records = shard.stats().wal_records - self.wal_at_start.0;
-                let bytes = driver.wal_bytes - self.wal_at_start.1;
-                eprintln!(
-                    "{name}: {pairs} pairs applied, {live} live holds, {:.1} WAL bytes and {:.2} records per pair",
-                    bytes as f64 / pairs as f64,
-                    records as f64 / pairs as f64,
-                );
-            }
-            Target::Plain(plain) => {
-                let outcomes = plain.outcomes;
-                assert_eq!(outcomes.first_failure, None, "{name}: a request failed: {outcomes:?}");
-                eprintln!("{name}: {pairs} pairs applied, {live} live holds");
-            }
+        match (self.wal_at_start, self.target.wal()) {
+            (Some((records_before, bytes_before)), Some((records, bytes))) => eprintln!(
+                "{name}: {pairs} pairs applied, {live} live holds, {:.1} WAL bytes and {:.2} records per pair",
+                (bytes - bytes_before) as f64 / pairs as f64,
+                (records - records_before) as f64 / pairs as f64,
+            ),
+            _ => eprintln!("{name}: {pairs} pairs applied, {live} live holds"),
         }
     }
 }
 
-/// Which target a case builds.
-#[derive(Clone, Copy)]
-enum TargetKind {
-    Engine,
-    Plain,
-}
-
 fn engine(c: &mut Criterion) {
-    use TargetKind::{Engine, Plain};
-    let cases: [(TargetKind, &str, &str, Popularity, usize, Finish); 8] = [
-        (Engine, "reserve_commit_1_line", "uniform", Popularity::Uniform, 1, Finish::Commit),
-        (Engine, "reserve_commit_1_line", "zipf_1.1", Popularity::zipf(), 1, Finish::Commit),
-        (Engine, "reserve_release_1_line", "uniform", Popularity::Uniform, 1, Finish::Release),
-        (Engine, "reserve_commit_5_line_cart", "uniform", Popularity::Uniform, 5, Finish::Commit),
-        (Engine, "reserve_commit_5_line_cart", "zipf_1.1", Popularity::zipf(), 5, Finish::Commit),
-        (Plain, "reserve_commit_1_line", "uniform", Popularity::Uniform, 1, Finish::Commit),
-        (Plain, "reserve_commit_1_line", "zipf_1.1", Popularity::zipf(), 1, Finish::Commit),
-        (Plain, "reserve_commit_5_line_cart", "uniform", Popularity::Uniform, 5, Finish::Commit),
+    // (baseline, group, popularity's name, popularity, lines, finish)
+    let cases: [(bool, &str, &str, Popularity, usize, Finish); 8] = [
+        (false, "reserve_commit_1_line", "uniform", Popularity::Uniform, 1, Finish::Commit),
+        (false, "reserve_commit_1_line", "zipf_1.1", Popularity::zipf(), 1, Finish::Commit),
+        (false, "reserve_release_1_line", "uniform", Popularity::Uniform, 1, Finish::Release),
+        (false, "reserve_commit_5_line_cart", "uniform", Popularity::Uniform, 5, Finish::Commit),
+        (false, "reserve_commit_5_line_cart", "zipf_1.1", Popularity::zipf(), 5, Finish::Commit),
+        (true, "reserve_commit_1_line", "uniform", Popularity::Uniform, 1, Finish::Commit),
+        (true, "reserve_commit_1_line", "zipf_1.1", Popularity::zipf(), 1, Finish::Commit),
+        (true, "reserve_commit_5_line_cart", "uniform", Popularity::Uniform, 5, Finish::Commit),
     ];
-    for (kind, group_name, popularity_name, popularity, lines, finish) in cases {
-        let prefix = match kind {
-            Engine => "engine",
-            Plain => "baseline",
-        };
+    for (plain, group_name, popularity_name, popularity, lines, finish) in cases {
+        let prefix = if plain { "baseline" } else { "engine" };
         // Built on first use, so that a filtered-out case costs no setup.
         let mut case: Option<Case> = None;
         let mut group = c.benchmark_group(format!("{prefix}/{group_name}"));
         group.throughput(Throughput::Elements(PAIRS_PER_BATCH as u64));
         group.bench_function(popularity_name, |b| {
-            let case = case.get_or_insert_with(|| Case::new(kind, popularity, lines, finish));
+            let case = case.get_or_insert_with(|| Case::new(plain, popularity, lines, finish));
             b.iter_custom(|iters| case.run(iters))
         });
         group.finish();

@@ -17,14 +17,9 @@
 //! shared host, repeats exactly from run to run.
 
 use rkyv::util::AlignedVec;
-use stockplane_benches::{
-    access, archive_into, catalog_config, fill_catalog, Driver, Finish, PlainMaps, Workload, CHECKOUT,
-};
-use stockplane_engine::Shard;
+use stockplane_benches::{access, archive_into, Finish, Target};
 use stockplane_loadgen::Popularity;
 use stockplane_wire::{ArchivedRequestBatch, RequestBatch};
-
-const LIVE_HOLDS: u64 = 10_000;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -38,9 +33,7 @@ fn main() {
         "plain" => true,
         other => panic!("target {other:?}: engine or plain"),
     };
-    let mut workload = Workload::new(popularity, skus, lines, Finish::Commit, LIVE_HOLDS, 0x5eed);
-    let prefill: Vec<AlignedVec> =
-        workload.prefill(256).iter().map(|batch| archive_into(batch, AlignedVec::new())).collect();
+    let (mut target, mut workload, now) = Target::steady(plain, popularity, skus, lines, Finish::Commit);
     let mut ring: Vec<AlignedVec> = Vec::with_capacity(batches);
     let mut batch = RequestBatch::default();
     for _ in 0..batches {
@@ -48,25 +41,8 @@ fn main() {
         ring.push(archive_into(&batch, AlignedVec::new()));
     }
     let ring: Vec<&ArchivedRequestBatch> = ring.iter().map(|bytes| access(bytes)).collect();
-    let outcomes = if plain {
-        let mut maps = PlainMaps::new(skus, LIVE_HOLDS as usize);
-        prefill.iter().for_each(|bytes| maps.apply(access(bytes)));
-        measured_plain(&mut maps, &ring);
-        maps.outcomes
-    } else {
-        let mut config = catalog_config(skus);
-        config.hold_extra_lines_max = (config.holds_max + config.holds_finished_max) * 4;
-        let mut now = 1;
-        let mut shard = Shard::new(&config, now).expect("valid configuration");
-        let mut driver = Driver::new();
-        fill_catalog(&mut shard, &mut driver, now, skus);
-        for bytes in &prefill {
-            now += 1;
-            driver.apply(&mut shard, now, CHECKOUT, access(bytes));
-        }
-        measured(&mut shard, &mut driver, now, &ring);
-        driver.outcomes
-    };
+    measured(&mut target, now, &ring);
+    let outcomes = target.outcomes();
     assert_eq!(outcomes.first_failure, None, "a request failed: {outcomes:?}");
     println!("{} pairs applied", batches * 128);
 }
@@ -74,17 +50,9 @@ fn main() {
 /// The measured part alone, out of line so that a profiler can collect it by name
 /// (`--toggle-collect='*engine_profile::measured*'`) and leave the setup out.
 #[inline(never)]
-fn measured(shard: &mut Shard, driver: &mut Driver, mut now: u64, ring: &[&ArchivedRequestBatch]) {
+fn measured(target: &mut Target, mut now: u64, ring: &[&ArchivedRequestBatch]) {
     for batch in ring {
         now += 1;
-        driver.apply(shard, now, CHECKOUT, batch);
-    }
-}
-
-/// The baseline's measured part (collected by the same pattern).
-#[inline(never)]
-fn measured_plain(maps: &mut PlainMaps, ring: &[&ArchivedRequestBatch]) {
-    for batch in ring {
-        maps.apply(batch);
+        target.apply(now, batch);
     }
 }

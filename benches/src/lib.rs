@@ -59,6 +59,14 @@ pub fn catalog_config(skus: u32) -> ShardConfig {
     config
 }
 
+/// [`catalog_config`] with room for the extra lines of multi-line carts that are kept as
+/// finished holds (four per hold slot), so that five-line carts do not exhaust them.
+pub fn cart_config(skus: u32) -> ShardConfig {
+    let mut config = catalog_config(skus);
+    config.hold_extra_lines_max = (config.holds_max + config.holds_finished_max) * 4;
+    config
+}
+
 /// Archives `batch` into `buffer` (cleared first, capacity kept) and returns it.
 pub fn archive_into(batch: &RequestBatch, mut buffer: AlignedVec) -> AlignedVec {
     buffer.clear();
@@ -245,6 +253,89 @@ impl PlainMaps {
             Status::Committed
         } else {
             Status::Released
+        }
+    }
+}
+
+/// Live holds the engine benchmarks keep open in steady state.
+pub const LIVE_HOLDS: u64 = 10_000;
+
+/// What an engine benchmark applies its batches to.
+pub enum Target {
+    /// The engine, drained after each batch as a driver does.
+    Engine {
+        /// The shard.
+        shard: Box<Shard>,
+        /// Its driver.
+        driver: Driver,
+    },
+    /// The plain-map baseline.
+    Plain(PlainMaps),
+}
+
+impl Target {
+    /// A target over catalog entries `0..skus` (the engine when `plain` is false) in
+    /// steady state: [`LIVE_HOLDS`] holds open, reserved by the returned workload's
+    /// prefill, one batch a millisecond from time 1. Returns the target, the workload and
+    /// the time of its last batch. Panics if any setup request fails.
+    pub fn steady(
+        plain: bool,
+        popularity: Popularity,
+        skus: u32,
+        lines: usize,
+        finish: Finish,
+    ) -> (Target, Workload, Tick) {
+        let mut now = 1;
+        let mut target = if plain {
+            Target::Plain(PlainMaps::new(skus, LIVE_HOLDS as usize))
+        } else {
+            let mut shard = Box::new(Shard::new(&cart_config(skus), now).expect("valid configuration"));
+            let mut driver = Driver::new();
+            fill_catalog(&mut shard, &mut driver, now, skus);
+            Target::Engine { shard, driver }
+        };
+        let mut workload = Workload::new(popularity, skus, lines, finish, LIVE_HOLDS, 0x5eed);
+        let mut buffer = AlignedVec::new();
+        for batch in workload.prefill(256) {
+            now += 1;
+            buffer = archive_into(&batch, buffer);
+            target.apply(now, access(&buffer));
+        }
+        assert_eq!(target.live_holds(), LIVE_HOLDS);
+        assert_eq!(target.outcomes().first_failure, None, "setup failed: {:?}", target.outcomes());
+        (target, workload, now)
+    }
+
+    /// Applies `batch` at time `now` (the engine is drained after it).
+    #[inline]
+    pub fn apply(&mut self, now: Tick, batch: &ArchivedRequestBatch) {
+        match self {
+            Target::Engine { shard, driver } => driver.apply(shard, now, CHECKOUT, batch),
+            Target::Plain(plain) => plain.apply(batch),
+        }
+    }
+
+    /// Live holds.
+    pub fn live_holds(&self) -> u64 {
+        match self {
+            Target::Engine { shard, .. } => u64::from(shard.live_holds()),
+            Target::Plain(plain) => plain.live_holds() as u64,
+        }
+    }
+
+    /// How the requests applied so far turned out.
+    pub fn outcomes(&self) -> Outcomes {
+        match self {
+            Target::Engine { driver, .. } => driver.outcomes,
+            Target::Plain(plain) => plain.outcomes,
+        }
+    }
+
+    /// WAL records and bytes written so far (the engine's; the baseline writes none).
+    pub fn wal(&self) -> Option<(u64, u64)> {
+        match self {
+            Target::Engine { shard, driver } => Some((shard.stats().wal_records, driver.wal_bytes)),
+            Target::Plain(_) => None,
         }
     }
 }

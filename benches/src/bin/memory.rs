@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use rkyv::util::AlignedVec;
 use stockplane_benches::{
-    access, archive_into, catalog_config, fill_catalog, hold_id, sku_id, Driver, Finish, Workload, CHECKOUT,
-    HOLD_TTL_MS,
+    access, archive_into, cart_config, catalog_config, fill_catalog, hold_id, sku_id, Driver, Finish, Workload,
+    CHECKOUT, HOLD_TTL_MS,
 };
 use stockplane_engine::{Shard, ShardConfig};
 use stockplane_loadgen::Popularity;
@@ -197,9 +197,7 @@ fn hot_path(lines: usize, finish: Finish) -> HotPath {
     const SKUS: u32 = 100_000;
     const WARM_UP_ROUNDS: u64 = 3_000;
     const ROUNDS: u64 = 8_000;
-    let mut config = catalog_config(SKUS);
-    config.hold_extra_lines_max = (config.holds_max + config.holds_finished_max) * 4;
-    let mut shard = Shard::new(&config, 1).expect("valid configuration");
+    let mut shard = Shard::new(&cart_config(SKUS), 1).expect("valid configuration");
     let mut driver = Driver::new();
     fill_catalog(&mut shard, &mut driver, 1, SKUS);
     let mut workload = Workload::new(Popularity::Uniform, SKUS, lines, finish, 10_000, 7);
