@@ -163,8 +163,6 @@ pub(crate) struct Core {
     encoded: AlignedVec<FRAME_ALIGN>,
     response_batch: ResponseBatch,
     forward: Vec<Vec<Request>>,
-    /// Replies drained from the shard, on their way to `deliver` (kept for its capacity).
-    replies: Vec<Reply>,
     wal: Vec<u8>,
     wal_queue: WalQueue,
     /// The writer holds records taken from the queue and not yet durable.
@@ -222,7 +220,6 @@ impl Core {
             encoded: AlignedVec::with_capacity(64 * 1024),
             response_batch: ResponseBatch { responses: Vec::with_capacity(RESPONSES_PER_FRAME_MAX) },
             forward: (0..shards).map(|_| Vec::new()).collect(),
-            replies: Vec::new(),
             wal: Vec::with_capacity(1 << 20),
             wal_queue: WalQueue { head: 0, ..WalQueue::default() },
             wal_batches_unsynced: 0,
@@ -429,12 +426,26 @@ impl Core {
     }
 
     fn mark_dirty(&mut self, slot: u16) {
-        if let Some(conn) = self.conns[slot as usize].as_mut() {
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(slot);
-            }
-        }
+        mark_dirty(&mut self.conns, &mut self.dirty, slot);
+    }
+
+    /// The shard and, borrowed beside it, what delivering a reply changes: so that replies
+    /// can go from the shard's queue to their streams without a copy in between.
+    fn shard_and_delivery(&mut self) -> (&mut Shard, Delivery<'_>) {
+        let delivery = Delivery {
+            shard_id: self.shard_id,
+            outgoing: &mut self.outgoing,
+            splits: &mut self.splits,
+            split_generations: &mut self.split_generations,
+            conns: &mut self.conns,
+            dirty: &mut self.dirty,
+        };
+        (&mut self.shard, delivery)
+    }
+
+    /// Sends a reply to its stream: here, or through the mesh to the core that holds it.
+    fn deliver(&mut self, reply: Reply) {
+        self.shard_and_delivery().1.deliver(reply);
     }
 
     /// Handles a batch from another core.
@@ -564,14 +575,12 @@ impl Core {
                     self.outgoing[to as usize].peers.push(message);
                 }
             }
-            // Through a scratch vector: delivering needs the whole core, the drain the shard.
-            let mut replies = mem::take(&mut self.replies);
-            self.shard.drain_replies(|reply| replies.push(reply));
-            progress |= !replies.is_empty();
-            for reply in replies.drain(..) {
-                self.deliver(reply);
-            }
-            self.replies = replies;
+            // Each reply goes from the shard's queue straight to its stream.
+            let (shard, mut delivery) = self.shard_and_delivery();
+            shard.drain_replies(|reply| {
+                progress = true;
+                delivery.deliver(reply);
+            });
             if !progress {
                 break;
             }
@@ -987,55 +996,6 @@ impl Core {
         }
     }
 
-    /// Merges a part of a split query; answers the client when it is the last.
-    fn merge_split(&mut self, addr: ClientAddr, reply: Reply) {
-        let index = addr.conn as usize;
-        let Some(Some(split)) = self.splits.get_mut(index) else { return };
-        if split.generation != addr.conn_gen {
-            return;
-        }
-        match reply.body {
-            Body::Stock(levels) if reply.status == Status::Ok => split.levels.extend(levels),
-            _ if split.status == Status::Ok => split.status = reply.status,
-            _ => {}
-        }
-        split.parts_left -= 1;
-        if split.parts_left > 0 {
-            return;
-        }
-        let split = self.splits[index].take().expect("checked");
-        self.split_generations[index] = self.split_generations[index].wrapping_add(1);
-        let body = if split.status == Status::Ok { Body::Stock(split.levels) } else { Body::Empty };
-        let reply = Reply { client: split.reply_to.pack(), request_id: split.request_id, status: split.status, body };
-        self.deliver(reply);
-    }
-
-    /// Sends a reply to its stream: here, or through the mesh to the core that holds it.
-    fn deliver(&mut self, reply: Reply) {
-        let addr = ClientAddr::unpack(reply.client);
-        if u32::from(addr.core) != self.shard_id {
-            self.outgoing[addr.core as usize].replies.push(reply);
-            return;
-        }
-        if addr.stream == SPLIT_STREAM {
-            return self.merge_split(addr, reply);
-        }
-        let Some(Some(conn)) = self.conns.get_mut(addr.conn as usize) else { return };
-        if conn.generation != addr.conn_gen {
-            return;
-        }
-        conn.in_flight = conn.in_flight.saturating_sub(1);
-        let Some(Some(stream)) = conn.streams.get_mut(addr.stream as usize) else { return };
-        if stream.generation != addr.stream_gen {
-            return;
-        }
-        stream.in_flight = stream.in_flight.saturating_sub(1);
-        if !stream.broken {
-            stream.replies.push(Response { id: reply.request_id, status: reply.status, body: reply.body });
-        }
-        self.mark_dirty(addr.conn);
-    }
-
     /// Encodes every stream's waiting replies into response frames and writes them.
     fn write_replies(&mut self, slot: u16) {
         let conn = self.conns[slot as usize].as_mut().expect("exists");
@@ -1168,4 +1128,76 @@ pub(crate) fn wall_clock_ms() -> u64 {
 /// An owned copy of an archived request, for forwarding to another core.
 fn deserialize(request: &ArchivedRequest) -> Request {
     rkyv::deserialize::<Request, rkyv::rancor::Error>(request).expect("a validated archive deserializes")
+}
+
+/// What delivering a reply changes in a core, borrowed apart from its shard (see
+/// `Core::shard_and_delivery`).
+struct Delivery<'a> {
+    shard_id: ShardId,
+    outgoing: &'a mut [Outgoing],
+    splits: &'a mut [Option<SplitQuery>],
+    split_generations: &'a mut [u16],
+    conns: &'a mut [Option<Conn>],
+    dirty: &'a mut Vec<u16>,
+}
+
+impl Delivery<'_> {
+    /// Merges a part of a split query; answers the client when it is the last.
+    fn merge_split(&mut self, addr: ClientAddr, reply: Reply) {
+        let index = addr.conn as usize;
+        let Some(Some(split)) = self.splits.get_mut(index) else { return };
+        if split.generation != addr.conn_gen {
+            return;
+        }
+        match reply.body {
+            Body::Stock(levels) if reply.status == Status::Ok => split.levels.extend(levels),
+            _ if split.status == Status::Ok => split.status = reply.status,
+            _ => {}
+        }
+        split.parts_left -= 1;
+        if split.parts_left > 0 {
+            return;
+        }
+        let split = self.splits[index].take().expect("checked");
+        self.split_generations[index] = self.split_generations[index].wrapping_add(1);
+        let body = if split.status == Status::Ok { Body::Stock(split.levels) } else { Body::Empty };
+        let reply = Reply { client: split.reply_to.pack(), request_id: split.request_id, status: split.status, body };
+        self.deliver(reply);
+    }
+
+    /// Sends a reply to its stream: here, or through the mesh to the core that holds it.
+    fn deliver(&mut self, reply: Reply) {
+        let addr = ClientAddr::unpack(reply.client);
+        if u32::from(addr.core) != self.shard_id {
+            self.outgoing[addr.core as usize].replies.push(reply);
+            return;
+        }
+        if addr.stream == SPLIT_STREAM {
+            return self.merge_split(addr, reply);
+        }
+        let Some(Some(conn)) = self.conns.get_mut(addr.conn as usize) else { return };
+        if conn.generation != addr.conn_gen {
+            return;
+        }
+        conn.in_flight = conn.in_flight.saturating_sub(1);
+        let Some(Some(stream)) = conn.streams.get_mut(addr.stream as usize) else { return };
+        if stream.generation != addr.stream_gen {
+            return;
+        }
+        stream.in_flight = stream.in_flight.saturating_sub(1);
+        if !stream.broken {
+            stream.replies.push(Response { id: reply.request_id, status: reply.status, body: reply.body });
+        }
+        mark_dirty(self.conns, self.dirty, addr.conn);
+    }
+}
+
+/// Queues connection `slot` to be driven, once.
+fn mark_dirty(conns: &mut [Option<Conn>], dirty: &mut Vec<u16>, slot: u16) {
+    if let Some(conn) = conns[slot as usize].as_mut() {
+        if !conn.dirty {
+            conn.dirty = true;
+            dirty.push(slot);
+        }
+    }
 }
