@@ -85,9 +85,12 @@ async fn null_serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStr
         }
         frame.clear();
         frame.extend_from_slice(&header);
-        frame.resize(parsed.frame_len(), 0);
-        if recv.read_exact(&mut frame[HEADER_LEN..]).await.is_err() {
-            return;
+        // quinn's chunks are copied once, into the aligned frame; nothing is zeroed first.
+        while frame.len() < parsed.frame_len() {
+            match recv.read_chunk(parsed.frame_len() - frame.len(), true).await {
+                Ok(Some(chunk)) => frame.extend_from_slice(&chunk.bytes),
+                _ => return,
+            }
         }
         let Ok(requests) = frame::decode_requests(&frame, &limits) else { return };
         batch.responses.clear();
