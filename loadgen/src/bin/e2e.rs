@@ -58,8 +58,6 @@ const LOCATION: u32 = 0;
 const LATENCY_NS_MAX: u64 = 60_000_000_000;
 /// How long the driver waits for outstanding answers after the run before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The pacer sleeps (instead of spinning) when the next frame is due later than this.
-const PACER_SLEEP_ABOVE: Duration = Duration::from_millis(2);
 /// UDP socket buffers of every connection, each direction (the kernel caps them at
 /// net.core.rmem_max / wmem_max).
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
@@ -1127,9 +1125,70 @@ async fn saturate(
     Ok(())
 }
 
+/// A one-shot timer of microsecond resolution for the pacer: a `timerfd` that the
+/// runtime's epoll waits on like any socket.
+///
+/// tokio's own timers tick in milliseconds, so a pacer that must send a frame every
+/// 100 µs or so could only spin between frames. It must not: this host's two vCPUs may
+/// not both run flat out (measured with `jitter` on both CPUs at once: every few seconds
+/// the whole VM stops for up to 100 ms, against gaps of at most 0.2 ms with one CPU
+/// busy), so a spinning driver beside a busy server stalls both, and the stalls, not the
+/// server, made the tail.
+struct FineTimer {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl FineTimer {
+    fn new() -> std::io::Result<FineTimer> {
+        // SAFETY: timerfd_create takes two flags and returns a new descriptor or -1.
+        let raw = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        // SAFETY: the `OwnedFd` owns the timerfd and is neither replaced nor closed while
+        // the `AsyncFd` holds it.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)? };
+        Ok(FineTimer { fd })
+    }
+
+    /// Returns once `wait` has passed (at once for zero).
+    async fn sleep(&self, wait: Duration) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if wait.is_zero() {
+            return Ok(());
+        }
+        let fd = self.fd.get_ref().as_raw_fd();
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as _ },
+        };
+        // SAFETY: `fd` is this timer's open timerfd; `spec` is a valid itimerspec that the
+        // call only reads, and the old value is not asked for (null).
+        if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut expirations = 0u64;
+            // SAFETY: reads at most 8 bytes into `expirations`, which has room for them.
+            let read = unsafe { libc::read(fd, (&raw mut expirations).cast(), std::mem::size_of::<u64>()) };
+            if read == std::mem::size_of::<u64>() as isize {
+                return Ok(());
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(error);
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
 /// The open-loop pacer: frame `j` is due at `start + j * batch / rate` on stream
-/// `j % streams`. It spins (yielding to the other tasks) when the next frame is due soon,
-/// since tokio's timers tick in milliseconds; a frame sent late keeps its intended time.
+/// `j % streams`. Between frames it sleeps on a [`FineTimer`], never spinning; a frame
+/// sent late keeps its intended time.
 async fn pace(
     lanes: &[Rc<RefCell<Lane>>],
     mut sends: Vec<quinn::SendStream>,
@@ -1138,6 +1197,7 @@ async fn pace(
     frames_in_flight_max: usize,
 ) -> anyhow::Result<()> {
     let mut builder = FrameBuilder::new(batch);
+    let timer = FineTimer::new().context("a timerfd for the pacer")?;
     let (start, until) = {
         let lane = lanes[0].borrow();
         (lane.window.start, lane.window.until)
@@ -1148,17 +1208,7 @@ async fn pace(
         if due >= until {
             break;
         }
-        loop {
-            let now = Instant::now();
-            if now >= due {
-                break;
-            }
-            if due - now > PACER_SLEEP_ABOVE {
-                tokio::time::sleep(due - now - PACER_SLEEP_ABOVE / 2).await;
-            } else {
-                tokio::task::yield_now().await;
-            }
-        }
+        timer.sleep(due.saturating_duration_since(Instant::now())).await.context("the pacer's timer")?;
         let k = (j % lanes.len() as u64) as usize;
         let room = lanes[k].borrow().room.clone();
         while lanes[k].borrow().in_flight >= frames_in_flight_max {
@@ -1185,4 +1235,26 @@ async fn pace(
         send.finish().context("finish a stream")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pacer's timer never returns early (a frame sent before its intended time would
+    /// flatter the latency), fires again after firing once (it is re-armed per frame), and
+    /// returns at once for a zero wait.
+    #[test]
+    fn fine_timer_waits_at_least_as_asked_and_rearms() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        runtime.block_on(async {
+            let timer = FineTimer::new().expect("a timerfd");
+            for wait in [Duration::from_micros(150), Duration::from_millis(3), Duration::from_micros(1)] {
+                let started = Instant::now();
+                timer.sleep(wait).await.expect("the timer fires");
+                assert!(started.elapsed() >= wait, "woke after {:?}, asked {wait:?}", started.elapsed());
+            }
+            timer.sleep(Duration::ZERO).await.expect("a zero wait returns");
+        });
+    }
 }
