@@ -141,6 +141,8 @@ bench-e2e: check-toolchain
 	  echo "time taken from a pinned thread (server CPU, then driver CPU)"; \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
 	  taskset -c $(DRIVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
+	  echo "both CPUs at the same time (does this machine give both at once, as a busy server and driver take them?)" && \
+	  $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) --cpus $(SERVER_CPU),$(DRIVER_CPU) && echo && \
 	  echo "=== the disk: fdatasync latency (the WAL's own write pattern)" && \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target && echo && \
 	  echo "=== calibration: the same driver against a null server (QUIC and framing on quinn, no engine)" && \
