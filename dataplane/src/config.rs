@@ -32,6 +32,8 @@ pub struct Config {
     /// shard leaves a `SCHED_IDLE` snapshot thread on its CPU almost no time (the kill -9
     /// test took no snapshot at 1000 us on two shards of two CPUs). Raise it only when
     /// some CPUs run no shard: background threads go there (`server::background_cpus`).
+    /// A spinning shard keeps its CPU busy even when idle, which costs on a virtual
+    /// machine that stops when all its vCPUs are busy at once (`jitter --cpus`).
     pub spin_before_park_us: u64,
     /// Where each shard keeps its write-ahead log (`<data_dir>/shard-<k>/`).
     pub data_dir: PathBuf,
