@@ -32,6 +32,9 @@ E2E_SECONDS ?= 10
 JITTER_SECONDS ?= 10
 E2E_WARMUP ?= 2
 E2E_SKUS ?= 100000
+# The open-loop rate of the null server's calibration run (about half the data plane's
+# batched saturation on this host).
+NULL_RATE ?= 1000000
 MESH_SECONDS ?= 2
 # The control plane's sync benchmark: lines drained, SKUs bootstrapped.
 SYNC_LINES ?= 2000000
@@ -136,7 +139,7 @@ bench-e2e: check-toolchain
 	@mkdir -p $(REPORT_DIR)
 	@set -o pipefail; report=$(REPORT_DIR)/e2e-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
 	export STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
-	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS); \
+	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS) NULL_RATE=$(NULL_RATE); \
 	{ echo "=== the CPUs: server on $(SERVER_CPU), driver on $(DRIVER_CPU); benches/cpus.sh: $(CPU_CHOICE)"; \
 	  echo "time taken from a pinned thread (server CPU, then driver CPU)"; \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
@@ -145,7 +148,7 @@ bench-e2e: check-toolchain
 	  $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) --cpus $(SERVER_CPU),$(DRIVER_CPU) && echo && \
 	  echo "=== the disk: fdatasync latency (the WAL's own write pattern)" && \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target && echo && \
-	  echo "=== calibration: the same driver against a null server (QUIC and framing on quinn, no engine)" && \
+	  echo "=== calibration: the same driver against a null server (QUIC and framing on quinn, no engine): saturate, then open loop at $(NULL_RATE) requests/s" && \
 	  benches/null.sh $(BIN_DIR) && echo && \
 	  echo "=== durability none: the server without its disk" && \
 	  DURABILITY=none benches/e2e.sh $(BIN_DIR) && echo && \
