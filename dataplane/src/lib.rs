@@ -9,7 +9,8 @@
 //! - [`server`]: starts one pinned executor per core and the admin endpoint, and stops them;
 //! - [`config`]: the TOML configuration and its defaults (`dataplane/dataplane.toml`);
 //! - `core`: one core's shard, QUIC connections and mesh end, as a synchronous state machine;
-//! - `udp`: the core's socket (batched receives and GSO sends with `quinn-udp`);
+//! - [`udp`]: the core's socket (batched receives and GSO sends with `quinn-udp`), and
+//!   [`udp::bind_reuseport`], which the benchmarks' null server binds with too;
 //! - `route`: which shard serves a request;
 //! - [`wal`]: each shard's write-ahead log on disk (group commit, segments, recovery);
 //! - [`tls`]: rustls server configuration with client authentication, roles from certificates;
@@ -25,7 +26,7 @@ mod metrics;
 mod route;
 pub mod server;
 pub mod tls;
-mod udp;
+pub mod udp;
 pub mod wal;
 
 pub use config::Config;

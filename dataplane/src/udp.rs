@@ -20,8 +20,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 pub(crate) const RECV_BATCH: usize = 32;
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT`: the first fixes the port when
-/// `addr` has port 0, the others join it.
-pub(crate) fn bind_reuseport(addr: SocketAddr, count: usize, buffer_bytes: usize) -> anyhow::Result<Vec<UdpSocket>> {
+/// `addr` has port 0, the others join it. Each socket asks for `buffer_bytes` of
+/// buffer both ways (a kernel limit may give less) and is non-blocking.
+pub fn bind_reuseport(addr: SocketAddr, count: usize, buffer_bytes: usize) -> anyhow::Result<Vec<UdpSocket>> {
     let mut sockets = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count {

@@ -32,21 +32,11 @@ struct Cli {
     /// The directory of the development certificates (server.pem, server.key, ca.pem).
     #[arg(long, default_value = "target/certs")]
     certs: PathBuf,
-    /// UDP socket buffer size, both directions: the data plane's default
-    /// (`socket_buffer_bytes`), so that the yardstick drops no more datagrams than the
+    /// UDP socket buffer size, both directions: by default the data plane's own
+    /// (`quic.socket_buffer_bytes`), so that the yardstick drops no more datagrams than the
     /// server it calibrates (the kernel caps it at net.core.rmem_max / wmem_max).
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = stockplane_dataplane::config::Config::default().quic.socket_buffer_bytes)]
     socket_buffer_bytes: usize,
-}
-
-/// A UDP socket bound to `addr` with both buffers asked to be `bytes`.
-fn bind_udp(addr: SocketAddr, bytes: usize) -> anyhow::Result<std::net::UdpSocket> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)
-        .context("create the UDP socket")?;
-    socket.set_recv_buffer_size(bytes).context("set SO_RCVBUF")?;
-    socket.set_send_buffer_size(bytes).context("set SO_SNDBUF")?;
-    socket.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
-    Ok(socket.into())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,7 +58,10 @@ fn main() -> anyhow::Result<()> {
     config.transport_config(Arc::new(transport));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start tokio")?;
     runtime.block_on(async move {
-        let socket = bind_udp(cli.listen, cli.socket_buffer_bytes)?;
+        // Bound as the data plane binds each core's socket (one core here).
+        let socket = stockplane_dataplane::udp::bind_reuseport(cli.listen, 1, cli.socket_buffer_bytes)?
+            .pop()
+            .context("one socket")?;
         let endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, Arc::new(quinn::TokioRuntime))
                 .context("start the endpoint")?;
