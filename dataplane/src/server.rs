@@ -429,6 +429,21 @@ fn move_to_cpus(cpus: &libc::cpu_set_t) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Pins the calling thread to `cpu` alone (the benchmarks' probes pin their threads so).
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such CPU"));
+    }
+    // SAFETY: cpu_set_t is plain bits, the empty set when zeroed; CPU_SET writes one bit of
+    // it, in range (checked above).
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        set
+    };
+    move_to_cpus(&set)
+}
+
 /// Runs `work` on a thread of its own at the idle scheduling policy (`SCHED_IDLE`: it
 /// gets a CPU only when nothing else wants it, so a shard preempts it at once), on
 /// `cpus` ([`background_cpus`]) rather than only its shard's (a snapshot takes
@@ -874,6 +889,13 @@ mod tests {
     }
 
     #[test]
+    fn pinning_to_a_cpu_that_does_not_exist_is_an_error() {
+        let outside = libc::CPU_SETSIZE as usize;
+        let error = std::thread::spawn(move || pin_to_cpu(outside)).join().expect("the thread runs");
+        assert_eq!(error.expect_err("no such CPU").kind(), std::io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
     fn a_background_thread_leaves_its_pinned_shard() {
         remember_process_cpus();
         let process = *PROCESS_CPUS.get().expect("remembered");
@@ -881,9 +903,7 @@ mod tests {
         let background = background_cpus(&process, [first]);
         let moved = std::thread::spawn(move || {
             // Pinned to one CPU, as a shard's thread is (and as a thread it spawns starts).
-            let one = cpus(&[first]);
-            // SAFETY: sched_setaffinity reads the set and changes only this thread's CPUs.
-            assert_eq!(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) }, 0);
+            pin_to_cpu(first).expect("pin to one CPU");
             assert_eq!(members(&cpus_of_this_thread()), [first]);
             move_to_cpus(&background).expect("move");
             members(&cpus_of_this_thread())

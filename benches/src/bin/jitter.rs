@@ -60,7 +60,8 @@ fn main() {
         .iter()
         .map(|&cpu| {
             std::thread::spawn(move || {
-                pin_to(cpu).map_err(|error| format!("pin a thread to CPU {cpu}: {error}"))?;
+                stockplane_dataplane::server::pin_to_cpu(cpu)
+                    .map_err(|error| format!("pin a thread to CPU {cpu}: {error}"))?;
                 Ok::<_, String>(watch_clock(watch, gap))
             })
         })
@@ -78,24 +79,6 @@ fn main() {
     if failed {
         std::process::exit(1);
     }
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) -> std::io::Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such CPU"));
-    }
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes one bit of it, in range
-    // (checked above); sched_setaffinity only reads the set and changes the calling
-    // thread's affinity (pid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// Reads the clock in a loop for `watch`; returns every interval of `gap` or longer.
@@ -164,13 +147,6 @@ mod tests {
         let share = delayed_share(Duration::from_secs(1), &gaps, us(500));
         assert!((share - 0.0015).abs() < 1e-12, "{share}");
         assert_eq!(delayed_share(Duration::from_secs(1), &gaps, us(5_000)), 0.0);
-    }
-
-    #[test]
-    fn pinning_to_a_cpu_that_does_not_exist_is_an_error() {
-        let outside = libc::CPU_SETSIZE as usize;
-        let error = std::thread::spawn(move || pin_to(outside)).join().expect("the thread runs");
-        assert_eq!(error.expect_err("no such CPU").kind(), std::io::ErrorKind::InvalidInput);
     }
 
     #[test]
