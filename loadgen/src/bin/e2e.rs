@@ -724,6 +724,8 @@ struct PhaseResult {
     cpu: Option<[ProcessCpu; 2]>,
     /// The time the hypervisor took from each CPU in the same window.
     stolen: Option<Stolen>,
+    /// The datagrams the kernel dropped in the same window.
+    udp_drops: Option<UdpDrops>,
 }
 
 /// Time the hypervisor ran something else while a virtual CPU had work: the `steal`
@@ -773,6 +775,56 @@ impl Stolen {
             })
             .collect();
         println!("stolen by the hypervisor in the measured window (/proc/stat steal): {}", each.join(", "));
+    }
+}
+
+/// Datagrams the kernel dropped over a window, machine-wide (the `Udp:` counters of
+/// `/proc/net/snmp`): a datagram dropped on loopback is a QUIC packet lost, which stalls
+/// its stream until a retransmission, so a latency tail with drops in its window has
+/// that cause before any other.
+struct UdpDrops {
+    /// Datagrams refused because the receiving socket's buffer was full.
+    receive_buffer: u64,
+    /// Datagrams refused because the sending socket's buffer was full.
+    send_buffer: u64,
+}
+
+impl UdpDrops {
+    /// The machine's `RcvbufErrors` and `SndbufErrors` so far.
+    fn sample() -> anyhow::Result<UdpDrops> {
+        UdpDrops::parse(&std::fs::read_to_string("/proc/net/snmp").context("read /proc/net/snmp")?)
+    }
+
+    fn parse(snmp: &str) -> anyhow::Result<UdpDrops> {
+        // Two `Udp:` lines: the counters' names, then their values.
+        let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+        let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+            anyhow::bail!("no Udp counters in /proc/net/snmp");
+        };
+        let counter = |wanted: &str| {
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == wanted)
+                .and_then(|(_, value)| value.parse().ok())
+                .with_context(|| format!("the counter {wanted} of /proc/net/snmp"))
+        };
+        Ok(UdpDrops { receive_buffer: counter("RcvbufErrors")?, send_buffer: counter("SndbufErrors")? })
+    }
+
+    fn between(before: &UdpDrops, after: &UdpDrops) -> UdpDrops {
+        UdpDrops {
+            receive_buffer: after.receive_buffer.saturating_sub(before.receive_buffer),
+            send_buffer: after.send_buffer.saturating_sub(before.send_buffer),
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "UDP datagrams the kernel dropped in the measured window (/proc/net/snmp, every socket): \
+             {} for a full receive buffer, {} for a full send buffer",
+            self.receive_buffer, self.send_buffer
+        );
     }
 }
 
@@ -916,6 +968,9 @@ impl PhaseResult {
         if let Some(stolen) = &self.stolen {
             stolen.print();
         }
+        if let Some(udp_drops) = &self.udp_drops {
+            udp_drops.print();
+        }
         if let Load::Rate(_) = self.load {
             println!(
                 "pacer: {} frames sent, {} more than {} us after their intended time, largest lag {:.1} us",
@@ -964,10 +1019,10 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         tokio::task::spawn_local(async move {
             let me = std::process::id();
             tokio::time::sleep_until(measure_from.into()).await;
-            let before = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?);
+            let before = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?, UdpDrops::sample()?);
             let from = Instant::now();
             tokio::time::sleep_until(window.until.into()).await;
-            let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?);
+            let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?, UdpDrops::sample()?);
             let window = from.elapsed();
             anyhow::Ok((
                 [
@@ -975,6 +1030,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
                     ProcessCpu::between("driver", me, window, &before.1, &after.1),
                 ],
                 Stolen::between(window, &before.2, &after.2),
+                UdpDrops::between(&before.3, &after.3),
             ))
         })
     });
@@ -1028,12 +1084,12 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         }
     };
     sending.context("send the load")?;
-    let (cpu, stolen) = match cpu {
+    let (cpu, stolen, udp_drops) = match cpu {
         Some(task) => {
-            let (cpu, stolen) = task.await.context("the CPU sampler")?.context("sample the CPU time")?;
-            (Some(cpu), Some(stolen))
+            let (cpu, stolen, drops) = task.await.context("the CPU sampler")?.context("sample the CPU time")?;
+            (Some(cpu), Some(stolen), Some(drops))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     // Every stream is finished; the server finishes its side once all is answered.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -1082,7 +1138,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
     for (endpoint, connection) in connections {
         disconnect(endpoint, connection).await;
     }
-    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, cpu, stolen })
+    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, cpu, stolen, udp_drops })
 }
 
 /// A stream's receiver: counts answers until the server finishes the stream.
@@ -1240,6 +1296,25 @@ async fn pace(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The drop counters are found by name in `/proc/net/snmp`'s `Udp:` lines (their
+    /// columns moved between kernels), not taken from `UdpLite:`; a file without them is
+    /// an error, not zero drops.
+    #[test]
+    fn udp_drops_are_read_by_name_from_the_udp_lines() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors\n\
+                    Udp: 8952227 0 1084 8953312 1083 7 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors\n\
+                    UdpLite: 0 0 0 0 5 6 0\n";
+        let drops = UdpDrops::parse(snmp).expect("the Udp counters");
+        assert_eq!((drops.receive_buffer, drops.send_buffer), (1083, 7));
+        let later = UdpDrops { receive_buffer: 1100, send_buffer: 7 };
+        let window = UdpDrops::between(&drops, &later);
+        assert_eq!((window.receive_buffer, window.send_buffer), (17, 0));
+        assert!(UdpDrops::parse("Udp: InDatagrams NoPorts\nUdp: 1 2\n").is_err());
+        assert!(UdpDrops::parse("Ip: Forwarding\nIp: 1\n").is_err());
+        UdpDrops::sample().expect("this machine's /proc/net/snmp has the Udp counters");
+    }
 
     /// The pacer's timer never returns early (a frame sent before its intended time would
     /// flatter the latency), fires again after firing once (it is re-armed per frame), and
