@@ -95,10 +95,11 @@ echo
 "${driver[@]}" --skip-setup --mode half --batch 128 --connections 16 --frames-in-flight 16 --quic-stats || status=1
 echo
 if [ "$durability" != none ]; then
-  # The log's own view of the three runs: how long its write+fdatasync rounds took
-  # (cumulative counts by upper bound, in seconds) and how many bytes each wrote.
+  # The log's own view of the three runs: how long its rounds took from being taken to
+  # durable, their writes and fdatasyncs alone (cumulative counts by upper bound, in
+  # seconds), and how many bytes each wrote.
   echo "server WAL rounds over the three runs (from its /metrics):"
-  curl -sf "http://$admin/metrics" | grep -E '^stockplane_wal_(sync_seconds|batch_bytes)' | sed 's/^/  /' || true
+  curl -sf "http://$admin/metrics" | grep -E '^stockplane_wal_(sync_seconds|write_seconds|fdatasync_seconds|batch_bytes)' | sed 's/^/  /' || true
   echo
 fi
 exit "$status"

@@ -627,6 +627,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         };
         let sync_seconds = metrics::histogram!("stockplane_wal_sync_seconds", "shard" => shard.to_string());
         let batch_bytes = metrics::histogram!("stockplane_wal_batch_bytes", "shard" => shard.to_string());
+        // The round's two disk operations on their own: a slow round shows whether the
+        // write or the fdatasync made it so (or neither: then the core noticed late).
+        let write_seconds = metrics::histogram!("stockplane_wal_write_seconds", "shard" => shard.to_string());
+        let fdatasync_seconds = metrics::histogram!("stockplane_wal_fdatasync_seconds", "shard" => shard.to_string());
         tasks.push(
             glommio::spawn_local(async move {
                 // A batch made durable: metrics, then the replies and peer messages it held.
@@ -671,12 +675,17 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         };
                         let batch = Batch { position, bytes: bytes.len(), taken: Instant::now() };
                         if writer.fits(&bytes) {
+                            let write = async {
+                                let started = Instant::now();
+                                let written = writer.write_unsynced(&bytes).await;
+                                write_seconds.record(started.elapsed().as_secs_f64());
+                                written
+                            };
                             match syncing.take() {
-                                None => writer.write_unsynced(&bytes).await?,
+                                None => write.await?,
                                 Some((previous, mut sync)) => {
                                     // The write and the previous sync run together; the
                                     // previous batch is acknowledged as soon as it is durable.
-                                    let write = writer.write_unsynced(&bytes);
                                     futures_lite::pin!(write);
                                     let first = futures_lite::future::poll_fn(|cx| {
                                         if let Poll::Ready(synced) = Pin::new(&mut sync).poll(cx) {
@@ -699,7 +708,15 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                     }
                                 }
                             }
-                            syncing = Some((batch, glommio::spawn_local(wal::sync(writer.file()))));
+                            let sync = wal::sync(writer.file());
+                            let fdatasync_seconds = fdatasync_seconds.clone();
+                            let sync = async move {
+                                let started = Instant::now();
+                                let synced = sync.await;
+                                fdatasync_seconds.record(started.elapsed().as_secs_f64());
+                                synced
+                            };
+                            syncing = Some((batch, glommio::spawn_local(sync)));
                         } else {
                             // The batch ends this segment: finish the running sync, then
                             // write and sync segment by segment.

@@ -362,6 +362,9 @@ async fn metrics_and_health_are_served_over_http() {
     let server = start(2, |_| {});
     let checkout = server.client("checkout").await;
     let _ = checkout.query_stock(vec![SkuAt { sku: 1, location: None }]).await.unwrap();
+    // A state change: answered only after its WAL round, whose write, fdatasync and whole
+    // round are timed before the answer leaves.
+    stock(&server.client("control").await, &[5], 1).await;
     let admin = server.server.admin_addr();
     let get = |path: &str| {
         use std::io::{Read, Write};
@@ -381,7 +384,14 @@ async fn metrics_and_health_are_served_over_http() {
         if metrics.contains("stockplane_requests_total{shard=\"0\",op=\"query_stock\"}")
             || metrics.contains("stockplane_requests_total{shard=\"1\",op=\"query_stock\"}")
         {
-            for name in ["stockplane_connections", "stockplane_service_seconds", "stockplane_live_holds"] {
+            for name in [
+                "stockplane_connections",
+                "stockplane_service_seconds",
+                "stockplane_live_holds",
+                "stockplane_wal_sync_seconds_count",
+                "stockplane_wal_write_seconds_count",
+                "stockplane_wal_fdatasync_seconds_count",
+            ] {
                 assert!(metrics.contains(name), "{name} missing: {metrics}");
             }
             break;
