@@ -205,11 +205,16 @@ async fn acknowledged_work_survives_kill_9() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = std::env::temp_dir().join(format!("stockplane-crash-{}-{seed}", std::process::id()));
     write_dev_certs(&dir).unwrap();
+    // Finished holds and carts are retained up to a bound, then forgotten (a query of one
+    // answers UnknownHold), while the check below expects every acknowledged hold to be
+    // known: the bounds must exceed what a run creates. With 1,024 finished carts, a 100-
+    // cycle run (5,723 holds) lost its first cart to that bound at cycle 74 to 88, which
+    // the check reported as an acknowledged reserve gone.
     std::fs::write(
         dir.join("dataplane.toml"),
         "io_memory_bytes = 524288\n[wal]\nsegment_bytes = 1048576\nsnapshot_every_segments = 1\n\
-         [shard]\nskus_max = 4096\nsku_locations_max = 4096\nholds_max = 65536\nholds_finished_max = 65536\n\
-         hold_extra_lines_max = 65536\ncarts_max = 4096\ncarts_finished_max = 1024\njournal_entries_max = 65536\n",
+         [shard]\nskus_max = 4096\nsku_locations_max = 4096\nholds_max = 65536\nholds_finished_max = 1048576\n\
+         hold_extra_lines_max = 65536\ncarts_max = 65536\ncarts_finished_max = 32768\njournal_entries_max = 65536\n",
     )
     .unwrap();
 
