@@ -534,7 +534,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     let (udp, readiness) = Udp::new(socket)?;
     // The shard as its log left it, then the writer at the log's end.
     let (engine, wal_start) = recovered;
-    let mut writer = WalWriter::open(&wal_start).await?;
+    let mut writer = WalWriter::open(&wal_start, shard).await?;
     let (wal_wake, wal_woken) = glommio::channels::local_channel::new_bounded(1);
     let core = Rc::new(RefCell::new(Core::new(engine, shards, &config, server_config, udp, wal_wake)?));
     // Holds that expired while the server was down expire now, once (their records are
@@ -627,10 +627,6 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         };
         let sync_seconds = metrics::histogram!("stockplane_wal_sync_seconds", "shard" => shard.to_string());
         let batch_bytes = metrics::histogram!("stockplane_wal_batch_bytes", "shard" => shard.to_string());
-        // The round's two disk operations on their own: a slow round shows whether the
-        // write or the fdatasync made it so (or neither: then the core noticed late).
-        let write_seconds = metrics::histogram!("stockplane_wal_write_seconds", "shard" => shard.to_string());
-        let fdatasync_seconds = metrics::histogram!("stockplane_wal_fdatasync_seconds", "shard" => shard.to_string());
         tasks.push(
             glommio::spawn_local(async move {
                 // A batch made durable: metrics, then the replies and peer messages it held.
@@ -675,17 +671,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         };
                         let batch = Batch { position, bytes: bytes.len(), taken: Instant::now() };
                         if writer.fits(&bytes) {
-                            let write = async {
-                                let started = Instant::now();
-                                let written = writer.write_unsynced(&bytes).await;
-                                write_seconds.record(started.elapsed().as_secs_f64());
-                                written
-                            };
                             match syncing.take() {
-                                None => write.await?,
+                                None => writer.write_unsynced(&bytes).await?,
                                 Some((previous, mut sync)) => {
                                     // The write and the previous sync run together; the
                                     // previous batch is acknowledged as soon as it is durable.
+                                    let write = writer.write_unsynced(&bytes);
                                     futures_lite::pin!(write);
                                     let first = futures_lite::future::poll_fn(|cx| {
                                         if let Poll::Ready(synced) = Pin::new(&mut sync).poll(cx) {
@@ -708,15 +699,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                     }
                                 }
                             }
-                            let sync = wal::sync(writer.file());
-                            let fdatasync_seconds = fdatasync_seconds.clone();
-                            let sync = async move {
-                                let started = Instant::now();
-                                let synced = sync.await;
-                                fdatasync_seconds.record(started.elapsed().as_secs_f64());
-                                synced
-                            };
-                            syncing = Some((batch, glommio::spawn_local(sync)));
+                            syncing = Some((batch, glommio::spawn_local(writer.sync())));
                         } else {
                             // The batch ends this segment: finish the running sync, then
                             // write and sync segment by segment.

@@ -611,11 +611,17 @@ pub(crate) struct WalWriter {
     /// The end of the records in the open segment, for the preparation of the next one
     /// to keep pace with (`PACED_ZERO_CHUNK`).
     log_end: Rc<Cell<u64>>,
+    /// Each write's and each `fdatasync`'s time on its own, from the call to the
+    /// completion the core saw: a slow round shows which of the two made it slow (or
+    /// neither: then the core noticed late).
+    write_seconds: metrics::Histogram,
+    fdatasync_seconds: metrics::Histogram,
 }
 
 impl WalWriter {
-    /// Opens the segment recovery ended in, at the end of its records.
-    pub async fn open(start: &WalStart) -> anyhow::Result<WalWriter> {
+    /// Opens the segment recovery ended in, at the end of its records; its metrics are
+    /// labelled with `shard`.
+    pub async fn open(start: &WalStart, shard: u32) -> anyhow::Result<WalWriter> {
         let path = segment_path(&start.dir, start.sequence);
         let file = OpenOptions::new()
             .read(true)
@@ -643,6 +649,8 @@ impl WalWriter {
             tail,
             next: Rc::new(RefCell::new(NextSegment::None)),
             log_end: Rc::new(Cell::new(start.end)),
+            write_seconds: metrics::histogram!("stockplane_wal_write_seconds", "shard" => shard.to_string()),
+            fdatasync_seconds: metrics::histogram!("stockplane_wal_fdatasync_seconds", "shard" => shard.to_string()),
         })
     }
 
@@ -684,7 +692,7 @@ impl WalWriter {
                 continue;
             }
             self.write_unsynced(&rest[..fits]).await?;
-            sync(self.file()).await?;
+            self.sync().await?;
             rest = &rest[fits..];
         }
         Ok(())
@@ -701,9 +709,17 @@ impl WalWriter {
         self.end() + bytes.len() as u64 <= self.segment_bytes
     }
 
-    /// The open segment, for an `fdatasync` that runs while the next write goes out.
-    pub fn file(&self) -> Rc<DmaFile> {
-        self.file.clone()
+    /// An `fdatasync` of the open segment, which may run while the next write goes out
+    /// (it holds the segment, not the writer): every write to it that completed before
+    /// this started is durable when it returns.
+    pub fn sync(&self) -> impl std::future::Future<Output = anyhow::Result<()>> + 'static {
+        let (file, took) = (self.file.clone(), self.fdatasync_seconds.clone());
+        async move {
+            let started = std::time::Instant::now();
+            file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
+            took.record(started.elapsed().as_secs_f64());
+            Ok(())
+        }
     }
 
     /// Writes `bytes` (whole records that `fits`) after what is on disk, without syncing:
@@ -721,7 +737,9 @@ impl WalWriter {
         out[..self.tail.len()].copy_from_slice(&self.tail);
         out[self.tail.len()..data].copy_from_slice(bytes);
         out[data..].fill(0);
+        let started = std::time::Instant::now();
         let written = self.file.write_at(buffer, self.tail_offset).await.map_err(io).context("write the WAL")?;
+        self.write_seconds.record(started.elapsed().as_secs_f64());
         if written as u64 != size {
             bail!("short WAL write: {written} of {size} bytes");
         }
@@ -767,13 +785,6 @@ impl WalWriter {
         info!(segment = self.sequence, waited_us = waited.as_micros() as u64, "WAL segment started");
         Ok(())
     }
-}
-
-/// Syncs `file` (a segment from `WalWriter::file`): every write to it that completed
-/// before this started is durable when it returns.
-pub(crate) async fn sync(file: Rc<DmaFile>) -> anyhow::Result<()> {
-    file.fdatasync().await.map_err(io).context("fdatasync the WAL")?;
-    Ok(())
 }
 
 /// The segment after the current one.
