@@ -420,18 +420,26 @@ pub fn take_snapshot(
     // The closed segments, one at a time (memory: one segment beside the state), and
     // the position each one's records end at. Consecutive segments must continue each
     // other's positions, as they must in recovery.
-    let closed: Vec<(u64, PathBuf)> = segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence).collect();
+    let mut closed = segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence).peekable();
     let mut ends: Vec<(u64, PathBuf, u64)> = Vec::new();
-    for (index, (sequence, path)) in closed.iter().enumerate() {
-        let (sequence, path) = (*sequence, path.clone());
+    // Covered segments come first: once the next one is seen to start after the
+    // snapshot's position, no later segment is covered, and no more starts are probed
+    // (none is without a snapshot).
+    let mut probing = base_position > 0;
+    while let Some((sequence, path)) = closed.next() {
         stopping()?;
         // A segment that the next one shows to end at or before the snapshot's position
         // is covered whole: it is not read (the log between the two kept snapshots was
-        // half of what each snapshot read, only to learn where it ends).
-        if let Some((_, next)) = closed.get(index + 1) {
-            if let Some(next_first) = first_position(next)?.filter(|first| *first <= base_position.saturating_add(1)) {
-                ends.push((sequence, path, next_first.saturating_sub(1)));
-                continue;
+        // half of what each snapshot read, only to learn where it ends). When the next
+        // one's start cannot be read, this one is read whole, as any other.
+        if let Some((_, next)) = closed.peek().filter(|_| probing) {
+            match first_position(next)? {
+                Some(next_first) if next_first <= base_position.saturating_add(1) => {
+                    ends.push((sequence, path, next_first.saturating_sub(1)));
+                    continue;
+                }
+                Some(_) => probing = false,
+                None => {}
             }
         }
         let bytes = read_segment(&path, segment_bytes, Some(SNAPSHOT_READ_GAP))?;
