@@ -429,19 +429,23 @@ fn move_to_cpus(cpus: &libc::cpu_set_t) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The set of `cpus`; a CPU beyond what a set holds is an `InvalidInput` error.
+fn cpu_set(cpus: &[usize]) -> std::io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain bits, the empty set when zeroed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such CPU"));
+        }
+        // SAFETY: CPU_SET writes one bit of the set, in range (checked above).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    Ok(set)
+}
+
 /// Pins the calling thread to `cpu` alone (the benchmarks' probes pin their threads so).
 pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such CPU"));
-    }
-    // SAFETY: cpu_set_t is plain bits, the empty set when zeroed; CPU_SET writes one bit of
-    // it, in range (checked above).
-    let set = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        set
-    };
-    move_to_cpus(&set)
+    move_to_cpus(&cpu_set(&[cpu])?)
 }
 
 /// Runs `work` on a thread of its own at the idle scheduling policy (`SCHED_IDLE`: it
@@ -864,13 +868,7 @@ mod tests {
 
     /// A set of the given CPUs.
     fn cpus(list: &[usize]) -> libc::cpu_set_t {
-        // SAFETY: cpu_set_t is plain bits, valid when zeroed.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        for &cpu in list {
-            // SAFETY: CPU_SET writes one bit of the set, in range (the tests use small CPUs).
-            unsafe { libc::CPU_SET(cpu, &mut set) };
-        }
-        set
+        cpu_set(list).expect("CPUs in range")
     }
 
     fn members(set: &libc::cpu_set_t) -> Vec<usize> {
