@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use rkyv::util::AlignedVec;
 use stockplane_benches::{
-    access, archive_into, catalog_config, fill_catalog, hold_id, sku_id, Driver, Finish, Target, Workload, CHECKOUT,
-    HOLD_TTL_MS, LIVE_HOLDS,
+    access, archive_into, catalog_config, fill_catalog, hold_id, sku_id, Driver, Finish, Target, CHECKOUT, HOLD_TTL_MS,
+    LIVE_HOLDS,
 };
 use stockplane_engine::{Shard, ShardConfig};
 use stockplane_loadgen::Popularity;
@@ -197,7 +197,7 @@ fn hot_path(lines: usize, finish: Finish) -> HotPath {
     const SKUS: u32 = 100_000;
     const WARM_UP_ROUNDS: u64 = 3_000;
     const ROUNDS: u64 = 8_000;
-    let (mut shard, mut driver, mut workload, now) = steady_engine(SKUS, lines, finish);
+    let (mut engine, mut workload, now) = Target::steady(false, Popularity::Uniform, SKUS, lines, finish);
     let mut buffer = AlignedVec::new();
     let mut batch = RequestBatch::default();
     let (mut calls_hot, mut bytes_hot, mut growth, mut requests) = (0u64, 0u64, 0i64, 0u64);
@@ -206,7 +206,7 @@ fn hot_path(lines: usize, finish: Finish) -> HotPath {
         buffer = archive_into(&batch, buffer);
         let archived = access(&buffer);
         let (calls_before, bytes_before, live_before) = (calls(), ALLOCATED.load(Relaxed), live_bytes());
-        driver.apply(&mut shard, now + 1 + round, CHECKOUT, archived);
+        engine.apply(now + 1 + round, archived);
         if round >= WARM_UP_ROUNDS {
             calls_hot += calls() - calls_before;
             bytes_hot += ALLOCATED.load(Relaxed) - bytes_before;
@@ -214,7 +214,7 @@ fn hot_path(lines: usize, finish: Finish) -> HotPath {
             requests += 256;
         }
     }
-    assert_eq!(driver.outcomes.first_failure, None, "{:?}", driver.outcomes);
+    assert_eq!(engine.outcomes().first_failure, None, "{:?}", engine.outcomes());
     let requests_f = requests as f64;
     HotPath {
         requests,
@@ -230,7 +230,7 @@ fn hot_path(lines: usize, finish: Finish) -> HotPath {
 /// until the hold TTL (one hour here) lets it go.
 fn steady_growth(checkpoints: &[u64]) -> Vec<(u64, i64)> {
     const SKUS: u32 = 100_000;
-    let (mut shard, mut driver, mut workload, now) = steady_engine(SKUS, 1, Finish::Commit);
+    let (mut engine, mut workload, now) = Target::steady(false, Popularity::Uniform, SKUS, 1, Finish::Commit);
     let mut buffer = AlignedVec::new();
     let mut batch = RequestBatch::default();
     let (mut pairs, mut now, mut heap) = (0u64, now + 1, 0i64);
@@ -241,25 +241,16 @@ fn steady_growth(checkpoints: &[u64]) -> Vec<(u64, i64)> {
             buffer = archive_into(&batch, buffer);
             let archived = access(&buffer);
             let live_before = live_bytes();
-            driver.apply(&mut shard, now, CHECKOUT, archived);
+            engine.apply(now, archived);
             heap += live_bytes() - live_before;
             pairs += 128;
             now += 1;
         }
         samples.push((pairs, heap));
     }
-    assert_eq!(u64::from(shard.live_holds()), LIVE_HOLDS);
-    assert_eq!(driver.outcomes.first_failure, None, "{:?}", driver.outcomes);
+    assert_eq!(engine.live_holds(), LIVE_HOLDS);
+    assert_eq!(engine.outcomes().first_failure, None, "{:?}", engine.outcomes());
     samples
-}
-
-/// The engine in the benchmarks' steady state over `skus` SKUs, uniform popularity
-/// ([`Target::steady`]): its shard, driver and workload, and the time of its last batch.
-fn steady_engine(skus: u32, lines: usize, finish: Finish) -> (Box<Shard>, Driver, Workload, u64) {
-    match Target::steady(false, Popularity::Uniform, skus, lines, finish) {
-        (Target::Engine { shard, driver }, workload, now) => (shard, driver, workload, now),
-        (Target::Plain(_), ..) => unreachable!("asked for the engine"),
-    }
 }
 
 fn main() {
