@@ -719,13 +719,19 @@ struct PhaseResult {
     load: Load,
     stats: Stats,
     measured: Duration,
-    /// The server's and the driver's CPU time in the measured window, when
-    /// `--server-pid` was given.
-    cpu: Option<[ProcessCpu; 2]>,
-    /// The time the hypervisor took from each CPU in the same window.
-    stolen: Option<Stolen>,
-    /// The datagrams the kernel dropped in the same window.
-    udp_drops: Option<UdpDrops>,
+    /// What the machine did in the measured window, when `--server-pid` was given.
+    machine: Option<Machine>,
+}
+
+/// What the machine did in a phase's measured window, sampled at its two ends.
+struct Machine {
+    /// The server's and the driver's CPU time: a driver that is itself saturated
+    /// measures itself.
+    cpu: [ProcessCpu; 2],
+    /// The time the hypervisor took from each CPU.
+    stolen: Stolen,
+    /// The datagrams the kernel dropped.
+    udp_drops: UdpDrops,
 }
 
 /// Time the hypervisor ran something else while a virtual CPU had work: the `steal`
@@ -962,14 +968,12 @@ impl PhaseResult {
         if let Load::Rate(_) = self.load {
             quantiles("request latency from the actual send time (without the pacer's lateness)", &s.from_send_ns);
         }
-        for cpu in self.cpu.iter().flatten() {
-            cpu.print();
-        }
-        if let Some(stolen) = &self.stolen {
-            stolen.print();
-        }
-        if let Some(udp_drops) = &self.udp_drops {
-            udp_drops.print();
+        if let Some(machine) = &self.machine {
+            for cpu in &machine.cpu {
+                cpu.print();
+            }
+            machine.stolen.print();
+            machine.udp_drops.print();
         }
         if let Load::Rate(_) = self.load {
             println!(
@@ -1013,9 +1017,8 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         Keys::Uniform => Popularity::Uniform,
         Keys::Zipf => Popularity::zipf(),
     };
-    // The server's CPU time over the measured window, sampled at its two ends.
-    // With it, the driver's own: a driver that is itself saturated measures itself.
-    let cpu = cli.server_pid.map(|pid| {
+    // What the machine did over the measured window (`Machine`), sampled at its two ends.
+    let machine = cli.server_pid.map(|pid| {
         tokio::task::spawn_local(async move {
             let me = std::process::id();
             tokio::time::sleep_until(measure_from.into()).await;
@@ -1024,14 +1027,14 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
             tokio::time::sleep_until(window.until.into()).await;
             let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?, UdpDrops::sample()?);
             let window = from.elapsed();
-            anyhow::Ok((
-                [
+            anyhow::Ok(Machine {
+                cpu: [
                     ProcessCpu::between("server", pid, window, &before.0, &after.0),
                     ProcessCpu::between("driver", me, window, &before.1, &after.1),
                 ],
-                Stolen::between(window, &before.2, &after.2),
-                UdpDrops::between(&before.3, &after.3),
-            ))
+                stolen: Stolen::between(window, &before.2, &after.2),
+                udp_drops: UdpDrops::between(&before.3, &after.3),
+            })
         })
     });
     let mut lanes = Vec::with_capacity(streams.len());
@@ -1084,12 +1087,9 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         }
     };
     sending.context("send the load")?;
-    let (cpu, stolen, udp_drops) = match cpu {
-        Some(task) => {
-            let (cpu, stolen, drops) = task.await.context("the CPU sampler")?.context("sample the CPU time")?;
-            (Some(cpu), Some(stolen), Some(drops))
-        }
-        None => (None, None, None),
+    let machine = match machine {
+        Some(task) => Some(task.await.context("the machine's sampler")?.context("sample the machine")?),
+        None => None,
     };
     // Every stream is finished; the server finishes its side once all is answered.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -1138,7 +1138,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
     for (endpoint, connection) in connections {
         disconnect(endpoint, connection).await;
     }
-    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, cpu, stolen, udp_drops })
+    Ok(PhaseResult { load, stats, measured: window.until - window.measure_from, machine })
 }
 
 /// A stream's receiver: counts answers until the server finishes the stream.
