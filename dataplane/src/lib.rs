@@ -23,6 +23,7 @@ pub mod config;
 mod core;
 mod ids;
 mod metrics;
+mod replica;
 mod route;
 pub mod server;
 pub mod tls;

@@ -26,6 +26,7 @@ use crate::admin::{Admin, Health};
 use crate::config::Config;
 use crate::core::{Core, MeshMessage};
 use crate::metrics::CoreGauges;
+use crate::replica::{self, Replica};
 use crate::udp::{bind_reuseport, Udp};
 use crate::wal::{self, Durability, WalStart, WalWriter};
 
@@ -332,11 +333,13 @@ enum First {
     Written(anyhow::Result<()>),
 }
 
-/// A batch of records the WAL writer took: its last position, size, and when.
+/// A batch of records the WAL writer took: its last position, size, when, and the copy
+/// of its records that goes to the snapshot replica once it is durable.
 struct Batch {
     position: u64,
     bytes: usize,
     taken: Instant,
+    copy: Option<Vec<u8>>,
 }
 
 /// A WAL batch and the fdatasync that makes it durable, running.
@@ -452,20 +455,15 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 /// gets a CPU only when nothing else wants it, so a shard preempts it at once), on
 /// `cpus` ([`background_cpus`]) rather than only its shard's (a snapshot takes
 /// seconds of CPU; kept on the shard's core it took that core's idle moments and caches:
-/// one run at half load measured a sync p99 of 198 ms there, 57.5 ms free to move), and
-/// waits for its result without blocking the executor (it is looked at every 20 ms). Not
+/// one run at half load measured a sync p99 of 198 ms there, 57.5 ms free to move). Not
 /// glommio's blocking pool: a job of seconds there would queue the pool's short jobs
-/// behind it (the directory sync that readies the next WAL segment). The thread's handle
-/// goes to `running` until it ends, so that a stopping core can wait for it (see
-/// `run_core`).
-async fn on_idle_thread<T: Send + 'static>(
+/// behind it (the directory sync that readies the next WAL segment).
+fn spawn_idle_thread(
     name: String,
     cpus: libc::cpu_set_t,
-    running: &RefCell<Option<std::thread::JoinHandle<()>>>,
-    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let (sender, receiver) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new()
+    work: impl FnOnce() + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
         .name(name)
         .spawn(move || {
             let param = libc::sched_param { sched_priority: 0 };
@@ -477,21 +475,9 @@ async fn on_idle_thread<T: Send + 'static>(
             if let Err(error) = move_to_cpus(&cpus) {
                 warn!(%error, "could not move a background thread off the shards' CPUs");
             }
-            let _ = sender.send(work());
+            work();
         })
-        .context("start a background thread")?;
-    *running.borrow_mut() = Some(handle);
-    let result = loop {
-        match receiver.try_recv() {
-            Ok(result) => break result,
-            Err(std::sync::mpsc::TryRecvError::Empty) => glommio::timer::sleep(Duration::from_millis(20)).await,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => break Err(anyhow!("the background thread panicked")),
-        }
-    };
-    if let Some(handle) = running.borrow_mut().take() {
-        let _ = handle.join();
-    }
-    result
+        .context("start a background thread")
 }
 
 /// Recovers every shard from its log, in parallel.
@@ -551,72 +537,34 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         mesh_out.send(out);
     }
 
-    // Snapshots: after every `wal.snapshot_every_segments` closed segments, the next
-    // snapshot is taken from the files on a thread of its own, and the log below the
-    // older of the two newest snapshots is deleted. The serving core never waits for it.
-    let (snapshot_wake, snapshot_woken) = glommio::channels::local_channel::new_bounded::<u64>(1);
-    // A snapshot thread outlives its task's cancellation: a stopping core tells it to stop
-    // and waits for it, so that it cannot write or delete files under a restart.
-    let snapshot_stop = Arc::new(AtomicBool::new(false));
-    let snapshot_thread: Rc<RefCell<Option<std::thread::JoinHandle<()>>>> = Rc::new(RefCell::new(None));
-    if config.wal.snapshot_every_segments > 0 {
-        let (stop, running) = (snapshot_stop.clone(), snapshot_thread.clone());
-        let every = u64::from(config.wal.snapshot_every_segments);
-        let shard_config = config.shard_config(shard, shards);
-        let (dir, segment_bytes) = (wal_start.dir.clone(), config.wal.segment_bytes);
+    // Snapshots: after every `wal.snapshot_every_segments` closed segments, the replica
+    // (a copy of the shard's state on a thread of its own, fed each durable batch) writes
+    // the next snapshot, and the log below the older of the two newest snapshots is
+    // deleted. The serving core never waits for it.
+    // The replica's thread outlives the writer task's cancellation: a stopping core tells
+    // it to stop and waits for it, so that it cannot write or delete files under a restart.
+    let replica_stop = Arc::new(AtomicBool::new(false));
+    let mut replica_thread = None;
+    let replica_feed = if config.wal.snapshot_every_segments > 0 {
         // As if the last snapshot had been taken `closed_after_snapshot` segments ago; the
-        // wake below takes one at once when that is already `every` or more.
-        let mut closed_at_last = (wal_start.sequence - 1).saturating_sub(wal_start.closed_after_snapshot);
-        let _ = snapshot_wake.try_send(wal_start.sequence);
-        let labels = [("shard", shard.to_string())];
-        let took = metrics::histogram!("stockplane_snapshot_seconds", &labels);
-        let bytes = metrics::gauge!("stockplane_snapshot_bytes", &labels);
-        let position = metrics::gauge!("stockplane_snapshot_position", &labels);
-        let deleted = metrics::counter!("stockplane_wal_segments_deleted_total", &labels);
-        let failures = metrics::counter!("stockplane_snapshot_failures_total", &labels);
-        tasks.push(
-            glommio::spawn_local(async move {
-                while let Some(open) = snapshot_woken.recv().await {
-                    if open - 1 < closed_at_last + every {
-                        continue;
-                    }
-                    let (dir, shard_config, stop) = (dir.clone(), shard_config.clone(), stop.clone());
-                    let now = crate::core::wall_clock_ms();
-                    let started = Instant::now();
-                    let done = on_idle_thread(format!("snapshot-{shard}"), background, &running, move || {
-                        wal::take_snapshot(&dir, &shard_config, now, segment_bytes, open, &stop)
-                    })
-                    .await;
-                    match done {
-                        Ok(done) => {
-                            took.record(started.elapsed().as_secs_f64());
-                            deleted.increment(done.segments_deleted.len() as u64);
-                            if let Some((path, at)) = &done.written {
-                                bytes.set(done.bytes as f64);
-                                position.set(*at as f64);
-                                info!(
-                                    shard,
-                                    file = %path.display(),
-                                    position = at,
-                                    bytes = done.bytes,
-                                    seconds = started.elapsed().as_secs_f64(),
-                                    segments_deleted = ?done.segments_deleted,
-                                    "snapshot written"
-                                );
-                            }
-                            closed_at_last = open - 1;
-                        }
-                        Err(error) => {
-                            // The log is whole without it: try again at the next segment.
-                            failures.increment(1);
-                            warn!(shard, error = format!("{error:#}"), "a snapshot failed; the log is kept whole");
-                        }
-                    }
-                }
-            })
-            .detach(),
+        // first message takes one at once when that is already `every` or more.
+        let closed_at_last = (wal_start.sequence - 1).saturating_sub(wal_start.closed_after_snapshot);
+        let replica = Replica::new(
+            wal_start.dir.clone(),
+            config.shard_config(shard, shards),
+            config.wal.segment_bytes,
+            u64::from(config.wal.snapshot_every_segments),
+            closed_at_last,
+            config.wal.snapshot_replica,
         );
-    }
+        // The replica may fall a segment behind before the writer stops feeding it.
+        let (feed, body) = replica::channel(replica, config.wal.segment_bytes as usize, replica_stop.clone());
+        replica_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
+        feed.closed(wal_start.sequence);
+        Some(feed)
+    } else {
+        None
+    };
 
     // The WAL writer: group commit, pipelined. A batch is written while the previous
     // one's fdatasync runs, and gets its own fdatasync, started once its write is done; so
@@ -635,6 +583,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             glommio::spawn_local(async move {
                 // A batch made durable: metrics, then the replies and peer messages it held.
                 let durable = |batch: Batch| {
+                    if let (Some(feed), Some(copy)) = (&replica_feed, batch.copy) {
+                        feed.durable(copy);
+                    }
                     let took = batch.taken.elapsed();
                     sync_seconds.record(took.as_secs_f64());
                     batch_bytes.record(batch.bytes as f64);
@@ -673,7 +624,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             // Nothing new: wait for the running sync.
                             return finish_sync(&mut syncing, &durable).await;
                         };
-                        let batch = Batch { position, bytes: bytes.len(), taken: Instant::now() };
+                        let copy = replica_feed.as_ref().and_then(|feed| feed.copy(&bytes));
+                        let batch = Batch { position, bytes: bytes.len(), taken: Instant::now(), copy };
                         if writer.fits(&bytes) {
                             match syncing.take() {
                                 None => writer.write_unsynced(&bytes).await?,
@@ -709,11 +661,15 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             // write and sync segment by segment.
                             finish_sync(&mut syncing, &durable).await?;
                             writer.append(&bytes).await?;
-                            durable(batch);
                             if writer.sequence() != open_sequence {
                                 open_sequence = writer.sequence();
-                                let _ = snapshot_wake.try_send(open_sequence);
+                                // Before the batch: its records in the closed segments
+                                // were not fed yet, those after them follow.
+                                if let Some(feed) = &replica_feed {
+                                    feed.closed(open_sequence);
+                                }
                             }
+                            durable(batch);
                         }
                         spare = bytes;
                         Ok(())
@@ -841,12 +797,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             break Err(error);
         }
     };
-    snapshot_stop.store(true, Ordering::Release);
+    replica_stop.store(true, Ordering::Release);
     for task in tasks {
         task.cancel();
         task.await;
     }
-    if let Some(handle) = snapshot_thread.borrow_mut().take() {
+    if let Some(handle) = replica_thread {
         let _ = handle.join();
     }
     let hash = stopped?;

@@ -374,7 +374,7 @@ fn newest_snapshot_and_skipped(
 }
 
 /// What one background snapshot did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotDone {
     /// The new snapshot's file and position (`None`: nothing new to include).
     pub written: Option<(PathBuf, u64)>,
@@ -386,6 +386,16 @@ pub struct SnapshotDone {
     pub snapshots_deleted: Vec<u64>,
 }
 
+/// A closed segment: its sequence, its file, and the position of its last record.
+type SegmentEnd = (u64, PathBuf, u64);
+
+fn check_stop(stop: &AtomicBool) -> anyhow::Result<()> {
+    if stop.load(Ordering::Acquire) {
+        bail!("stopped: the server is stopping")
+    }
+    Ok(())
+}
+
 /// Takes shard `config.shard`'s next snapshot from files alone, beside the serving core:
 /// loads the newest snapshot, replays the closed segments (those before `open_sequence`,
 /// which the writer no longer touches) into that state, writes the result as a new
@@ -394,6 +404,8 @@ pub struct SnapshotDone {
 /// (so that a damaged newest snapshot still leaves a snapshot and the whole log after it).
 /// Blocking I/O and CPU work: run it on a thread of its own. `stop` ends it early (before
 /// the next segment is read, or before anything is written or deleted), with an error.
+/// Also returns the state the new snapshot holds (as loaded back from it), for the
+/// replica that takes the next snapshots from memory (`crate::replica`).
 pub fn take_snapshot(
     dir: &Path,
     config: &ShardConfig,
@@ -401,8 +413,7 @@ pub fn take_snapshot(
     segment_bytes: u64,
     open_sequence: u64,
     stop: &AtomicBool,
-) -> anyhow::Result<SnapshotDone> {
-    let stopping = || if stop.load(Ordering::Acquire) { bail!("stopped: the server is stopping") } else { Ok(()) };
+) -> anyhow::Result<(SnapshotDone, Shard)> {
     remove_temporaries(dir, "snap-")?;
     let (newest, damaged) = newest_snapshot_and_skipped(dir, config, now)?;
     // A snapshot that does not load must not count as one of the two kept (the log below
@@ -421,13 +432,13 @@ pub fn take_snapshot(
     // the position each one's records end at. Consecutive segments must continue each
     // other's positions, as they must in recovery.
     let mut closed = segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence).peekable();
-    let mut ends: Vec<(u64, PathBuf, u64)> = Vec::new();
+    let mut ends: Vec<SegmentEnd> = Vec::new();
     // Covered segments come first: once the next one is seen to start after the
     // snapshot's position, no later segment is covered, and no more starts are probed
     // (none is without a snapshot).
     let mut probing = base_position > 0;
     while let Some((sequence, path)) = closed.next() {
-        stopping()?;
+        check_stop(stop)?;
         // A segment that the next one shows to end at or before the snapshot's position
         // is covered whole: it is not read (the log between the two kept snapshots was
         // half of what each snapshot read, only to learn where it ends). When the next
@@ -464,19 +475,62 @@ pub fn take_snapshot(
         }
         ends.push((sequence, path, last));
     }
-    let mut done =
-        SnapshotDone { written: None, bytes: 0, segments_deleted: Vec::new(), snapshots_deleted: Vec::new() };
+    let mut done = SnapshotDone::default();
     let covered = ends.last().map_or(0, |e| e.2);
     if covered > base_position {
-        stopping()?;
-        let snapshot = shard.into_snapshot();
-        let path = snapshot_path(dir, covered);
-        write_durably(&path, &snapshot)?;
-        done.written = Some((path, covered));
-        done.bytes = snapshot.len() as u64;
+        check_stop(stop)?;
+        shard = write_snapshot(dir, shard, now, &mut done)?;
     }
-    // Keep the two newest snapshots; the log from the older one's position on.
-    stopping()?;
+    prune(dir, &ends, &mut done, stop)?;
+    Ok((done, shard))
+}
+
+/// Writes `shard`, a replica of the serving shard's state whose every record is durable
+/// and in the closed segments before `open_sequence`, as the next snapshot, without
+/// reading the log; then keeps the two newest snapshots and deletes the segments the
+/// older covers, as [`take_snapshot`] does (each closed segment's end is read from its
+/// successor's first record). Returns the state as loaded back from the new snapshot.
+pub fn snapshot_from_memory(
+    dir: &Path,
+    shard: Shard,
+    now: Tick,
+    open_sequence: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<(SnapshotDone, Shard)> {
+    check_stop(stop)?;
+    remove_temporaries(dir, "snap-")?;
+    let mut done = SnapshotDone::default();
+    let newest = snapshots(dir)?.last().map_or(0, |(position, _)| *position);
+    let shard = if shard.wal_head() > newest { write_snapshot(dir, shard, now, &mut done)? } else { shard };
+    // Each closed segment ends one record before its successor starts; a successor whose
+    // first record cannot be read (the open segment before its first write) ends the list.
+    let closed: Vec<_> = segments(dir)?.into_iter().filter(|(s, _)| *s <= open_sequence).collect();
+    let mut ends: Vec<SegmentEnd> = Vec::new();
+    for pair in closed.windows(2) {
+        let Some(next_first) = first_position(&pair[1].1)? else { break };
+        ends.push((pair[0].0, pair[0].1.clone(), next_first.saturating_sub(1)));
+    }
+    prune(dir, &ends, &mut done, stop)?;
+    Ok((done, shard))
+}
+
+/// Writes `shard` as the snapshot at its position and records it in `done`; returns the
+/// state loaded back from the bytes written (which checks them as recovery would).
+fn write_snapshot(dir: &Path, shard: Shard, now: Tick, done: &mut SnapshotDone) -> anyhow::Result<Shard> {
+    let config = shard.config().clone();
+    let at = shard.wal_head();
+    let snapshot = shard.into_snapshot();
+    let path = snapshot_path(dir, at);
+    write_durably(&path, &snapshot)?;
+    done.written = Some((path, at));
+    done.bytes = snapshot.len() as u64;
+    Shard::from_snapshot(&config, now, &snapshot).context("load the snapshot just written")
+}
+
+/// Keeps the two newest snapshots, and deletes the segments of `ends` whose every record
+/// the older of the two includes.
+fn prune(dir: &Path, ends: &[SegmentEnd], done: &mut SnapshotDone, stop: &AtomicBool) -> anyhow::Result<()> {
+    check_stop(stop)?;
     let kept = snapshots(dir)?;
     let keep_from = kept.len().saturating_sub(2);
     for (position, path) in &kept[..keep_from] {
@@ -485,7 +539,7 @@ pub fn take_snapshot(
     }
     if kept.len() >= 2 {
         let older = kept[keep_from].0;
-        for (sequence, path, last) in &ends {
+        for (sequence, path, last) in ends {
             if *last <= older {
                 fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
                 done.segments_deleted.push(*sequence);
@@ -495,7 +549,7 @@ pub fn take_snapshot(
     if !done.segments_deleted.is_empty() || !done.snapshots_deleted.is_empty() {
         fs::File::open(dir)?.sync_all().with_context(|| format!("sync directory {}", dir.display()))?;
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Writes `bytes` as `path`: a temporary file, synced, renamed, and the directory synced.
@@ -876,17 +930,17 @@ async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64, pace: Pa
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use stockplane_engine::Origin;
     use stockplane_wire::{CartLine, HoldId, Op, Request, Role};
 
-    const SEGMENT: u64 = 1 << 20;
-    const NOW: Tick = 1_800_000_000_000;
+    pub(crate) const SEGMENT: u64 = 1 << 20;
+    pub(crate) const NOW: Tick = 1_800_000_000_000;
     /// Never stopping.
-    static GO: AtomicBool = AtomicBool::new(false);
+    pub(crate) static GO: AtomicBool = AtomicBool::new(false);
 
-    fn config() -> ShardConfig {
+    pub(crate) fn config() -> ShardConfig {
         let mut config = ShardConfig::new(0, 1);
         config.skus_max = 1 << 12;
         config.sku_locations_max = 1 << 12;
@@ -943,7 +997,7 @@ mod tests {
 
     /// `history(40_000)` laid out as shard 0's log under a scratch directory: the data
     /// directory, the shard's directory, the last segment's sequence, the state's hash.
-    fn laid_out(name: &str) -> (PathBuf, PathBuf, u64, u64) {
+    pub(crate) fn laid_out(name: &str) -> (PathBuf, PathBuf, u64, u64) {
         let data = scratch(name);
         let (log, hash) = history(40_000);
         write_log(&data, 0, SEGMENT, &log).unwrap();
@@ -957,8 +1011,15 @@ mod tests {
     fn with_two_snapshots(name: &str) -> (PathBuf, PathBuf, u64, u64, PathBuf) {
         let (data, dir, last, hash) = laid_out(name);
         take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
-        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written.unwrap();
+        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().0.written.unwrap();
         (data, dir, last, hash, newest)
+    }
+
+    /// The records of segment `sequence` in `dir`, as the writer wrote them.
+    pub(crate) fn segment_records(dir: &Path, sequence: u64) -> Vec<u8> {
+        let mut bytes = read_segment(&segment_path(dir, sequence), SEGMENT, None).unwrap();
+        bytes.truncate(records_end(&bytes));
+        bytes
     }
 
     /// Flips the bits `mask` of byte `at` of the file at `path` (`at` past the end: of its
@@ -970,7 +1031,7 @@ mod tests {
         fs::write(path, &bytes).unwrap();
     }
 
-    fn names(dir: &Path) -> Vec<String> {
+    pub(crate) fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> =
             fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
@@ -985,23 +1046,23 @@ mod tests {
         let (_, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(start.closed_after_snapshot, last - 1);
         // First snapshot: segments 1 and 2 closed. Nothing is deleted with one snapshot.
-        let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
+        let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap().0;
         let (_, first_at) = first.written.clone().expect("a snapshot");
         assert!(first.segments_deleted.is_empty());
         // Second: every segment but the last closed; segments 1 and 2, which the first
         // snapshot covers whole, go.
-        let second = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap();
+        let second = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().0;
         let (_, second_at) = second.written.clone().expect("a snapshot");
         assert!(second_at > first_at);
         assert_eq!(second.segments_deleted, vec![1, 2]);
         // Nothing new closed: no snapshot is written.
-        assert_eq!(take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written, None);
+        assert_eq!(take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().0.written, None);
         let (recovered, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(recovered.state_hash(), hash);
         assert_eq!(start.sequence, last);
         assert_eq!(start.closed_after_snapshot, 0, "the second snapshot covers every closed segment");
         // A third snapshot drops the first one and the segments the second covers.
-        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
+        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap().0;
         assert_eq!(third.snapshots_deleted, vec![first_at]);
         assert_eq!(third.segments_deleted, (3..last).collect::<Vec<_>>());
         assert_eq!(
@@ -1026,7 +1087,7 @@ mod tests {
         let (data, dir, last, hash, _) = with_two_snapshots("covered");
         assert!(last >= 6, "only {last} segments");
         fs::OpenOptions::new().write(true).open(segment_path(&dir, 4)).unwrap().set_len(0).unwrap();
-        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
+        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap().0;
         assert!(third.written.is_some());
         assert_eq!(third.segments_deleted, (3..last).collect::<Vec<_>>());
         let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
@@ -1038,7 +1099,9 @@ mod tests {
     fn a_snapshot_refuses_closed_segments_that_do_not_continue_each_other() {
         let (data, dir, last, _) = laid_out("hole");
         fs::remove_file(segment_path(&dir, 2)).unwrap();
-        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).expect_err("a hole in the log");
+        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO)
+            .map(|(done, _)| done)
+            .expect_err("a hole in the log");
         assert!(format!("{error:#}").contains("starts at position"), "{error:#}");
         assert!(snapshots(&dir).unwrap().is_empty());
         fs::remove_dir_all(&data).unwrap();
@@ -1048,7 +1111,9 @@ mod tests {
     fn a_stopping_server_stops_its_snapshot_before_it_writes_or_deletes() {
         let (data, dir, last, _) = laid_out("stopped");
         let before = names(&dir);
-        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &AtomicBool::new(true)).expect_err("stopped");
+        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &AtomicBool::new(true))
+            .map(|(done, _)| done)
+            .expect_err("stopped");
         assert!(error.to_string().contains("stopping"), "{error:#}");
         assert_eq!(names(&dir), before);
         fs::remove_dir_all(&data).unwrap();
@@ -1065,7 +1130,7 @@ mod tests {
         assert!(!dir.join("snap-00000000ffffffff.tmp").exists());
         // The next snapshot sets the damaged one aside rather than keep it as one of two,
         // and so deletes no segment the older good snapshot still needs.
-        let next = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
+        let next = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap().0;
         assert!(newest.with_extension("snap.damaged").exists() && !newest.exists());
         // Kept: the first snapshot and the new one, so the segments after the first stay
         // (had the damaged one counted as the older of two, segments 3 on would be gone).

@@ -299,6 +299,19 @@ async fn snapshots_are_taken_while_serving_and_the_log_below_them_is_deleted() {
         assert_eq!(status, Status::Reserved);
     }
     let adjusted = (next - (1u128 << 90)) as i64;
+    // The first snapshot comes from the files (the replica has followed nothing yet), the
+    // next from the replica's memory, which the writer fed each durable batch.
+    // (It is counted just after its files are in place: look until it is.)
+    let from_memory = "stockplane_snapshots_total{shard=\"0\",source=\"memory\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = http_get(server.server.admin_addr(), "/metrics");
+        if metrics.lines().any(|l| l.starts_with(from_memory)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot from memory:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     control.close().await;
     checkout.close().await;
     let TestServer { server: running, dir: root, ca } = server;
