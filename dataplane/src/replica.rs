@@ -87,6 +87,24 @@ impl Replica {
         Replica { dir, config, segment_bytes, every: every.max(1), follow, state: None, closed_at_last }
     }
 
+    /// Starts following the log at position `until` (the serving shard's position when it
+    /// started, before it wrote anything; every batch after it is fed), from the newest
+    /// snapshot and the segments after it. On an error (or when not following) the
+    /// replica stays empty, and the next due snapshot comes from the files.
+    pub fn start(&mut self, until: u64, now: Tick, stop: &AtomicBool) {
+        if !self.follow {
+            return;
+        }
+        match wal::state_through(&self.dir, &self.config, now, self.segment_bytes, until, stop) {
+            Ok(shard) => self.state = Some(shard),
+            Err(error) => warn!(
+                shard = self.config.shard,
+                error = format!("{error:#}"),
+                "the snapshot replica could not start following the log; its next snapshot is taken from the files"
+            ),
+        }
+    }
+
     /// Applies a durable batch's records. Records it already has are skipped; a batch
     /// that does not continue its state (a batch was left out) or does not replay ends
     /// the following, until the next snapshot is taken from the files.
@@ -178,8 +196,10 @@ impl ReplicaFeed {
 /// The replica's thread body and the writer's end of it. The body returns when the feed
 /// is dropped or `stop` is set; run it on a thread of its own (its work is blocking I/O
 /// and CPU).
+/// `start`: the serving shard's position before it wrote anything (see [`Replica::start`]).
 pub fn channel(
     mut replica: Replica,
+    start: u64,
     feed_max_bytes: usize,
     stop: Arc<AtomicBool>,
 ) -> (ReplicaFeed, impl FnOnce() + Send + 'static) {
@@ -204,6 +224,7 @@ pub fn channel(
     let taken = |source: Source| metrics::counter!("stockplane_snapshots_total", "shard" => shard.to_string(), "source" => source.name());
     let (from_memory, from_files) = (taken(Source::Memory), taken(Source::Files));
     let body = move || {
+        replica.start(start, crate::core::wall_clock_ms(), &stop);
         while let Ok(message) = receiver.recv() {
             if stop.load(Ordering::Acquire) {
                 break;
@@ -356,13 +377,34 @@ mod tests {
         recovers_then_goes(&data, hash);
     }
 
+    /// A replica started at the serving shard's position (a restart whose log ended in
+    /// segment 3; the writer then wrote segment 4 and fed it) takes its first snapshot
+    /// from memory, reading only the log up to that position; started at a position the
+    /// log does not reach, it stays empty and takes the next one from the files.
+    #[test]
+    fn a_started_replica_takes_its_first_snapshot_from_memory() {
+        let (data, dir, last, hash) = laid_out("replica-start");
+        assert!(last >= 5, "only {last} segments");
+        wal::take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
+        let restarted = wal::last_position(&segment_records(&dir, 3)).unwrap();
+        let mut replica = Replica::new(dir.clone(), config(), SEGMENT, 2, 2, true);
+        replica.start(restarted, NOW, &GO);
+        replica.feed(&segment_records(&dir, 4));
+        assert_eq!(source(replica.closed(5, NOW, &GO).unwrap()), Source::Memory);
+        let mut beyond = Replica::new(dir.clone(), config(), SEGMENT, 1, 4, true);
+        beyond.start(u64::MAX, NOW, &GO);
+        beyond.feed(&segment_records(&dir, 5));
+        assert_eq!(source(beyond.closed(6, NOW, &GO).unwrap()), Source::Files);
+        recovers_then_goes(&data, hash);
+    }
+
     /// `wal.snapshot_replica = false`: nothing is copied to the replica, which keeps no
     /// state and takes every snapshot from the files.
     #[test]
     fn a_replica_that_does_not_follow_takes_every_snapshot_from_the_files() {
         let (data, dir, last, hash) = laid_out("replica-off");
         assert!(last >= 4, "only {last} segments");
-        let (feed, _) = channel(Replica::new(dir.clone(), config(), SEGMENT, 1, 0, false), 1 << 20, Arc::default());
+        let (feed, _) = channel(Replica::new(dir.clone(), config(), SEGMENT, 1, 0, false), 0, 1 << 20, Arc::default());
         assert!(feed.copy(&[7; 60]).is_none());
         let mut replica = Replica::new(dir.clone(), config(), SEGMENT, 1, 0, false);
         assert_eq!(source(replica.closed(2, NOW, &GO).unwrap()), Source::Files);
@@ -376,7 +418,7 @@ mod tests {
     #[test]
     fn the_feed_leaves_batches_out_while_the_replica_is_too_far_behind() {
         let (dir, stop) = (std::env::temp_dir(), Arc::new(AtomicBool::new(false)));
-        let (feed, body) = channel(Replica::new(dir, config(), SEGMENT, 1, 0, true), 100, stop);
+        let (feed, body) = channel(Replica::new(dir, config(), SEGMENT, 1, 0, true), 0, 100, stop);
         let copy = feed.copy(&[7; 60]).expect("room for 60 bytes");
         assert_eq!(copy, vec![7; 60]);
         feed.durable(copy);

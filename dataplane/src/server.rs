@@ -524,6 +524,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     let (udp, readiness) = Udp::new(socket)?;
     // The shard as its log left it, then the writer at the log's end.
     let (engine, wal_start) = recovered;
+    // Where the snapshot replica starts following: every record after it is fed to it.
+    let recovered_position = engine.wal_head();
     let mut writer = WalWriter::open(&wal_start, shard).await?;
     let (wal_wake, wal_woken) = glommio::channels::local_channel::new_bounded(1);
     let core = Rc::new(RefCell::new(Core::new(engine, shards, &config, server_config, udp, wal_wake)?));
@@ -557,8 +559,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             closed_at_last,
             config.wal.snapshot_replica,
         );
-        // The replica may fall a segment behind before the writer stops feeding it.
-        let (feed, body) = replica::channel(replica, config.wal.segment_bytes as usize, replica_stop.clone());
+        // The replica may fall two segments behind (while it starts, or when it gets too
+        // little CPU) before the writer stops feeding it.
+        let feed_max_bytes = (2 * config.wal.segment_bytes) as usize;
+        let (feed, body) = replica::channel(replica, recovered_position, feed_max_bytes, replica_stop.clone());
         replica_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
         feed.closed(wal_start.sequence);
         Some(feed)

@@ -514,6 +514,63 @@ pub fn snapshot_from_memory(
     Ok((done, shard))
 }
 
+/// The shard's state at position `until`, which must be durable: the newest snapshot that
+/// loads and the records after it up to `until`, read from the segments without changing
+/// any file (beside a serving core that goes on writing the open one). Segments the
+/// snapshot covers whole (their successor starts at or before its position plus one) are
+/// not read. For a replica that starts beside a serving core (`crate::replica`).
+pub fn state_through(
+    dir: &Path,
+    config: &ShardConfig,
+    now: Tick,
+    segment_bytes: u64,
+    until: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<Shard> {
+    let mut shard = match newest_snapshot(dir, config, now)? {
+        Some((_, shard)) => shard,
+        None => Shard::new(config, now)?,
+    };
+    let mut all = segments(dir)?.into_iter().peekable();
+    while let Some((_, path)) = all.next() {
+        if shard.wal_head() >= until {
+            break;
+        }
+        check_stop(stop)?;
+        if let Some((_, next)) = all.peek() {
+            if first_position(next)?.is_some_and(|first| first <= shard.wal_head() + 1) {
+                continue;
+            }
+        }
+        let bytes = read_segment(&path, segment_bytes, Some(SNAPSHOT_READ_GAP))?;
+        let records = &bytes[..records_end(&bytes)];
+        let records = &records[..records_through(records, until)];
+        let valid = shard.replay_log(records).with_context(|| format!("replay {}", path.display()))?;
+        if valid != records.len() {
+            bail!("{} has a damaged record at byte {valid}", path.display());
+        }
+    }
+    if shard.wal_head() != until {
+        bail!("the log in {} reaches position {}, not {until}", dir.display(), shard.wal_head());
+    }
+    Ok(shard)
+}
+
+/// The length of the whole records at the start of `records` whose positions are at most
+/// `until`.
+fn records_through(records: &[u8], until: u64) -> usize {
+    let mut offset = 0;
+    while offset + stockplane_engine::wal::HEADER_BYTES <= records.len() {
+        let len = u16::from_le_bytes([records[offset], records[offset + 1]]) as usize;
+        let position = u64::from_le_bytes(records[offset + 8..offset + 16].try_into().expect("8 bytes"));
+        if len == 0 || offset + len > records.len() || position > until {
+            break;
+        }
+        offset += len;
+    }
+    offset
+}
+
 /// Writes `shard` as the snapshot at its position and records it in `done`; returns the
 /// state loaded back from the bytes written (which checks them as recovery would).
 fn write_snapshot(dir: &Path, shard: Shard, now: Tick, done: &mut SnapshotDone) -> anyhow::Result<Shard> {
@@ -583,7 +640,7 @@ fn first_position(path: &Path) -> anyhow::Result<Option<u64>> {
 }
 
 /// The position of the last record in `records` (whole records).
-fn last_position(records: &[u8]) -> Option<u64> {
+pub(crate) fn last_position(records: &[u8]) -> Option<u64> {
     let mut offset = 0;
     let mut last = None;
     while offset + stockplane_engine::wal::HEADER_BYTES <= records.len() {
