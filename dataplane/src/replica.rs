@@ -139,11 +139,22 @@ impl Replica {
         if closed < self.closed_at_last + self.every {
             return Ok(None);
         }
-        let (source, (done, state)) = match self.state.take() {
-            Some(shard) => (Source::Memory, wal::snapshot_from_memory(&self.dir, shard, now, open, stop)?),
-            None => (Source::Files, wal::take_snapshot(&self.dir, &self.config, now, self.segment_bytes, open, stop)?),
+        let (source, done) = match self.state.take() {
+            Some(shard) => {
+                let (done, state) = wal::snapshot_from_memory(&self.dir, shard, now, open, stop)?;
+                self.state = Some(state);
+                (Source::Memory, done)
+            }
+            None => {
+                let done = wal::take_snapshot(&self.dir, &self.config, now, self.segment_bytes, open, stop)?;
+                // Follow from the new snapshot's state (the snapshot alone: it covers every
+                // closed segment, and what came after is still to be fed).
+                if let (Some((_, at)), true) = (&done.written, self.follow) {
+                    self.start(*at, now, stop);
+                }
+                (Source::Files, done)
+            }
         };
-        self.state = self.follow.then_some(state);
         self.closed_at_last = closed;
         Ok(Some((source, done)))
     }
@@ -342,7 +353,7 @@ mod tests {
             }
             let (source, done) = taken.expect("a snapshot after two more segments");
             assert_eq!(source, Source::Memory);
-            let (twin_done, _) = wal::take_snapshot(&twin, &config(), NOW, SEGMENT, sequence + 1, &GO).unwrap();
+            let twin_done = wal::take_snapshot(&twin, &config(), NOW, SEGMENT, sequence + 1, &GO).unwrap();
             let (path, at) = done.written.expect("a new snapshot");
             let (twin_path, twin_at) = twin_done.written.expect("a new snapshot");
             assert_eq!(at, twin_at);

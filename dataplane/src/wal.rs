@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context};
 use glommio::io::{DmaFile, OpenOptions};
 use rkyv::util::AlignedVec;
-use stockplane_engine::{RecoverError, Shard, ShardConfig, Tick};
+use stockplane_engine::{RecoverError, Shard, ShardConfig, SnapshotBytes, Tick};
 use tracing::{info, warn};
 
 /// O_DIRECT alignment we write with (the file's own alignment is checked at open).
@@ -404,8 +404,6 @@ fn check_stop(stop: &AtomicBool) -> anyhow::Result<()> {
 /// (so that a damaged newest snapshot still leaves a snapshot and the whole log after it).
 /// Blocking I/O and CPU work: run it on a thread of its own. `stop` ends it early (before
 /// the next segment is read, or before anything is written or deleted), with an error.
-/// Also returns the state the new snapshot holds (as loaded back from it), for the
-/// replica that takes the next snapshots from memory (`crate::replica`).
 pub fn take_snapshot(
     dir: &Path,
     config: &ShardConfig,
@@ -413,7 +411,7 @@ pub fn take_snapshot(
     segment_bytes: u64,
     open_sequence: u64,
     stop: &AtomicBool,
-) -> anyhow::Result<(SnapshotDone, Shard)> {
+) -> anyhow::Result<SnapshotDone> {
     remove_temporaries(dir, "snap-")?;
     let (newest, damaged) = newest_snapshot_and_skipped(dir, config, now)?;
     // A snapshot that does not load must not count as one of the two kept (the log below
@@ -479,10 +477,10 @@ pub fn take_snapshot(
     let covered = ends.last().map_or(0, |e| e.2);
     if covered > base_position {
         check_stop(stop)?;
-        shard = write_snapshot(dir, shard, now, &mut done)?;
+        write_snapshot(dir, shard, &mut done)?;
     }
     prune(dir, &ends, &mut done, stop)?;
-    Ok((done, shard))
+    Ok(done)
 }
 
 /// Writes `shard`, a replica of the serving shard's state whose every record is durable
@@ -501,7 +499,13 @@ pub fn snapshot_from_memory(
     remove_temporaries(dir, "snap-")?;
     let mut done = SnapshotDone::default();
     let newest = snapshots(dir)?.last().map_or(0, |(position, _)| *position);
-    let shard = if shard.wal_head() > newest { write_snapshot(dir, shard, now, &mut done)? } else { shard };
+    let shard = if shard.wal_head() > newest {
+        let config = shard.config().clone();
+        let snapshot = write_snapshot(dir, shard, &mut done)?;
+        Shard::from_snapshot(&config, now, &snapshot).context("load the snapshot just written")?
+    } else {
+        shard
+    };
     // Each closed segment ends one record before its successor starts; a successor whose
     // first record cannot be read (the open segment before its first write) ends the list.
     let closed: Vec<_> = segments(dir)?.into_iter().filter(|(s, _)| *s <= open_sequence).collect();
@@ -572,16 +576,15 @@ fn records_through(records: &[u8], until: u64) -> usize {
 }
 
 /// Writes `shard` as the snapshot at its position and records it in `done`; returns the
-/// state loaded back from the bytes written (which checks them as recovery would).
-fn write_snapshot(dir: &Path, shard: Shard, now: Tick, done: &mut SnapshotDone) -> anyhow::Result<Shard> {
-    let config = shard.config().clone();
+/// bytes written.
+fn write_snapshot(dir: &Path, shard: Shard, done: &mut SnapshotDone) -> anyhow::Result<SnapshotBytes> {
     let at = shard.wal_head();
     let snapshot = shard.into_snapshot();
     let path = snapshot_path(dir, at);
     write_durably(&path, &snapshot)?;
     done.written = Some((path, at));
     done.bytes = snapshot.len() as u64;
-    Shard::from_snapshot(&config, now, &snapshot).context("load the snapshot just written")
+    Ok(snapshot)
 }
 
 /// Keeps the two newest snapshots, and deletes the segments of `ends` whose every record
@@ -1068,7 +1071,7 @@ pub(crate) mod tests {
     fn with_two_snapshots(name: &str) -> (PathBuf, PathBuf, u64, u64, PathBuf) {
         let (data, dir, last, hash) = laid_out(name);
         take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
-        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().0.written.unwrap();
+        let (newest, _) = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written.unwrap();
         (data, dir, last, hash, newest)
     }
 
@@ -1103,23 +1106,23 @@ pub(crate) mod tests {
         let (_, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(start.closed_after_snapshot, last - 1);
         // First snapshot: segments 1 and 2 closed. Nothing is deleted with one snapshot.
-        let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap().0;
+        let first = take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
         let (_, first_at) = first.written.clone().expect("a snapshot");
         assert!(first.segments_deleted.is_empty());
         // Second: every segment but the last closed; segments 1 and 2, which the first
         // snapshot covers whole, go.
-        let second = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().0;
+        let second = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap();
         let (_, second_at) = second.written.clone().expect("a snapshot");
         assert!(second_at > first_at);
         assert_eq!(second.segments_deleted, vec![1, 2]);
         // Nothing new closed: no snapshot is written.
-        assert_eq!(take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().0.written, None);
+        assert_eq!(take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).unwrap().written, None);
         let (recovered, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
         assert_eq!(recovered.state_hash(), hash);
         assert_eq!(start.sequence, last);
         assert_eq!(start.closed_after_snapshot, 0, "the second snapshot covers every closed segment");
         // A third snapshot drops the first one and the segments the second covers.
-        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap().0;
+        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
         assert_eq!(third.snapshots_deleted, vec![first_at]);
         assert_eq!(third.segments_deleted, (3..last).collect::<Vec<_>>());
         assert_eq!(
@@ -1144,7 +1147,7 @@ pub(crate) mod tests {
         let (data, dir, last, hash, _) = with_two_snapshots("covered");
         assert!(last >= 6, "only {last} segments");
         fs::OpenOptions::new().write(true).open(segment_path(&dir, 4)).unwrap().set_len(0).unwrap();
-        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap().0;
+        let third = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
         assert!(third.written.is_some());
         assert_eq!(third.segments_deleted, (3..last).collect::<Vec<_>>());
         let (recovered, _) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
@@ -1156,9 +1159,7 @@ pub(crate) mod tests {
     fn a_snapshot_refuses_closed_segments_that_do_not_continue_each_other() {
         let (data, dir, last, _) = laid_out("hole");
         fs::remove_file(segment_path(&dir, 2)).unwrap();
-        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO)
-            .map(|(done, _)| done)
-            .expect_err("a hole in the log");
+        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &GO).expect_err("a hole in the log");
         assert!(format!("{error:#}").contains("starts at position"), "{error:#}");
         assert!(snapshots(&dir).unwrap().is_empty());
         fs::remove_dir_all(&data).unwrap();
@@ -1168,9 +1169,7 @@ pub(crate) mod tests {
     fn a_stopping_server_stops_its_snapshot_before_it_writes_or_deletes() {
         let (data, dir, last, _) = laid_out("stopped");
         let before = names(&dir);
-        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &AtomicBool::new(true))
-            .map(|(done, _)| done)
-            .expect_err("stopped");
+        let error = take_snapshot(&dir, &config(), NOW, SEGMENT, last, &AtomicBool::new(true)).expect_err("stopped");
         assert!(error.to_string().contains("stopping"), "{error:#}");
         assert_eq!(names(&dir), before);
         fs::remove_dir_all(&data).unwrap();
@@ -1187,7 +1186,7 @@ pub(crate) mod tests {
         assert!(!dir.join("snap-00000000ffffffff.tmp").exists());
         // The next snapshot sets the damaged one aside rather than keep it as one of two,
         // and so deletes no segment the older good snapshot still needs.
-        let next = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap().0;
+        let next = take_snapshot(&dir, &config(), NOW, SEGMENT, last + 1, &GO).unwrap();
         assert!(newest.with_extension("snap.damaged").exists() && !newest.exists());
         // Kept: the first snapshot and the new one, so the segments after the first stay
         // (had the damaged one counted as the older of two, segments 3 on would be gone).
