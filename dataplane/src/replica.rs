@@ -13,7 +13,7 @@
 //!
 //! The replica falls back on the files when it cannot follow: it starts empty (the next
 //! due snapshot after a start is taken from the files, and its state kept), and when it
-//! falls `feed_max_bytes` behind the writer, the writer stops copying to it; the gap
+//! falls `feed_max_bytes` behind the writer, the writer stops feeding it; the gap
 //! that leaves in the positions it receives makes it drop its state, and the next due
 //! snapshot is again taken from the files. A snapshot never covers a record that is not
 //! durable: the writer feeds a batch only after the `fdatasync` that covers it.
@@ -27,6 +27,10 @@ use stockplane_engine::{Shard, ShardConfig, Tick};
 use tracing::{info, warn};
 
 use crate::wal::{self, SnapshotDone};
+
+/// How long the replica sleeps when it finds nothing fed: the first time, and at most.
+const FEED_POLL_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+const FEED_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(32);
 
 /// What the writer tells the replica, in log order.
 enum Feed {
@@ -174,27 +178,32 @@ pub struct ReplicaFeed {
 }
 
 impl ReplicaFeed {
-    /// A copy of a batch's records for the replica, or `None` when the replica is already
-    /// `feed_max_bytes` behind (it then catches up from the files at its next snapshot).
-    /// Taken when the batch is, sent with [`ReplicaFeed::durable`] once it is durable.
-    pub fn copy(&self, records: &[u8]) -> Option<Vec<u8>> {
+    /// Whether the replica takes a written batch of `len` bytes (to be sent with
+    /// [`ReplicaFeed::durable`] once it is durable): not when it does not follow, nor
+    /// when it is already `feed_max_bytes` behind (it then catches up from the files at
+    /// its next snapshot).
+    pub fn accepts(&self, len: usize) -> bool {
         if !self.follow {
-            return None;
+            return false;
         }
-        if self.queued.load(Ordering::Relaxed) + records.len() > self.feed_max_bytes {
+        if self.queued.load(Ordering::Relaxed) + len > self.feed_max_bytes {
             self.left_out.increment(1);
-            return None;
+            return false;
         }
-        let mut copy = self.spares.try_recv().unwrap_or_default();
-        copy.clear();
-        copy.extend_from_slice(records);
-        Some(copy)
+        true
     }
 
-    /// The batch `copy` was taken from is durable.
-    pub fn durable(&self, copy: Vec<u8>) {
-        self.queued.fetch_add(copy.len(), Ordering::Relaxed);
-        let _ = self.sender.send(Feed::Durable(copy));
+    /// A buffer the replica is done with (empty), or a new one.
+    pub fn spare(&self) -> Vec<u8> {
+        let mut spare = self.spares.try_recv().unwrap_or_default();
+        spare.clear();
+        spare
+    }
+
+    /// A batch it accepted is durable: its records go to the replica.
+    pub fn durable(&self, records: Vec<u8>) {
+        self.queued.fetch_add(records.len(), Ordering::Relaxed);
+        let _ = self.sender.send(Feed::Durable(records));
     }
 
     /// Every segment before `open` is closed (send before feeding the batch that closed
@@ -236,10 +245,25 @@ pub fn channel(
     let (from_memory, from_files) = (taken(Source::Memory), taken(Source::Files));
     let body = move || {
         replica.start(start, crate::core::wall_clock_ms(), &stop);
-        while let Ok(message) = receiver.recv() {
+        let mut idle = FEED_POLL_MIN;
+        loop {
             if stop.load(Ordering::Acquire) {
                 break;
             }
+            // Polled, not waited for: a receiver parked in `recv` is woken by each send, a
+            // futex call (and in a virtual machine, an interrupt sent to this thread's CPU,
+            // which exits to the hypervisor) on the serving core for every batch. The
+            // sleeps grow while nothing comes.
+            let message = match receiver.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::TryRecvError::Empty) => {
+                    std::thread::sleep(idle);
+                    idle = (idle * 2).min(FEED_POLL_MAX);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            };
+            idle = FEED_POLL_MIN;
             match message {
                 Feed::Durable(records) => {
                     replica.feed(&records);
@@ -368,7 +392,7 @@ mod tests {
         fs::remove_dir_all(&twin).unwrap();
     }
 
-    /// A batch left out (the writer stops copying to a replica that lags) ends the
+    /// A batch left out (the writer stops feeding a replica that lags) ends the
     /// following: the next snapshot comes from the files, whose state the replica then
     /// follows again. A batch fed twice changes nothing.
     #[test]
@@ -416,7 +440,7 @@ mod tests {
         let (data, dir, last, hash) = laid_out("replica-off");
         assert!(last >= 4, "only {last} segments");
         let (feed, _) = channel(Replica::new(dir.clone(), config(), SEGMENT, 1, 0, false), 0, 1 << 20, Arc::default());
-        assert!(feed.copy(&[7; 60]).is_none());
+        assert!(!feed.accepts(60));
         let mut replica = Replica::new(dir.clone(), config(), SEGMENT, 1, 0, false);
         assert_eq!(source(replica.closed(2, NOW, &GO).unwrap()), Source::Files);
         replica.feed(&segment_records(&dir, 2));
@@ -430,11 +454,10 @@ mod tests {
     fn the_feed_leaves_batches_out_while_the_replica_is_too_far_behind() {
         let (dir, stop) = (std::env::temp_dir(), Arc::new(AtomicBool::new(false)));
         let (feed, body) = channel(Replica::new(dir, config(), SEGMENT, 1, 0, true), 0, 100, stop);
-        let copy = feed.copy(&[7; 60]).expect("room for 60 bytes");
-        assert_eq!(copy, vec![7; 60]);
-        feed.durable(copy);
-        assert!(feed.copy(&[8; 60]).is_none(), "60 bytes queued and 60 more are over 100");
-        assert!(feed.copy(&[8; 40]).is_some());
+        assert!(feed.accepts(60));
+        feed.durable(vec![7; 60]);
+        assert!(!feed.accepts(60), "60 bytes queued and 60 more are over 100");
+        assert!(feed.accepts(40));
         // The replica takes the queued batch (it follows nothing: it ignores it), gives
         // the buffer back, and ends when the feed goes.
         let spares = {

@@ -333,13 +333,13 @@ enum First {
     Written(anyhow::Result<()>),
 }
 
-/// A batch of records the WAL writer took: its last position, size, when, and the copy
-/// of its records that goes to the snapshot replica once it is durable.
+/// A batch of records the WAL writer took: its last position, size, when, and (once
+/// written) its records, when they go to the snapshot replica once they are durable.
 struct Batch {
     position: u64,
     bytes: usize,
     taken: Instant,
-    copy: Option<Vec<u8>>,
+    records: Option<Vec<u8>>,
 }
 
 /// A WAL batch and the fdatasync that makes it durable, running.
@@ -587,8 +587,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             glommio::spawn_local(async move {
                 // A batch made durable: metrics, then the replies and peer messages it held.
                 let durable = |batch: Batch| {
-                    if let (Some(feed), Some(copy)) = (&replica_feed, batch.copy) {
-                        feed.durable(copy);
+                    if let (Some(feed), Some(records)) = (&replica_feed, batch.records) {
+                        feed.durable(records);
                     }
                     let took = batch.taken.elapsed();
                     sync_seconds.record(took.as_secs_f64());
@@ -609,6 +609,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                     };
                     mesh_out.send(out);
                 };
+                // A written batch's buffer: to the replica (which gives back the buffers
+                // it is done with) when it takes it, else the next batch's.
+                let keep = |bytes: Vec<u8>| match &replica_feed {
+                    Some(feed) if feed.accepts(bytes.len()) => (Some(bytes), feed.spare()),
+                    _ => (None, bytes),
+                };
                 let mut spare = Vec::new();
                 let mut open_sequence = writer.sequence();
                 // The batch whose fdatasync is running, and that sync.
@@ -628,8 +634,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             // Nothing new: wait for the running sync.
                             return finish_sync(&mut syncing, &durable).await;
                         };
-                        let copy = replica_feed.as_ref().and_then(|feed| feed.copy(&bytes));
-                        let batch = Batch { position, bytes: bytes.len(), taken: Instant::now(), copy };
+                        let mut batch = Batch { position, bytes: bytes.len(), taken: Instant::now(), records: None };
                         if writer.fits(&bytes) {
                             match syncing.take() {
                                 None => writer.write_unsynced(&bytes).await?,
@@ -659,6 +664,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                     }
                                 }
                             }
+                            (batch.records, spare) = keep(bytes);
                             syncing = Some((batch, glommio::spawn_local(writer.sync())));
                         } else {
                             // The batch ends this segment: finish the running sync, then
@@ -673,9 +679,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                     feed.closed(open_sequence);
                                 }
                             }
+                            (batch.records, spare) = keep(bytes);
                             durable(batch);
                         }
-                        spare = bytes;
                         Ok(())
                     }
                     .await;
