@@ -129,7 +129,17 @@ fn skus(report: &mut Report) {
         count,
         "marginal cost of a SKU-location",
     );
-    drop(shard);
+    // With `wal.snapshot_replica = true` (the default) the snapshot thread keeps a second
+    // copy of the state: a shard loaded from this one's snapshot, as the replica is.
+    let snapshot = shard.into_snapshot();
+    let (replica, replica_bytes) = retained(|| Shard::from_snapshot(&config, 1, &snapshot).expect("its own snapshot"));
+    report.row(
+        "SKU: the snapshot replica's copy (loaded from this shard's snapshot)",
+        replica_bytes,
+        count,
+        "held beside the shard when wal.snapshot_replica = true",
+    );
+    drop((replica, snapshot));
 }
 
 /// Per live hold: 1,000,000 single-line holds, with finished holds retained at the
