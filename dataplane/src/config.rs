@@ -70,10 +70,12 @@ pub struct WalSettings {
     pub snapshot_every_segments: u32,
     /// Keep a replica of each shard's state on the snapshot thread, fed every durable
     /// batch, and write snapshots from it (`true`: a second copy of the state in memory,
-    /// about a fifth of a core at 1 M state changes/s spread evenly, nothing read back);
-    /// or build each snapshot from the previous one and the closed segments read back from
-    /// disk (`false`: memory only while a snapshot is built; the log is read twice, and
-    /// the work comes in bursts). See `docs/wal.md`.
+    /// and the replay's CPU spread evenly, a quarter of a core at 850 k requests/s; it
+    /// keeps up and reads nothing back: for machines with a core to spare beside the
+    /// shards); or build each snapshot from the previous one and the closed segments read
+    /// back from disk (`false`, the default: memory only while a snapshot is built; the
+    /// log is read twice, the work comes in bursts and falls behind under load). See
+    /// `docs/wal.md`.
     pub snapshot_replica: bool,
 }
 
@@ -84,7 +86,7 @@ impl Default for WalSettings {
             segment_bytes: 64 << 20,
             truncate_corrupt_tail: false,
             snapshot_every_segments: 4,
-            snapshot_replica: true,
+            snapshot_replica: false,
         }
     }
 }

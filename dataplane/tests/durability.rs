@@ -268,8 +268,12 @@ async fn the_log_moves_to_new_segments_and_recovers_across_them() {
 
 #[tokio::test]
 async fn snapshots_are_taken_while_serving_and_the_log_below_them_is_deleted() {
-    // 1 MiB segments and a snapshot after every closed one; holds stay live throughout.
-    let server = start(1, |config| config.wal.snapshot_every_segments = 1);
+    // 1 MiB segments and a snapshot after every closed one, from the replica; holds stay
+    // live throughout.
+    let server = start(1, |config| {
+        config.wal.snapshot_every_segments = 1;
+        config.wal.snapshot_replica = true;
+    });
     let control = server.client("control").await;
     let checkout = server.client("checkout").await;
     stock(&control, &[9, 10], 1_000_000).await;
