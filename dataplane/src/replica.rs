@@ -1,22 +1,26 @@
 //! Snapshots from memory: a replica of one shard's state, kept on a background thread
 //! and fed the log's records as they become durable, writes each snapshot without
-//! reading the log back.
+//! reading the log back (`wal.snapshot_replica = true`; by default the same thread
+//! builds each snapshot from the files instead, `wal::take_snapshot`).
 //!
-//! Built from the files (`wal::take_snapshot`), a snapshot read every closed segment
-//! again and replayed it in bursts: at 1.5 M requests/s that was about a third of a CPU,
-//! a disk read for every byte written, and the half-load latency of a durable shard in
-//! the tens of milliseconds (`docs/wal.md`). The replica replays the same records as
-//! they come, from the writer's own buffers, so its work is spread evenly and it reads
-//! nothing; at a snapshot it archives its state, writes it, and loads it back to go on
-//! (which checks what it wrote). The price is memory: a second copy of the shard's
-//! state.
+//! Built from the files, a snapshot reads every closed segment again and replays it in
+//! bursts that fall behind under load (at 850 k requests/s on the 2-vCPU benchmark guest,
+//! one snapshot per run and about 500 MB read back). The replica replays the same records
+//! as they come, from the writer's own buffers, so it keeps up and reads nothing; at a
+//! snapshot it archives its state, writes it, and loads it back to go on (which checks
+//! what it wrote). The price is a second copy of the shard's state in memory and a steady
+//! share of a CPU: worth it where a core is spare beside the shards (on the benchmark
+//! guest, whose only other CPU is the load generator's, it raised the half-load tail;
+//! `docs/wal.md`).
 //!
-//! The replica falls back on the files when it cannot follow: it starts empty (the next
-//! due snapshot after a start is taken from the files, and its state kept), and when it
-//! falls `feed_max_bytes` behind the writer, the writer stops feeding it; the gap
-//! that leaves in the positions it receives makes it drop its state, and the next due
-//! snapshot is again taken from the files. A snapshot never covers a record that is not
-//! durable: the writer feeds a batch only after the `fdatasync` that covers it.
+//! The replica starts at the position its core recovered to, from the newest snapshot
+//! and the log up to there; every batch after it is fed. It falls back on the files when
+//! it cannot follow: when it cannot start, when a snapshot fails, and when it falls
+//! `feed_max_bytes` behind the writer (the writer stops feeding it; the gap that leaves
+//! in the positions it receives makes it drop its state). Its next due snapshot is then
+//! taken from the files, and it follows from that snapshot's state. A snapshot never
+//! covers a record that is not durable: the writer feeds a batch only after the
+//! `fdatasync` that covers it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -164,12 +168,12 @@ impl Replica {
     }
 }
 
-/// The writer's end of the replica: copies of durable batches (when it follows the log),
+/// The writer's end of the replica: durable batches' buffers (when it follows the log),
 /// and closed segments.
 pub struct ReplicaFeed {
     follow: bool,
     sender: mpsc::Sender<Feed>,
-    /// Buffers the replica is done with, for the next copies.
+    /// Buffers the replica is done with, for the next batches.
     spares: mpsc::Receiver<Vec<u8>>,
     /// Bytes sent and not yet applied.
     queued: Arc<AtomicUsize>,
