@@ -453,24 +453,38 @@ pub fn take_snapshot(
         }
         let bytes = read_segment(&path, segment_bytes, Some(SNAPSHOT_READ_GAP))?;
         let records = &bytes[..records_end(&bytes)];
-        let Some(last) = last_position(records) else {
+        if records.is_empty() {
             // An empty segment goes with the one before it.
             let last = ends.last().map_or(0, |e| e.2);
             ends.push((sequence, path, last));
             continue;
-        };
+        }
         let first = u64::from_le_bytes(records[8..16].try_into().expect("a record header"));
         if let Some((_, previous, previous_last)) = ends.last() {
             if first != previous_last + 1 {
                 bail!("{} starts at position {first}, {} ends at {previous_last}", path.display(), previous.display());
             }
         }
-        if last > base_position {
+        let replay = |shard: &mut Shard| -> anyhow::Result<()> {
             let valid = shard.replay_log(records).with_context(|| format!("replay {}", path.display()))?;
             if valid != records.len() {
                 bail!("{} has a damaged record at byte {valid}", path.display());
             }
-        }
+            Ok(())
+        };
+        // A segment wholly after the snapshot ends where the replay leaves the state (no
+        // walk over its records to find its last one first); one that starts within it
+        // is replayed only when it reaches past it.
+        let last = if first > base_position {
+            replay(&mut shard)?;
+            shard.wal_head()
+        } else {
+            let last = last_position(records).expect("a segment with records has a last one");
+            if last > base_position {
+                replay(&mut shard)?;
+            }
+            last
+        };
         ends.push((sequence, path, last));
     }
     let mut done = SnapshotDone::default();
