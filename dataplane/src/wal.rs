@@ -977,6 +977,14 @@ async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64, pace: Pa
         Pace::Full => ZERO_CHUNK,
     };
     let lead = segment_bytes / PREPARE_LEAD_DIVISOR;
+    // One buffer of zeros for every whole chunk (zeroing a new one per write cost the
+    // serving core a memset of the whole segment).
+    let zeros = |n: usize| {
+        let mut buffer = file.alloc_dma_buffer(n);
+        buffer.as_bytes_mut().fill(0);
+        Rc::new(buffer)
+    };
+    let chunk_of_zeros = zeros(chunk);
     let mut at = 0;
     while at < segment_bytes {
         if let Pace::Paced(log_end) = &pace {
@@ -985,9 +993,8 @@ async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64, pace: Pa
             }
         }
         let n = (segment_bytes - at).min(chunk as u64);
-        let mut buffer = file.alloc_dma_buffer(n as usize);
-        buffer.as_bytes_mut().fill(0);
-        file.write_at(buffer, at).await.map_err(io).with_context(|| format!("zero {}", temp.display()))?;
+        let buffer = if n as usize == chunk { chunk_of_zeros.clone() } else { zeros(n as usize) };
+        file.write_rc_at(buffer, at).await.map_err(io).with_context(|| format!("zero {}", temp.display()))?;
         at += n;
     }
     file.fdatasync().await.map_err(io)?;
