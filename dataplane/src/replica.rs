@@ -154,12 +154,18 @@ impl Replica {
                 (Source::Memory, done)
             }
             None => {
-                let done = wal::take_snapshot(&self.dir, &self.config, now, self.segment_bytes, open, stop)?;
-                // Follow from the new snapshot's state (the snapshot alone: it covers every
-                // closed segment, and what came after is still to be fed).
-                if let (Some((_, at)), true) = (&done.written, self.follow) {
-                    self.start(*at, now, stop);
-                }
+                // When following, from the new snapshot's state (it covers every closed
+                // segment, and what came after is still to be fed).
+                let (done, state) = wal::snapshot_from_files(
+                    &self.dir,
+                    &self.config,
+                    now,
+                    self.segment_bytes,
+                    open,
+                    self.follow,
+                    stop,
+                )?;
+                self.state = state;
                 (Source::Files, done)
             }
         };

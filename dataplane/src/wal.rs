@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{bail, Context};
 use glommio::io::{DmaFile, OpenOptions};
 use rkyv::util::AlignedVec;
-use stockplane_engine::{RecoverError, Shard, ShardConfig, SnapshotBytes, Tick};
+use stockplane_engine::{RecoverError, Shard, ShardConfig, Tick};
 use tracing::{info, warn};
 
 /// O_DIRECT alignment we write with (the file's own alignment is checked at open).
@@ -412,6 +412,20 @@ pub fn take_snapshot(
     open_sequence: u64,
     stop: &AtomicBool,
 ) -> anyhow::Result<SnapshotDone> {
+    snapshot_from_files(dir, config, now, segment_bytes, open_sequence, false, stop).map(|(done, _)| done)
+}
+
+/// [`take_snapshot`]; with `keep`, also the new snapshot's state, loaded back from the
+/// bytes it wrote (`None` when nothing new was written), for the replica to follow from.
+pub fn snapshot_from_files(
+    dir: &Path,
+    config: &ShardConfig,
+    now: Tick,
+    segment_bytes: u64,
+    open_sequence: u64,
+    keep: bool,
+    stop: &AtomicBool,
+) -> anyhow::Result<(SnapshotDone, Option<Shard>)> {
     remove_temporaries(dir, "snap-")?;
     let (newest, damaged) = newest_snapshot_and_skipped(dir, config, now)?;
     // A snapshot that does not load must not count as one of the two kept (the log below
@@ -426,22 +440,48 @@ pub fn take_snapshot(
         None => Shard::new(config, now)?,
     };
     let base_position = shard.wal_head();
-    // The closed segments, one at a time (memory: one segment beside the state), and
-    // the position each one's records end at. Consecutive segments must continue each
-    // other's positions, as they must in recovery.
-    let mut closed = segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence).peekable();
+    let ends = replay_segments(dir, &mut shard, segment_bytes, open_sequence, None, stop)?;
+    let mut done = SnapshotDone::default();
+    let mut kept = None;
+    if shard.wal_head() > base_position {
+        check_stop(stop)?;
+        kept = write_snapshot(dir, shard, now, keep, &mut done)?;
+    }
+    prune(dir, &ends, &mut done, stop)?;
+    Ok((done, kept))
+}
+
+/// Replays into `shard` (the newest snapshot's state, or a new shard) the records of the
+/// segments before `open_sequence` that follow its position, up to position `until`
+/// (`None`: all), one segment at a time (memory: one segment beside the state), reading
+/// nothing and changing no file. Returns the position each segment it went over ends at
+/// (a segment cut at `until` at `until`). Consecutive segments must continue each other's
+/// positions, as they must in recovery.
+fn replay_segments(
+    dir: &Path,
+    shard: &mut Shard,
+    segment_bytes: u64,
+    open_sequence: u64,
+    until: Option<u64>,
+    stop: &AtomicBool,
+) -> anyhow::Result<Vec<SegmentEnd>> {
+    let base_position = shard.wal_head();
+    let mut segments = segments(dir)?.into_iter().filter(|(s, _)| *s < open_sequence).peekable();
     let mut ends: Vec<SegmentEnd> = Vec::new();
     // Covered segments come first: once the next one is seen to start after the
     // snapshot's position, no later segment is covered, and no more starts are probed
     // (none is without a snapshot).
     let mut probing = base_position > 0;
-    while let Some((sequence, path)) = closed.next() {
+    while let Some((sequence, path)) = segments.next() {
+        if until.is_some_and(|until| shard.wal_head() >= until) {
+            break;
+        }
         check_stop(stop)?;
         // A segment that the next one shows to end at or before the snapshot's position
         // is covered whole: it is not read (the log between the two kept snapshots was
         // half of what each snapshot read, only to learn where it ends). When the next
         // one's start cannot be read, this one is read whole, as any other.
-        if let Some((_, next)) = closed.peek().filter(|_| probing) {
+        if let Some((_, next)) = segments.peek().filter(|_| probing) {
             match first_position(next)? {
                 Some(next_first) if next_first <= base_position.saturating_add(1) => {
                     ends.push((sequence, path, next_first.saturating_sub(1)));
@@ -452,7 +492,10 @@ pub fn take_snapshot(
             }
         }
         let bytes = read_segment(&path, segment_bytes, Some(SNAPSHOT_READ_GAP))?;
-        let records = &bytes[..records_end(&bytes)];
+        let mut records = &bytes[..records_end(&bytes)];
+        if let Some(until) = until {
+            records = &records[..records_through(records, until)];
+        }
         if records.is_empty() {
             // An empty segment goes with the one before it.
             let last = ends.last().map_or(0, |e| e.2);
@@ -476,25 +519,18 @@ pub fn take_snapshot(
         // walk over its records to find its last one first); one that starts within it
         // is replayed only when it reaches past it.
         let last = if first > base_position {
-            replay(&mut shard)?;
+            replay(shard)?;
             shard.wal_head()
         } else {
             let last = last_position(records).expect("a segment with records has a last one");
             if last > base_position {
-                replay(&mut shard)?;
+                replay(shard)?;
             }
             last
         };
         ends.push((sequence, path, last));
     }
-    let mut done = SnapshotDone::default();
-    let covered = ends.last().map_or(0, |e| e.2);
-    if covered > base_position {
-        check_stop(stop)?;
-        write_snapshot(dir, shard, &mut done)?;
-    }
-    prune(dir, &ends, &mut done, stop)?;
-    Ok(done)
+    Ok(ends)
 }
 
 /// Writes `shard`, a replica of the serving shard's state whose every record is durable
@@ -514,9 +550,7 @@ pub fn snapshot_from_memory(
     let mut done = SnapshotDone::default();
     let newest = snapshots(dir)?.last().map_or(0, |(position, _)| *position);
     let shard = if shard.wal_head() > newest {
-        let config = shard.config().clone();
-        let snapshot = write_snapshot(dir, shard, &mut done)?;
-        Shard::from_snapshot(&config, now, &snapshot).context("load the snapshot just written")?
+        write_snapshot(dir, shard, now, true, &mut done)?.expect("kept")
     } else {
         shard
     };
@@ -549,25 +583,7 @@ pub fn state_through(
         Some((_, shard)) => shard,
         None => Shard::new(config, now)?,
     };
-    let mut all = segments(dir)?.into_iter().peekable();
-    while let Some((_, path)) = all.next() {
-        if shard.wal_head() >= until {
-            break;
-        }
-        check_stop(stop)?;
-        if let Some((_, next)) = all.peek() {
-            if first_position(next)?.is_some_and(|first| first <= shard.wal_head() + 1) {
-                continue;
-            }
-        }
-        let bytes = read_segment(&path, segment_bytes, Some(SNAPSHOT_READ_GAP))?;
-        let records = &bytes[..records_end(&bytes)];
-        let records = &records[..records_through(records, until)];
-        let valid = shard.replay_log(records).with_context(|| format!("replay {}", path.display()))?;
-        if valid != records.len() {
-            bail!("{} has a damaged record at byte {valid}", path.display());
-        }
-    }
+    replay_segments(dir, &mut shard, segment_bytes, u64::MAX, Some(until), stop)?;
     if shard.wal_head() != until {
         bail!("the log in {} reaches position {}, not {until}", dir.display(), shard.wal_head());
     }
@@ -577,28 +593,44 @@ pub fn state_through(
 /// The length of the whole records at the start of `records` whose positions are at most
 /// `until`.
 fn records_through(records: &[u8], until: u64) -> usize {
-    let mut offset = 0;
-    while offset + stockplane_engine::wal::HEADER_BYTES <= records.len() {
-        let len = u16::from_le_bytes([records[offset], records[offset + 1]]) as usize;
-        let position = u64::from_le_bytes(records[offset + 8..offset + 16].try_into().expect("8 bytes"));
-        if len == 0 || offset + len > records.len() || position > until {
-            break;
-        }
-        offset += len;
-    }
-    offset
+    whole_records(records).take_while(|(_, position)| *position <= until).last().map_or(0, |(end, _)| end)
 }
 
-/// Writes `shard` as the snapshot at its position and records it in `done`; returns the
-/// bytes written.
-fn write_snapshot(dir: &Path, shard: Shard, done: &mut SnapshotDone) -> anyhow::Result<SnapshotBytes> {
+/// The whole records at the start of `records`: where each ends, and its position.
+fn whole_records(records: &[u8]) -> impl Iterator<Item = (usize, u64)> + '_ {
+    let mut offset = 0;
+    std::iter::from_fn(move || {
+        if offset + stockplane_engine::wal::HEADER_BYTES > records.len() {
+            return None;
+        }
+        let len = u16::from_le_bytes([records[offset], records[offset + 1]]) as usize;
+        if len == 0 || offset + len > records.len() {
+            return None;
+        }
+        let position = u64::from_le_bytes(records[offset + 8..offset + 16].try_into().expect("8 bytes"));
+        offset += len;
+        Some((offset, position))
+    })
+}
+
+/// Writes `shard` as the snapshot at its position and records it in `done`; with `keep`,
+/// returns the state loaded back from the bytes written (which checks them as recovery
+/// would).
+fn write_snapshot(
+    dir: &Path,
+    shard: Shard,
+    now: Tick,
+    keep: bool,
+    done: &mut SnapshotDone,
+) -> anyhow::Result<Option<Shard>> {
+    let config = shard.config().clone();
     let at = shard.wal_head();
     let snapshot = shard.into_snapshot();
     let path = snapshot_path(dir, at);
     write_durably(&path, &snapshot)?;
     done.written = Some((path, at));
     done.bytes = snapshot.len() as u64;
-    Ok(snapshot)
+    keep.then(|| Shard::from_snapshot(&config, now, &snapshot).context("load the snapshot just written")).transpose()
 }
 
 /// Keeps the two newest snapshots, and deletes the segments of `ends` whose every record
@@ -658,17 +690,7 @@ fn first_position(path: &Path) -> anyhow::Result<Option<u64>> {
 
 /// The position of the last record in `records` (whole records).
 pub(crate) fn last_position(records: &[u8]) -> Option<u64> {
-    let mut offset = 0;
-    let mut last = None;
-    while offset + stockplane_engine::wal::HEADER_BYTES <= records.len() {
-        let len = u16::from_le_bytes([records[offset], records[offset + 1]]) as usize;
-        if len == 0 || offset + len > records.len() {
-            break;
-        }
-        last = Some(u64::from_le_bytes(records[offset + 8..offset + 16].try_into().expect("8 bytes")));
-        offset += len;
-    }
-    last
+    whole_records(records).last().map(|(_, position)| position)
 }
 
 /// Lays `records` (whole encoded records, from position 1) out as shard `shard`'s log in
