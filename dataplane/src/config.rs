@@ -68,15 +68,32 @@ pub struct WalSettings {
     /// are written on a thread of its own; the two newest are kept, and the segments the
     /// older one covers are deleted.
     pub snapshot_every_segments: u32,
-    /// Keep a replica of each shard's state on the snapshot thread, fed every durable
-    /// batch, and write snapshots from it (`true`: a second copy of the state in memory,
-    /// and the replay's CPU spread evenly, a quarter of a core at 850 k requests/s; it
-    /// keeps up and reads nothing back: for machines with a core to spare beside the
-    /// shards); or build each snapshot from the previous one and the closed segments read
-    /// back from disk (`false`, the default: memory only while a snapshot is built; the
-    /// log is read twice, the work comes in bursts and falls behind under load). See
-    /// `docs/wal.md`.
-    pub snapshot_replica: bool,
+    /// Where each snapshot's state comes from (`docs/wal.md`, "Snapshots"):
+    /// - `files` (the default): the previous snapshot and the closed segments read back
+    ///   from disk and replayed on the snapshot thread (memory only while a snapshot is
+    ///   built; the log is read twice, the work comes in bursts and falls behind under load);
+    /// - `replica`: a replica of the shard's state on the snapshot thread, fed every durable
+    ///   batch (a second copy of the state in memory, and the replay's CPU spread evenly, a
+    ///   quarter of a core at 850 k requests/s; nothing read back): for machines with a
+    ///   core to spare beside the shards;
+    /// - `fork`: a copy of the serving process (`fork`, its memory shared copy-on-write)
+    ///   archives the shard's state as it is and writes it; the serving core pauses for the
+    ///   fork, and pays a page copy for each page it writes while the copy runs; the work is
+    ///   the state's size, not the log's.
+    pub snapshot_source: SnapshotSource,
+}
+
+/// Where snapshots come from (`wal.snapshot_source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotSource {
+    /// The previous snapshot and the closed segments, read back and replayed.
+    #[default]
+    Files,
+    /// A replica of the state fed every durable batch.
+    Replica,
+    /// A forked copy of the serving process.
+    Fork,
 }
 
 impl Default for WalSettings {
@@ -86,7 +103,7 @@ impl Default for WalSettings {
             segment_bytes: 64 << 20,
             truncate_corrupt_tail: false,
             snapshot_every_segments: 4,
-            snapshot_replica: false,
+            snapshot_source: SnapshotSource::Files,
         }
     }
 }

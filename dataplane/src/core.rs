@@ -235,6 +235,11 @@ impl Core {
         self.started_ms + now.duration_since(self.started).as_millis() as u64
     }
 
+    /// The engine shard, as its last request left it.
+    pub fn engine(&self) -> &Shard {
+        &self.shard
+    }
+
     /// Takes the records waiting for the WAL writer (and their last position), leaving
     /// `spare`'s allocation in their place.
     pub fn take_wal(&mut self, spare: Vec<u8>) -> Option<(Vec<u8>, u64)> {

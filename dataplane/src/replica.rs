@@ -1,6 +1,6 @@
 //! Snapshots from memory: a replica of one shard's state, kept on a background thread
 //! and fed the log's records as they become durable, writes each snapshot without
-//! reading the log back (`wal.snapshot_replica = true`; by default the same thread
+//! reading the log back (`wal.snapshot_source = "replica"`; by default the same thread
 //! builds each snapshot from the files instead, `wal::take_snapshot`).
 //!
 //! Built from the files, a snapshot reads every closed segment again and replays it in
@@ -52,7 +52,7 @@ pub struct Replica {
     segment_bytes: u64,
     /// A snapshot after this many more closed segments.
     every: u64,
-    /// Whether to keep the state between snapshots (`wal.snapshot_replica`): when not,
+    /// Whether to keep the state between snapshots (`wal.snapshot_source = "replica"`): when not,
     /// every snapshot is taken from the files and nothing is fed.
     follow: bool,
     /// The shard's state up to the last record fed (`None`: not following the log).
@@ -68,6 +68,8 @@ pub enum Source {
     Memory,
     /// From the newest snapshot and the closed segments on disk.
     Files,
+    /// From a forked copy of the serving process (`crate::fork`).
+    Fork,
 }
 
 impl Source {
@@ -75,7 +77,61 @@ impl Source {
         match self {
             Source::Memory => "memory",
             Source::Files => "files",
+            Source::Fork => "fork",
         }
+    }
+}
+
+/// A shard's snapshot metrics, and the log lines of each snapshot taken or failed.
+pub(crate) struct SnapshotMetrics {
+    shard: u32,
+    took: metrics::Histogram,
+    bytes: metrics::Gauge,
+    position: metrics::Gauge,
+    deleted: metrics::Counter,
+    failures: metrics::Counter,
+}
+
+impl SnapshotMetrics {
+    pub(crate) fn new(shard: u32) -> SnapshotMetrics {
+        let labels = [("shard", shard.to_string())];
+        SnapshotMetrics {
+            shard,
+            took: metrics::histogram!("stockplane_snapshot_seconds", &labels),
+            bytes: metrics::gauge!("stockplane_snapshot_bytes", &labels),
+            position: metrics::gauge!("stockplane_snapshot_position", &labels),
+            deleted: metrics::counter!("stockplane_wal_segments_deleted_total", &labels),
+            failures: metrics::counter!("stockplane_snapshot_failures_total", &labels),
+        }
+    }
+
+    /// A snapshot from `source`, started at `started`, did `done`.
+    pub(crate) fn taken(&self, source: Source, started: Instant, done: &SnapshotDone) {
+        let shard = self.shard;
+        self.took.record(started.elapsed().as_secs_f64());
+        self.deleted.increment(done.segments_deleted.len() as u64);
+        metrics::counter!("stockplane_snapshots_total", "shard" => shard.to_string(), "source" => source.name())
+            .increment(1);
+        if let Some((path, at)) = &done.written {
+            self.bytes.set(done.bytes as f64);
+            self.position.set(*at as f64);
+            info!(
+                shard,
+                file = %path.display(),
+                position = at,
+                bytes = done.bytes,
+                source = source.name(),
+                seconds = started.elapsed().as_secs_f64(),
+                segments_deleted = ?done.segments_deleted,
+                "snapshot written"
+            );
+        }
+    }
+
+    /// A snapshot failed; the log is whole without it.
+    pub(crate) fn failed(&self, error: &anyhow::Error) {
+        self.failures.increment(1);
+        warn!(shard = self.shard, error = format!("{error:#}"), "a snapshot failed; the log is kept whole");
     }
 }
 
@@ -246,13 +302,7 @@ pub fn channel(
         feed_max_bytes,
         left_out: metrics::counter!("stockplane_snapshot_feed_left_out_total", &labels),
     };
-    let took = metrics::histogram!("stockplane_snapshot_seconds", &labels);
-    let bytes = metrics::gauge!("stockplane_snapshot_bytes", &labels);
-    let position = metrics::gauge!("stockplane_snapshot_position", &labels);
-    let deleted = metrics::counter!("stockplane_wal_segments_deleted_total", &labels);
-    let failures = metrics::counter!("stockplane_snapshot_failures_total", &labels);
-    let taken = |source: Source| metrics::counter!("stockplane_snapshots_total", "shard" => shard.to_string(), "source" => source.name());
-    let (from_memory, from_files) = (taken(Source::Memory), taken(Source::Files));
+    let metrics = SnapshotMetrics::new(shard);
     let body = move || {
         replica.start(start, crate::core::wall_clock_ms(), &stop);
         let mut idle = FEED_POLL_MIN;
@@ -284,35 +334,10 @@ pub fn channel(
                     let started = Instant::now();
                     match replica.closed(open, crate::core::wall_clock_ms(), &stop) {
                         Ok(None) => {}
-                        Ok(Some((source, done))) => {
-                            took.record(started.elapsed().as_secs_f64());
-                            deleted.increment(done.segments_deleted.len() as u64);
-                            match source {
-                                Source::Memory => from_memory.increment(1),
-                                Source::Files => from_files.increment(1),
-                            }
-                            if let Some((path, at)) = &done.written {
-                                bytes.set(done.bytes as f64);
-                                position.set(*at as f64);
-                                info!(
-                                    shard,
-                                    file = %path.display(),
-                                    position = at,
-                                    bytes = done.bytes,
-                                    source = source.name(),
-                                    seconds = started.elapsed().as_secs_f64(),
-                                    segments_deleted = ?done.segments_deleted,
-                                    "snapshot written"
-                                );
-                            }
-                        }
+                        Ok(Some((source, done))) => metrics.taken(source, started, &done),
                         Err(_) if stop.load(Ordering::Acquire) => break,
-                        Err(error) => {
-                            // The log is whole without it: the next closed segment tries
-                            // again, from the files.
-                            failures.increment(1);
-                            warn!(shard, error = format!("{error:#}"), "a snapshot failed; the log is kept whole");
-                        }
+                        // The next closed segment tries again, from the files.
+                        Err(error) => metrics.failed(&error),
                     }
                 }
             }
@@ -443,7 +468,7 @@ mod tests {
         recovers_then_goes(&data, hash);
     }
 
-    /// `wal.snapshot_replica = false`: nothing is copied to the replica, which keeps no
+    /// `wal.snapshot_source = "files"`: nothing is copied to the replica, which keeps no
     /// state and takes every snapshot from the files.
     #[test]
     fn a_replica_that_does_not_follow_takes_every_snapshot_from_the_files() {

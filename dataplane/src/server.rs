@@ -23,8 +23,9 @@ use stockplane_engine::{Shard, ShardId};
 use tracing::{error, info, warn};
 
 use crate::admin::{Admin, Health};
-use crate::config::Config;
+use crate::config::{Config, SnapshotSource};
 use crate::core::{Core, MeshMessage};
+use crate::fork;
 use crate::metrics::CoreGauges;
 use crate::replica::{self, Replica};
 use crate::udp::{bind_reuseport, Udp};
@@ -420,7 +421,7 @@ fn background_cpus(process: &libc::cpu_set_t, shard_cpus: impl IntoIterator<Item
 
 /// Moves the calling thread onto `cpus` (a no-op for an empty set: the process's CPUs
 /// could not be read).
-fn move_to_cpus(cpus: &libc::cpu_set_t) -> std::io::Result<()> {
+pub(crate) fn move_to_cpus(cpus: &libc::cpu_set_t) -> std::io::Result<()> {
     if cpu_count(cpus) == 0 {
         return Ok(());
     }
@@ -466,11 +467,8 @@ fn spawn_idle_thread(
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: sched_setscheduler reads `param` and changes only the calling
-            // thread's policy (pid 0); it has no other effect on memory.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                warn!(error = %std::io::Error::last_os_error(), "could not lower a background thread to SCHED_IDLE");
+            if let Err(error) = lower_to_idle() {
+                warn!(%error, "could not lower a background thread to SCHED_IDLE");
             }
             if let Err(error) = move_to_cpus(&cpus) {
                 warn!(%error, "could not move a background thread off the shards' CPUs");
@@ -478,6 +476,17 @@ fn spawn_idle_thread(
             work();
         })
         .context("start a background thread")
+}
+
+/// Moves the calling thread to the idle scheduling policy (`SCHED_IDLE`).
+pub(crate) fn lower_to_idle() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads `param` and changes only the calling thread's
+    // policy (pid 0); it has no other effect on memory.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Recovers every shard from its log, in parallel.
@@ -545,19 +554,39 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     // deleted. The serving core never waits for it.
     // The replica's thread outlives the writer task's cancellation: a stopping core tells
     // it to stop and waits for it, so that it cannot write or delete files under a restart.
+    // With `wal.snapshot_source = "fork"`, the writer forks a copy of the process to write
+    // each snapshot instead (`crate::fork`), and the thread publishes it.
     let replica_stop = Arc::new(AtomicBool::new(false));
     let mut replica_thread = None;
-    let replica_feed = if config.wal.snapshot_every_segments > 0 {
-        // As if the last snapshot had been taken `closed_after_snapshot` segments ago; the
-        // first message takes one at once when that is already `every` or more.
-        let closed_at_last = (wal_start.sequence - 1).saturating_sub(wal_start.closed_after_snapshot);
+    let mut forks = None;
+    // As if the last snapshot had been taken `closed_after_snapshot` segments ago; the
+    // first message takes one at once when that is already `every` or more.
+    let closed_at_last = (wal_start.sequence - 1).saturating_sub(wal_start.closed_after_snapshot);
+    let replica_feed = if config.wal.snapshot_every_segments == 0 {
+        None
+    } else if config.wal.snapshot_source == SnapshotSource::Fork {
+        let (mut fork, body) = fork::channel(
+            wal_start.dir.clone(),
+            shard,
+            u64::from(config.wal.snapshot_every_segments),
+            closed_at_last,
+            background,
+            replica_stop.clone(),
+        );
+        replica_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
+        // Everything recovered is durable.
+        fork.durable(recovered_position);
+        fork.closed(wal_start.sequence, core.borrow().engine());
+        forks = Some(RefCell::new(fork));
+        None
+    } else {
         let replica = Replica::new(
             wal_start.dir.clone(),
             config.shard_config(shard, shards),
             config.wal.segment_bytes,
             u64::from(config.wal.snapshot_every_segments),
             closed_at_last,
-            config.wal.snapshot_replica,
+            config.wal.snapshot_source == SnapshotSource::Replica,
         );
         // The replica may fall two segments behind (while it starts, or when it gets too
         // little CPU) before the writer stops feeding it.
@@ -566,8 +595,6 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         replica_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
         feed.closed(wal_start.sequence);
         Some(feed)
-    } else {
-        None
     };
 
     // The WAL writer: group commit, pipelined. A batch is written while the previous
@@ -589,6 +616,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                 let durable = |batch: Batch| {
                     if let (Some(feed), Some(records)) = (&replica_feed, batch.records) {
                         feed.durable(records);
+                    }
+                    if let Some(forks) = &forks {
+                        forks.borrow().durable(batch.position);
                     }
                     let took = batch.taken.elapsed();
                     sync_seconds.record(took.as_secs_f64());
@@ -677,6 +707,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                 // were not fed yet, those after them follow.
                                 if let Some(feed) = &replica_feed {
                                     feed.closed(open_sequence);
+                                }
+                                if let Some(forks) = &forks {
+                                    forks.borrow_mut().closed(open_sequence, core.borrow().engine());
                                 }
                             }
                             (batch.records, spare) = keep(bytes);

@@ -554,16 +554,56 @@ pub fn snapshot_from_memory(
     } else {
         shard
     };
-    // Each closed segment ends one record before its successor starts; a successor whose
-    // first record cannot be read (the open segment before its first write) ends the list.
+    prune_closed(dir, open_sequence, &mut done, stop)?;
+    Ok((done, shard))
+}
+
+/// Keeps the two newest snapshots and deletes the closed segments (those before
+/// `open_sequence`) that the older covers, each closed segment's end read from its
+/// successor's first record (a successor whose first record cannot be read, the open
+/// segment before its first write, ends the list).
+fn prune_closed(dir: &Path, open_sequence: u64, done: &mut SnapshotDone, stop: &AtomicBool) -> anyhow::Result<()> {
     let closed: Vec<_> = segments(dir)?.into_iter().filter(|(s, _)| *s <= open_sequence).collect();
     let mut ends: Vec<SegmentEnd> = Vec::new();
     for pair in closed.windows(2) {
         let Some(next_first) = first_position(&pair[1].1)? else { break };
         ends.push((pair[0].0, pair[0].1.clone(), next_first.saturating_sub(1)));
     }
-    prune(dir, &ends, &mut done, stop)?;
-    Ok((done, shard))
+    prune(dir, &ends, done, stop)
+}
+
+/// Where a snapshot at `position` is written before it is renamed into place (a crash
+/// leaves it to `remove_temporaries`).
+pub(crate) fn snapshot_temp_path(dir: &Path, position: u64) -> PathBuf {
+    snapshot_path(dir, position).with_extension("tmp")
+}
+
+/// Publishes the snapshot at `position` that a forked copy of the serving process wrote
+/// to [`snapshot_temp_path`] with [`write_synced`] (every record through `position` must
+/// be durable by now): renames it into place and syncs the directory, unless a snapshot
+/// at or beyond `position` exists (the temporary file is then removed); then keeps the
+/// two newest snapshots and deletes the closed segments (before `open_sequence`) that
+/// the older covers, as [`snapshot_from_memory`] does.
+pub fn publish_snapshot(
+    dir: &Path,
+    position: u64,
+    open_sequence: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<SnapshotDone> {
+    check_stop(stop)?;
+    let temp = snapshot_temp_path(dir, position);
+    let mut done = SnapshotDone::default();
+    let newest = snapshots(dir)?.last().map_or(0, |(position, _)| *position);
+    if position > newest {
+        let path = snapshot_path(dir, position);
+        done.bytes = fs::metadata(&temp).with_context(|| format!("read {}", temp.display()))?.len();
+        publish(&temp, &path)?;
+        done.written = Some((path, position));
+    } else {
+        fs::remove_file(&temp).with_context(|| format!("remove {}", temp.display()))?;
+    }
+    prune_closed(dir, open_sequence, &mut done, stop)?;
+    Ok(done)
 }
 
 /// The shard's state at position `until`, which must be durable: the newest snapshot that
@@ -666,13 +706,23 @@ fn prune(dir: &Path, ends: &[SegmentEnd], done: &mut SnapshotDone, stop: &Atomic
 /// for all of it (20 to 100 ms stalls of group commit while a snapshot was written).
 fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let temp = path.with_extension("tmp");
-    let mut file = fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
+    write_synced(&temp, bytes)?;
+    publish(&temp, path)
+}
+
+/// Writes `bytes` as the new file `temp`, synced chunk by chunk (see [`write_durably`]).
+pub(crate) fn write_synced(temp: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = fs::File::create(temp).with_context(|| format!("create {}", temp.display()))?;
     for chunk in bytes.chunks(SNAPSHOT_SYNC_CHUNK) {
         file.write_all(chunk).with_context(|| format!("write {}", temp.display()))?;
         file.sync_data().with_context(|| format!("sync {}", temp.display()))?;
     }
-    file.sync_all().with_context(|| format!("sync {}", temp.display()))?;
-    fs::rename(&temp, path).with_context(|| format!("rename {}", temp.display()))?;
+    file.sync_all().with_context(|| format!("sync {}", temp.display()))
+}
+
+/// Renames the synced file `temp` to `path` and syncs their directory.
+fn publish(temp: &Path, path: &Path) -> anyhow::Result<()> {
+    fs::rename(temp, path).with_context(|| format!("rename {}", temp.display()))?;
     let dir = path.parent().expect("a file in a directory");
     fs::File::open(dir)?.sync_all().with_context(|| format!("sync directory {}", dir.display()))?;
     Ok(())

@@ -201,10 +201,10 @@ async fn check(client: &Client, skus: &[u64], acked: &Acked) -> Result<(), Strin
 async fn acknowledged_work_survives_kill_9() {
     let cycles: usize = std::env::var("CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
-    // Snapshots from the replica's memory or from the files, by the seed: both ways of
-    // writing them are killed mid-way over runs.
-    let replica = seed.is_multiple_of(2);
-    println!("crash test: {cycles} cycles, CRASH_SEED={seed} (wal.snapshot_replica = {replica})");
+    // Snapshots from the files, the replica's memory or a forked copy, by the seed: every
+    // way of writing them is killed mid-way over runs.
+    let source = ["files", "replica", "fork"][(seed % 3) as usize];
+    println!("crash test: {cycles} cycles, CRASH_SEED={seed} (wal.snapshot_source = {source:?})");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = std::env::temp_dir().join(format!("stockplane-crash-{}-{seed}", std::process::id()));
     write_dev_certs(&dir).unwrap();
@@ -217,7 +217,7 @@ async fn acknowledged_work_survives_kill_9() {
         dir.join("dataplane.toml"),
         format!(
             "io_memory_bytes = 524288\n[wal]\nsegment_bytes = 1048576\nsnapshot_every_segments = 1\n\
-         snapshot_replica = {replica}\n[shard]\nskus_max = 4096\nsku_locations_max = 4096\nholds_max = 65536\nholds_finished_max = 1048576\n\
+         snapshot_source = {source:?}\n[shard]\nskus_max = 4096\nsku_locations_max = 4096\nholds_max = 65536\nholds_finished_max = 1048576\n\
          hold_extra_lines_max = 65536\ncarts_max = 65536\ncarts_finished_max = 32768\njournal_entries_max = 65536\n"
         ),
     )

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
+use stockplane_dataplane::config::SnapshotSource;
 use stockplane_engine::shard_for;
 use stockplane_wire::client::Client;
 use stockplane_wire::{Body, CartLine, HoldId, HoldState, HoldsOf, Op, Request, SkuAt, Status};
@@ -268,11 +269,23 @@ async fn the_log_moves_to_new_segments_and_recovers_across_them() {
 
 #[tokio::test]
 async fn snapshots_are_taken_while_serving_and_the_log_below_them_is_deleted() {
-    // 1 MiB segments and a snapshot after every closed one, from the replica; holds stay
-    // live throughout.
+    // The first snapshot comes from the files (the replica has followed nothing yet), the
+    // next from the replica's memory, which the writer fed each durable batch.
+    snapshots_while_serving(SnapshotSource::Replica, "memory").await;
+}
+
+#[tokio::test]
+async fn snapshots_from_a_fork_are_taken_while_serving_and_the_log_below_them_is_deleted() {
+    snapshots_while_serving(SnapshotSource::Fork, "fork").await;
+}
+
+/// With 1 MiB segments and a snapshot after every closed one, from `source`, while holds
+/// stay live: two snapshots are written, the first segment is deleted, a snapshot counted
+/// as from `counted` is seen, and a restart recovers the state the server stopped with.
+async fn snapshots_while_serving(source: SnapshotSource, counted: &str) {
     let server = start(1, |config| {
         config.wal.snapshot_every_segments = 1;
-        config.wal.snapshot_replica = true;
+        config.wal.snapshot_source = source;
     });
     let control = server.client("control").await;
     let checkout = server.client("checkout").await;
@@ -303,17 +316,15 @@ async fn snapshots_are_taken_while_serving_and_the_log_below_them_is_deleted() {
         assert_eq!(status, Status::Reserved);
     }
     let adjusted = (next - (1u128 << 90)) as i64;
-    // The first snapshot comes from the files (the replica has followed nothing yet), the
-    // next from the replica's memory, which the writer fed each durable batch.
-    // (It is counted just after its files are in place: look until it is.)
-    let from_memory = "stockplane_snapshots_total{shard=\"0\",source=\"memory\"}";
+    // (A snapshot is counted just after its files are in place: look until it is.)
+    let from_source = format!("stockplane_snapshots_total{{shard=\"0\",source=\"{counted}\"}}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let metrics = http_get(server.server.admin_addr(), "/metrics");
-        if metrics.lines().any(|l| l.starts_with(from_memory)) {
+        if metrics.lines().any(|l| l.starts_with(&from_source)) {
             break;
         }
-        assert!(Instant::now() < deadline, "no snapshot from memory:\n{metrics}");
+        assert!(Instant::now() < deadline, "no snapshot from {counted}:\n{metrics}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     control.close().await;

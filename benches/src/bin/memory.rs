@@ -129,7 +129,7 @@ fn skus(report: &mut Report) {
         count,
         "marginal cost of a SKU-location",
     );
-    // With `wal.snapshot_replica = true` the snapshot thread keeps a second
+    // With `wal.snapshot_source = "replica"` the snapshot thread keeps a second
     // copy of the state: a shard loaded from this one's snapshot, as the replica is.
     let snapshot = shard.into_snapshot();
     let (replica, replica_bytes) = retained(|| Shard::from_snapshot(&config, 1, &snapshot).expect("its own snapshot"));
@@ -137,7 +137,7 @@ fn skus(report: &mut Report) {
         "SKU: the snapshot replica's copy (loaded from this shard's snapshot)",
         replica_bytes,
         count,
-        "held beside the shard when wal.snapshot_replica = true",
+        "held beside the shard when wal.snapshot_source = \"replica\"",
     );
     drop((replica, snapshot));
 }
