@@ -35,6 +35,8 @@ E2E_SKUS ?= 100000
 # The open-loop rate of the null server's calibration run (about half the data plane's
 # batched saturation on this host).
 NULL_RATE ?= 1000000
+# bench-e2e's snapshot source (files, replica, fork); empty: benches/e2e.toml's (the default).
+SNAPSHOT_SOURCE ?=
 MESH_SECONDS ?= 2
 # The control plane's sync benchmark: lines drained, SKUs bootstrapped.
 SYNC_LINES ?= 2000000
@@ -57,6 +59,7 @@ help:
 	@echo "make bench-instructions  instructions per reserve+commit pair (callgrind), engine and baseline"
 	@echo "make bench-e2e  one-core data plane on SERVER_CPU, stockplane-e2e on DRIVER_CPU: saturate (batched,"
 	@echo "                one request per frame) and latency at half saturation; report in perf-reports/"
+	@echo "                (SNAPSHOT_SOURCE=files|replica|fork picks where the server's snapshots come from)"
 	@echo "make bench-sync the control plane: drain SYNC_LINES committed lines into PostgreSQL, and bootstrap"
 	@echo "                SYNC_SKUS SKUs into an empty data plane (data plane on SERVER_CPU, the rest on DRIVER_CPU)"
 	@echo "make bench-mesh messages/s between two pinned executors over the channel mesh, report in perf-reports/"
@@ -139,7 +142,7 @@ bench-e2e: check-toolchain
 	@mkdir -p $(REPORT_DIR)
 	@set -o pipefail; report=$(REPORT_DIR)/e2e-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
 	export STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) SERVER_CPU=$(SERVER_CPU) DRIVER_CPU=$(DRIVER_CPU) \
-	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS) NULL_RATE=$(NULL_RATE); \
+	  E2E_SECONDS=$(E2E_SECONDS) E2E_WARMUP=$(E2E_WARMUP) E2E_SKUS=$(E2E_SKUS) NULL_RATE=$(NULL_RATE) SNAPSHOT_SOURCE=$(SNAPSHOT_SOURCE); \
 	{ echo "=== the CPUs: server on $(SERVER_CPU), driver on $(DRIVER_CPU); benches/cpus.sh: $(CPU_CHOICE)"; \
 	  echo "time taken from a pinned thread (server CPU, then driver CPU)"; \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \

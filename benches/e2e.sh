@@ -15,8 +15,9 @@
 # `stockplane-e2e` binaries). Environment: SERVER_CPU, DRIVER_CPU (benches/cpus.sh's choice),
 # E2E_SECONDS (10), E2E_WARMUP (2), E2E_SKUS (100000), CERTS (target/certs),
 # E2E_CONFIG (benches/e2e.toml), DURABILITY (none: the server without its disk; sync:
-# every reply after the fdatasync that covers it). The log goes to a fresh directory,
-# removed at the end.
+# every reply after the fdatasync that covers it), SNAPSHOT_SOURCE (files, replica or
+# fork: the config's [wal] snapshot_source; unset: the config's own). The log goes to a
+# fresh directory, removed at the end.
 set -euo pipefail
 
 bin=${1:?usage: benches/e2e.sh BIN_DIR}
@@ -29,6 +30,12 @@ warmup=${E2E_WARMUP:-2}
 skus=${E2E_SKUS:-100000}
 certs=${CERTS:-target/certs}
 config=${E2E_CONFIG:-benches/e2e.toml}
+if [ -n "${SNAPSHOT_SOURCE:-}" ]; then
+  # The config with a [wal] table that names the source (the config must have none).
+  with_source=$(mktemp -t stockplane-e2e-config.XXXXXX.toml)
+  { cat "$config"; printf '\n[wal]\nsnapshot_source = "%s"\n' "$SNAPSHOT_SOURCE"; } >"$with_source"
+  config=$with_source
+fi
 durability=${DURABILITY:-none}
 log=$(mktemp -t stockplane-e2e-server.XXXXXX.log)
 data=$(mktemp -d -p "${E2E_DATA_PARENT:-target}" e2e-data.XXXXXX)
@@ -51,6 +58,7 @@ stop_server() {
   echo "server log: $log ($noisy warning or error lines)"
   grep -E 'WARN|ERROR' "$log" | head -20 || true
   rm -rf "$data"
+  [ -z "${with_source:-}" ] || rm -f "$with_source"
 }
 trap stop_server EXIT
 
