@@ -154,6 +154,21 @@ pub fn channel(
     (snapshots, body)
 }
 
+/// Writes `shard`'s state as a snapshot file to `path` from a forked copy of the process,
+/// as a serving core does, and waits for the copy: returns how long the fork paused the
+/// caller and how long the copy took from the fork to its exit (for benchmarks; the copy
+/// runs on the caller's CPUs, at `SCHED_IDLE`).
+pub fn write_by_fork(shard: &Shard, path: &Path) -> anyhow::Result<(Duration, Duration)> {
+    let started = Instant::now();
+    let pid = fork_writer(shard, path, &process_cpus())?;
+    let paused = started.elapsed();
+    let status = wait_for(pid, &AtomicBool::new(false))?;
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("the copy forked to write {} failed: {}", path.display(), describe(status));
+    }
+    Ok((paused, started.elapsed()))
+}
+
 /// Waits for the copy to exit, then publishes its snapshot once the log is durable
 /// through its position. On a stop, kills the copy; on any failure, removes its file.
 fn finish(dir: &Path, forked: &Forked, durable: &AtomicU64, stop: &AtomicBool) -> anyhow::Result<wal::SnapshotDone> {
@@ -218,6 +233,16 @@ fn wait_for(pid: libc::pid_t, stop: &AtomicBool) -> anyhow::Result<libc::c_int> 
             bail!("stopped: the server is stopping");
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// The calling thread's CPUs.
+fn process_cpus() -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain bits; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        set
     }
 }
 
@@ -289,15 +314,6 @@ mod tests {
 
     use super::*;
     use crate::wal::tests::{config, laid_out, names, segment_records, GO, NOW, SEGMENT};
-
-    fn process_cpus() -> libc::cpu_set_t {
-        // SAFETY: cpu_set_t is plain bits; sched_getaffinity writes at most its size.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
-            set
-        }
-    }
 
     /// The shard's state through the end of segment `sequence` of the log in `dir`.
     fn state_after(dir: &Path, sequence: u64) -> Shard {

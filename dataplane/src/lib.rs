@@ -13,7 +13,7 @@
 //!   [`udp::bind_reuseport`], which the benchmarks' null server binds with too;
 //! - `route`: which shard serves a request;
 //! - [`wal`]: each shard's write-ahead log on disk (group commit, segments, recovery);
-//! - `replica` and `fork`: where each shard's background snapshots take its state from;
+//! - `replica` and [`fork`]: where each shard's background snapshots take its state from;
 //! - [`tls`]: rustls server configuration with client authentication, roles from certificates;
 //! - [`certs`]: development certificates (`make certs`);
 //! - [`admin`]: the HTTP endpoint for Prometheus metrics, `/healthz` and `/readyz`.
@@ -22,7 +22,7 @@ pub mod admin;
 pub mod certs;
 pub mod config;
 mod core;
-mod fork;
+pub mod fork;
 mod ids;
 mod metrics;
 mod replica;

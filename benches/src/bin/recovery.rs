@@ -12,6 +12,10 @@
 //!    covers every segment but the last, the second all of them and lets the first's
 //!    segments go), and recovery is timed again from the newest snapshot, then from the
 //!    older one and the segment after it (as when the newest is damaged).
+//! 5. Before the snapshots, the recovered shard is written once more from a fork of this
+//!    process (`stockplane_dataplane::fork::write_by_fork`, as `wal.snapshot_source =
+//!    "fork"` does): the fork's pause is printed, and the file must equal the snapshot of
+//!    every segment byte for byte.
 //!
 //! `cargo run --release -p stockplane-benches --bin recovery -- --skus 10000000 --holds 1000000`
 
@@ -131,6 +135,20 @@ fn main() -> anyhow::Result<()> {
         args.skus,
         recovered.live_holds()
     );
+    // A snapshot of the recovered state from a fork of this process, as a serving core
+    // takes one with `wal.snapshot_source = "fork"`: the fork pauses the caller for a time
+    // that grows with the process's memory. Checked below against the snapshot of every
+    // segment, which is at the same position.
+    let resident = resident_mib()?;
+    let forked = data.join("forked.snap");
+    let (paused, took) = stockplane_dataplane::fork::write_by_fork(&recovered, &forked)?;
+    println!(
+        "snapshot from a fork of this process ({resident:.0} MiB resident): the fork paused the caller for {:.1} ms; \
+         the copy wrote {:.1} MiB, synced, and exited {:.2} s after the fork",
+        paused.as_secs_f64() * 1e3,
+        std::fs::metadata(&forked)?.len() as f64 / (1 << 20) as f64,
+        took.as_secs_f64()
+    );
     drop(recovered);
 
     // Snapshots, as the data plane takes them: the first covers every segment but the
@@ -155,6 +173,13 @@ fn main() -> anyhow::Result<()> {
             done.segments_deleted
         );
         ensure!(path.exists(), "the snapshot file is missing");
+        if open == last + 1 {
+            ensure!(
+                std::fs::read(&path)? == std::fs::read(&forked)?,
+                "the snapshot from the fork differs from the one from the files"
+            );
+            println!("the snapshot from the fork is byte for byte the snapshot of every segment");
+        }
     }
     let newest = std::fs::read_dir(&dir)?
         .filter_map(|e| Some(e.ok()?.path()))
@@ -178,4 +203,15 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::remove_dir_all(&data)?;
     Ok(())
+}
+
+/// This process's resident memory (`VmRSS`), in MiB.
+fn resident_mib() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .context("VmRSS in /proc/self/status")?;
+    Ok(kib / 1024.0)
 }
