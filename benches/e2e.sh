@@ -109,5 +109,12 @@ if [ "$durability" != none ]; then
   echo "server WAL rounds over the three runs (from its /metrics):"
   curl -sf "http://$admin/metrics" | grep -E '^stockplane_wal_(sync_seconds|write_seconds|fdatasync_seconds|batch_bytes)' | sed 's/^/  /' || true
   echo
+  # The snapshots taken meanwhile: how many, from where, how long each took, and (from a
+  # fork) how long the forks paused the shard.
+  echo "server snapshots over the three runs (from its /metrics):"
+  curl -sf "http://$admin/metrics" |
+    grep -E '^stockplane_(snapshots_total|snapshot_failures_total|snapshot_seconds_(sum|count)|snapshot_fork_seconds_(sum|count))' |
+    sed 's/^/  /' || true
+  echo
 fi
 exit "$status"
