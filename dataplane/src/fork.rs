@@ -28,6 +28,7 @@
 //! 12 to 25% to 0.2%, but did not lower the half-load tail (`docs/wal.md`, "Why not the
 //! fork, then").
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -62,7 +63,7 @@ pub struct ForkSnapshots {
     shard: u32,
     every: u64,
     /// Closed segments when the last snapshot was forked.
-    closed_at_last: u64,
+    closed_at_last: Cell<u64>,
     /// Where the copy runs.
     cpus: libc::cpu_set_t,
     /// A copy runs or waits for its publication: no second fork meanwhile.
@@ -82,9 +83,9 @@ impl ForkSnapshots {
     /// Segments before `open` are closed and `shard` is the serving state: when `every`
     /// more were closed since the last snapshot and none is under way, forks the copy that
     /// writes the next one. Returns whether it forked.
-    pub fn closed(&mut self, open: u64, shard: &Shard) -> bool {
+    pub fn closed(&self, open: u64, shard: &Shard) -> bool {
         let closed = open.saturating_sub(1);
-        if closed < self.closed_at_last + self.every || self.busy.load(Ordering::Acquire) {
+        if closed < self.closed_at_last.get() + self.every || self.busy.load(Ordering::Acquire) {
             return false;
         }
         let position = shard.wal_head();
@@ -94,7 +95,7 @@ impl ForkSnapshots {
             Ok(pid) => {
                 self.fork_seconds.record(started.elapsed().as_secs_f64());
                 self.busy.store(true, Ordering::Release);
-                self.closed_at_last = closed;
+                self.closed_at_last.set(closed);
                 let _ = self.sender.send(Forked { pid, position, open, forked: started });
                 true
             }
@@ -128,7 +129,7 @@ pub fn channel(
         dir: dir.clone(),
         shard,
         every: every.max(1),
-        closed_at_last,
+        closed_at_last: Cell::new(closed_at_last),
         cpus,
         busy: busy.clone(),
         durable: durable.clone(),
@@ -164,35 +165,22 @@ pub fn channel(
 /// caller and how long the copy took from the fork to its exit (for benchmarks; the copy
 /// runs on the caller's CPUs, at `SCHED_IDLE`).
 pub fn write_by_fork(shard: &Shard, path: &Path) -> anyhow::Result<(Duration, Duration)> {
+    let cpus = crate::server::thread_cpus()?;
     let started = Instant::now();
-    let pid = fork_writer(shard, path, &process_cpus())?;
+    let pid = fork_writer(shard, path, &cpus)?;
     let paused = started.elapsed();
-    let status = wait_for(pid, &AtomicBool::new(false))?;
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        bail!("the copy forked to write {} failed: {}", path.display(), describe(status));
-    }
+    wait_for(pid, &AtomicBool::new(false))?;
     Ok((paused, started.elapsed()))
 }
 
 /// Waits for the copy to exit, then publishes its snapshot once the log is durable
 /// through its position. On a stop, kills the copy; on any failure, removes its file.
 fn finish(dir: &Path, forked: &Forked, durable: &AtomicU64, stop: &AtomicBool) -> anyhow::Result<wal::SnapshotDone> {
-    let status = match wait_for(forked.pid, stop) {
-        Ok(status) if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 => Ok(()),
-        Ok(status) => Err(anyhow::anyhow!(
-            "the copy forked to write the snapshot (pid {}) failed: {}",
-            forked.pid,
-            describe(status)
-        )),
-        Err(error) => Err(error),
-    };
-    match status {
-        Ok(()) => publish_when_durable(dir, forked, durable, stop),
-        Err(error) => {
-            let _ = std::fs::remove_file(wal::snapshot_temp_path(dir, forked.position));
-            Err(error)
-        }
+    if let Err(error) = wait_for(forked.pid, stop) {
+        let _ = std::fs::remove_file(wal::snapshot_temp_path(dir, forked.position));
+        return Err(error);
     }
+    publish_when_durable(dir, forked, durable, stop)
 }
 
 /// Publishes the snapshot the copy wrote once `durable` reaches its position (never
@@ -219,15 +207,16 @@ fn publish_when_durable(
     outcome
 }
 
-/// The exit status of child `pid`, which is waited for (killed when `stop` is set).
-fn wait_for(pid: libc::pid_t, stop: &AtomicBool) -> anyhow::Result<libc::c_int> {
+/// Waits for child `pid` (killed when `stop` is set); an error unless it exited with 0.
+fn wait_for(pid: libc::pid_t, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut status: libc::c_int = 0;
     loop {
         // SAFETY: waitpid writes the child's status into `status` and nothing else.
         match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
             0 => {}
             -1 => bail!("wait for the snapshot copy (pid {pid}): {}", std::io::Error::last_os_error()),
-            _ => return Ok(status),
+            _ if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 => return Ok(()),
+            _ => bail!("the copy forked to write a snapshot (pid {pid}) failed: {}", describe(status)),
         }
         if stop.load(Ordering::Acquire) {
             // SAFETY: kill and waitpid act on our own child, which has not been waited for.
@@ -238,16 +227,6 @@ fn wait_for(pid: libc::pid_t, stop: &AtomicBool) -> anyhow::Result<libc::c_int> 
             bail!("stopped: the server is stopping");
         }
         std::thread::sleep(POLL);
-    }
-}
-
-/// The calling thread's CPUs.
-fn process_cpus() -> libc::cpu_set_t {
-    // SAFETY: cpu_set_t is plain bits; sched_getaffinity writes at most its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
-        set
     }
 }
 
@@ -318,7 +297,11 @@ mod tests {
     use std::fs;
 
     use super::*;
-    use crate::wal::tests::{config, laid_out, names, segment_records, GO, NOW, SEGMENT};
+    use crate::wal::tests::{config, copy_dir, laid_out, names, segment_records, GO, NOW, SEGMENT};
+
+    fn cpus() -> libc::cpu_set_t {
+        crate::server::thread_cpus().unwrap()
+    }
 
     /// The shard's state through the end of segment `sequence` of the log in `dir`.
     fn state_after(dir: &Path, sequence: u64) -> Shard {
@@ -334,15 +317,10 @@ mod tests {
         let (data, dir, last, hash) = laid_out("fork");
         assert!(last >= 6, "only {last} segments");
         let twin = std::env::temp_dir().join(format!("stockplane-fork-twin-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&twin);
-        fs::create_dir_all(&twin).unwrap();
-        for entry in fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            fs::copy(entry.path(), twin.join(entry.file_name())).unwrap();
-        }
+        copy_dir(&dir, &twin);
         let stop = Arc::new(AtomicBool::new(false));
         for open in [3, 5] {
-            let (mut forks, body) = channel(dir.clone(), 0, 2, open - 3, process_cpus(), stop.clone());
+            let (forks, body) = channel(dir.clone(), 0, 2, open - 3, cpus(), stop.clone());
             let thread = std::thread::spawn(body);
             let shard = state_after(&dir, open - 1);
             forks.durable(shard.wal_head());
@@ -374,9 +352,9 @@ mod tests {
         let position = shard.wal_head();
         let temp = wal::snapshot_temp_path(&dir, position);
         for durable_at in [position - 1, position] {
-            let pid = fork_writer(&shard, &temp, &process_cpus()).unwrap();
-            let status = wait_for(pid, &GO).unwrap();
-            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{}", describe(status));
+            let pid = fork_writer(&shard, &temp, &cpus()).unwrap();
+            // An error unless the copy exited with 0.
+            wait_for(pid, &GO).unwrap();
             assert!(temp.exists());
             let forked = Forked { pid, position, open: 3, forked: Instant::now() };
             let durable = AtomicU64::new(durable_at);
@@ -403,7 +381,7 @@ mod tests {
         let shard = state_after(&dir, 2);
         let missing = dir.join("no-such-dir");
         let temp = wal::snapshot_temp_path(&missing, shard.wal_head());
-        let pid = fork_writer(&shard, &temp, &process_cpus()).unwrap();
+        let pid = fork_writer(&shard, &temp, &cpus()).unwrap();
         let forked = Forked { pid, position: shard.wal_head(), open: 3, forked: Instant::now() };
         let error = finish(&missing, &forked, &AtomicU64::new(u64::MAX), &GO).unwrap_err();
         assert!(format!("{error:#}").contains("exit status 1"), "{error:#}");

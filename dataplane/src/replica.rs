@@ -352,7 +352,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::wal::tests::{config, laid_out, names, segment_records, GO, NOW, SEGMENT};
+    use crate::wal::tests::{config, copy_dir, laid_out, names, segment_records, GO, NOW, SEGMENT};
 
     /// `records` cut in two at the first record boundary at or after its middle.
     fn halves(records: &[u8]) -> (&[u8], &[u8]) {
@@ -361,15 +361,6 @@ mod tests {
             at += u16::from_le_bytes([records[at], records[at + 1]]) as usize;
         }
         records.split_at(at)
-    }
-
-    fn copy_dir(from: &Path, to: &Path) {
-        let _ = fs::remove_dir_all(to);
-        fs::create_dir_all(to).unwrap();
-        for entry in fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
     }
 
     /// The log in `data` recovers to the state whose hash is `hash`; then `data` goes.

@@ -346,6 +346,50 @@ struct Batch {
 /// A WAL batch and the fdatasync that makes it durable, running.
 type Syncing = (Batch, glommio::Task<anyhow::Result<()>>);
 
+/// Where a core's snapshots come from, as the WAL writer sees it: it hands over durable
+/// batches and closed segments, and the source takes what it needs of them.
+enum Snapshots {
+    /// Snapshots are off.
+    Off,
+    /// The snapshot thread's replica (which follows the log or, from the files, not).
+    Replica(replica::ReplicaFeed),
+    /// A forked copy of the process per snapshot.
+    Fork(fork::ForkSnapshots),
+}
+
+impl Snapshots {
+    /// A written batch's buffer: to the replica when it takes it (the second value is a
+    /// buffer it is done with, for the next batch), else back for the next batch.
+    fn keep(&self, bytes: Vec<u8>) -> (Option<Vec<u8>>, Vec<u8>) {
+        match self {
+            Snapshots::Replica(feed) if feed.accepts(bytes.len()) => (Some(bytes), feed.spare()),
+            _ => (None, bytes),
+        }
+    }
+
+    /// The batch ending at `position` is durable; `records` are its records when
+    /// [`Snapshots::keep`] took them.
+    fn durable(&self, position: u64, records: Option<Vec<u8>>) {
+        match (self, records) {
+            (Snapshots::Replica(feed), Some(records)) => feed.durable(records),
+            (Snapshots::Fork(forks), _) => forks.durable(position),
+            _ => {}
+        }
+    }
+
+    /// Every segment before `open` is closed; `engine` is the serving state (call before
+    /// the batch that closed them is durable).
+    fn closed(&self, open: u64, engine: &Shard) {
+        match self {
+            Snapshots::Off => {}
+            Snapshots::Replica(feed) => feed.closed(open),
+            Snapshots::Fork(forks) => {
+                forks.closed(open, engine);
+            }
+        }
+    }
+}
+
 /// Waits for the running sync, if there is one, and acknowledges its batch.
 async fn finish_sync(syncing: &mut Option<Syncing>, durable: &impl Fn(Batch)) -> anyhow::Result<()> {
     if let Some((batch, sync)) = syncing.take() {
@@ -361,15 +405,24 @@ static PROCESS_CPUS: std::sync::OnceLock<libc::cpu_set_t> = std::sync::OnceLock:
 
 fn remember_process_cpus() {
     PROCESS_CPUS.get_or_init(|| {
-        // SAFETY: cpu_set_t is plain bits, valid when zeroed.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into the
-        // set and reads nothing else.
-        if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
-            warn!(error = %std::io::Error::last_os_error(), "could not read the process's CPUs");
-        }
-        set
+        thread_cpus().unwrap_or_else(|error| {
+            warn!(%error, "could not read the process's CPUs");
+            // SAFETY: cpu_set_t is plain bits, the empty set when zeroed.
+            unsafe { std::mem::zeroed() }
+        })
     });
+}
+
+/// The CPUs the calling thread may run on.
+pub(crate) fn thread_cpus() -> std::io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain bits, valid when zeroed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into the
+    // set and reads nothing else.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(set)
 }
 
 /// How many CPUs `set` names.
@@ -548,54 +601,45 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         mesh_out.send(out);
     }
 
-    // Snapshots: after every `wal.snapshot_every_segments` closed segments, the replica
-    // (a copy of the shard's state on a thread of its own, fed each durable batch) writes
-    // the next snapshot, and the log below the older of the two newest snapshots is
-    // deleted. The serving core never waits for it.
-    // The replica's thread outlives the writer task's cancellation: a stopping core tells
-    // it to stop and waits for it, so that it cannot write or delete files under a restart.
-    // With `wal.snapshot_source = "fork"`, the writer forks a copy of the process to write
-    // each snapshot instead (`crate::fork`), and the thread publishes it.
-    let replica_stop = Arc::new(AtomicBool::new(false));
-    let mut replica_thread = None;
-    let mut forks = None;
-    // As if the last snapshot had been taken `closed_after_snapshot` segments ago; the
-    // first message takes one at once when that is already `every` or more.
+    // Snapshots: after every `wal.snapshot_every_segments` closed segments, the snapshot
+    // thread writes the next one, from the files or its replica of the shard's state (fed
+    // each durable batch), or publishes the one a forked copy of the process wrote; the
+    // log below the older of the two newest snapshots is deleted. The serving core never
+    // waits for it. The thread outlives the writer task's cancellation: a stopping core
+    // tells it to stop and waits for it, so that it cannot write or delete files under a
+    // restart.
+    let snapshot_stop = Arc::new(AtomicBool::new(false));
+    let mut snapshot_thread = None;
+    // As if the last snapshot had been taken `closed_after_snapshot` segments ago: the
+    // `closed` below takes one at once when that is already `every` or more.
     let closed_at_last = (wal_start.sequence - 1).saturating_sub(wal_start.closed_after_snapshot);
-    let replica_feed = if config.wal.snapshot_every_segments == 0 {
-        None
+    let every = u64::from(config.wal.snapshot_every_segments);
+    let snapshots = if every == 0 {
+        Snapshots::Off
     } else if config.wal.snapshot_source == SnapshotSource::Fork {
-        let (mut fork, body) = fork::channel(
-            wal_start.dir.clone(),
-            shard,
-            u64::from(config.wal.snapshot_every_segments),
-            closed_at_last,
-            background,
-            replica_stop.clone(),
-        );
-        replica_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
+        let (forks, body) =
+            fork::channel(wal_start.dir.clone(), shard, every, closed_at_last, background, snapshot_stop.clone());
+        snapshot_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
         // Everything recovered is durable.
-        fork.durable(recovered_position);
-        fork.closed(wal_start.sequence, core.borrow().engine());
-        forks = Some(RefCell::new(fork));
-        None
+        forks.durable(recovered_position);
+        Snapshots::Fork(forks)
     } else {
         let replica = Replica::new(
             wal_start.dir.clone(),
             config.shard_config(shard, shards),
             config.wal.segment_bytes,
-            u64::from(config.wal.snapshot_every_segments),
+            every,
             closed_at_last,
             config.wal.snapshot_source == SnapshotSource::Replica,
         );
         // The replica may fall two segments behind (while it starts, or when it gets too
         // little CPU) before the writer stops feeding it.
         let feed_max_bytes = (2 * config.wal.segment_bytes) as usize;
-        let (feed, body) = replica::channel(replica, recovered_position, feed_max_bytes, replica_stop.clone());
-        replica_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
-        feed.closed(wal_start.sequence);
-        Some(feed)
+        let (feed, body) = replica::channel(replica, recovered_position, feed_max_bytes, snapshot_stop.clone());
+        snapshot_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
+        Snapshots::Replica(feed)
     };
+    snapshots.closed(wal_start.sequence, core.borrow().engine());
 
     // The WAL writer: group commit, pipelined. A batch is written while the previous
     // one's fdatasync runs, and gets its own fdatasync, started once its write is done; so
@@ -614,12 +658,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             glommio::spawn_local(async move {
                 // A batch made durable: metrics, then the replies and peer messages it held.
                 let durable = |batch: Batch| {
-                    if let (Some(feed), Some(records)) = (&replica_feed, batch.records) {
-                        feed.durable(records);
-                    }
-                    if let Some(forks) = &forks {
-                        forks.borrow().durable(batch.position);
-                    }
+                    snapshots.durable(batch.position, batch.records);
                     let took = batch.taken.elapsed();
                     sync_seconds.record(took.as_secs_f64());
                     batch_bytes.record(batch.bytes as f64);
@@ -638,12 +677,6 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         core.flush(now)
                     };
                     mesh_out.send(out);
-                };
-                // A written batch's buffer: to the replica (which gives back the buffers
-                // it is done with) when it takes it, else the next batch's.
-                let keep = |bytes: Vec<u8>| match &replica_feed {
-                    Some(feed) if feed.accepts(bytes.len()) => (Some(bytes), feed.spare()),
-                    _ => (None, bytes),
                 };
                 let mut spare = Vec::new();
                 let mut open_sequence = writer.sequence();
@@ -694,7 +727,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                     }
                                 }
                             }
-                            (batch.records, spare) = keep(bytes);
+                            (batch.records, spare) = snapshots.keep(bytes);
                             syncing = Some((batch, glommio::spawn_local(writer.sync())));
                         } else {
                             // The batch ends this segment: finish the running sync, then
@@ -705,14 +738,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                                 open_sequence = writer.sequence();
                                 // Before the batch: its records in the closed segments
                                 // were not fed yet, those after them follow.
-                                if let Some(feed) = &replica_feed {
-                                    feed.closed(open_sequence);
-                                }
-                                if let Some(forks) = &forks {
-                                    forks.borrow_mut().closed(open_sequence, core.borrow().engine());
-                                }
+                                snapshots.closed(open_sequence, core.borrow().engine());
                             }
-                            (batch.records, spare) = keep(bytes);
+                            (batch.records, spare) = snapshots.keep(bytes);
                             durable(batch);
                         }
                         Ok(())
@@ -840,12 +868,12 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             break Err(error);
         }
     };
-    replica_stop.store(true, Ordering::Release);
+    snapshot_stop.store(true, Ordering::Release);
     for task in tasks {
         task.cancel();
         task.await;
     }
-    if let Some(handle) = replica_thread {
+    if let Some(handle) = snapshot_thread {
         let _ = handle.join();
     }
     let hash = stopped?;

@@ -1184,6 +1184,16 @@ pub(crate) mod tests {
         fs::write(path, &bytes).unwrap();
     }
 
+    /// Copies the files of `from` into a fresh directory `to` (a twin of a log).
+    pub(crate) fn copy_dir(from: &Path, to: &Path) {
+        let _ = fs::remove_dir_all(to);
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+
     pub(crate) fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> =
             fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
