@@ -81,6 +81,12 @@ pub struct WalSettings {
     ///   fork, and pays a page copy for each page it writes while the copy runs; the work is
     ///   the state's size, not the log's.
     pub snapshot_source: SnapshotSource,
+    /// The share of the disk's time, in percent (1 to 100), that a snapshot's own reads
+    /// and writes may take beside the serving log: after each 128 KiB it reads, or writes
+    /// and syncs, it waits so that its I/O is busy that share of the time. 100: as fast as
+    /// the disk goes. A log `fdatasync` waits for whatever is in the disk's queue and cache
+    /// before it; a snapshot at full speed puts megabytes there (`docs/wal.md`, "Pacing").
+    pub snapshot_disk_percent: u8,
 }
 
 /// Where snapshots come from (`wal.snapshot_source`).
@@ -104,6 +110,7 @@ impl Default for WalSettings {
             truncate_corrupt_tail: false,
             snapshot_every_segments: 4,
             snapshot_source: SnapshotSource::Files,
+            snapshot_disk_percent: 25,
         }
     }
 }
@@ -293,6 +300,7 @@ impl Config {
             bail!("quic.udp_payload_bytes_max must be at least 1200 (QUIC's minimum)");
         }
         self.durability()?;
+        crate::wal::DiskShare::percent(self.wal.snapshot_disk_percent).context("wal.snapshot_disk_percent")?;
         if self.wal.segment_bytes < 1 << 20 || !self.wal.segment_bytes.is_multiple_of(crate::wal::BLOCK) {
             bail!("wal.segment_bytes must be at least 1 MiB and a multiple of {}", crate::wal::BLOCK);
         }
@@ -331,6 +339,13 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("streams_per_connection_max"));
         let config: Config = toml::from_str("[shard]\ncart_lines_max = 0").unwrap();
         assert!(format!("{:#}", config.validate().unwrap_err()).contains("cart_lines_max"));
+        for percent in [0, 101] {
+            let config: Config = toml::from_str(&format!("[wal]\nsnapshot_disk_percent = {percent}")).unwrap();
+            let error = format!("{:#}", config.validate().unwrap_err());
+            assert!(error.contains("snapshot_disk_percent") && error.contains("1 to 100"), "{error}");
+        }
+        let error = toml::from_str::<Config>("[wal]\nsnapshot_disk_percent = 300").unwrap_err();
+        assert!(error.to_string().contains("snapshot_disk_percent"), "{error}");
     }
 
     #[test]

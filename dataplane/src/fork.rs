@@ -39,7 +39,7 @@ use stockplane_engine::Shard;
 use tracing::warn;
 
 use crate::replica::{SnapshotMetrics, Source};
-use crate::wal;
+use crate::wal::{self, DiskShare};
 
 /// How often the snapshot thread looks at a running copy, and at the durable position,
 /// and at the stop flag between snapshots.
@@ -66,6 +66,8 @@ pub struct ForkSnapshots {
     closed_at_last: Cell<u64>,
     /// Where the copy runs.
     cpus: libc::cpu_set_t,
+    /// The share of the disk's time the copy's writes may take.
+    share: DiskShare,
     /// A copy runs or waits for its publication: no second fork meanwhile.
     busy: Arc<AtomicBool>,
     durable: Arc<AtomicU64>,
@@ -91,7 +93,7 @@ impl ForkSnapshots {
         let position = shard.wal_head();
         let temp = wal::snapshot_temp_path(&self.dir, position);
         let started = Instant::now();
-        match fork_writer(shard, &temp, &self.cpus) {
+        match fork_writer(shard, &temp, &self.cpus, self.share) {
             Ok(pid) => {
                 self.fork_seconds.record(started.elapsed().as_secs_f64());
                 self.busy.store(true, Ordering::Release);
@@ -112,13 +114,14 @@ impl ForkSnapshots {
 /// thread's body (run it on a thread of its own; it returns when the core's end is
 /// dropped or `stop` is set, after killing a copy still running). A snapshot is due
 /// whenever `every` more segments were closed than `closed_at_last`; the copy runs on
-/// `cpus`.
+/// `cpus` and writes in `share` of the disk's time.
 pub fn channel(
     dir: PathBuf,
     shard: u32,
     every: u64,
     closed_at_last: u64,
     cpus: libc::cpu_set_t,
+    share: DiskShare,
     stop: Arc<AtomicBool>,
 ) -> (ForkSnapshots, impl FnOnce() + Send + 'static) {
     let (sender, receiver) = mpsc::channel::<Forked>();
@@ -131,6 +134,7 @@ pub fn channel(
         every: every.max(1),
         closed_at_last: Cell::new(closed_at_last),
         cpus,
+        share,
         busy: busy.clone(),
         durable: durable.clone(),
         sender,
@@ -167,7 +171,7 @@ pub fn channel(
 pub fn write_by_fork(shard: &Shard, path: &Path) -> anyhow::Result<(Duration, Duration)> {
     let cpus = crate::server::thread_cpus()?;
     let started = Instant::now();
-    let pid = fork_writer(shard, path, &cpus)?;
+    let pid = fork_writer(shard, path, &cpus, DiskShare::ALL)?;
     let paused = started.elapsed();
     wait_for(pid, &AtomicBool::new(false))?;
     Ok((paused, started.elapsed()))
@@ -244,7 +248,7 @@ fn describe(status: libc::c_int) -> String {
 /// Forks a copy of the process that writes `shard`'s state as a snapshot to `temp`
 /// (synced) and exits: 0 when written, 1 when the write failed (the error on standard
 /// error), 2 when its parent was already gone, 3 on a panic.
-fn fork_writer(shard: &Shard, temp: &Path, cpus: &libc::cpu_set_t) -> std::io::Result<libc::pid_t> {
+fn fork_writer(shard: &Shard, temp: &Path, cpus: &libc::cpu_set_t, share: DiskShare) -> std::io::Result<libc::pid_t> {
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the child runs only `child`, which touches the copy of `shard` and files
@@ -252,8 +256,9 @@ fn fork_writer(shard: &Shard, temp: &Path, cpus: &libc::cpu_set_t) -> std::io::R
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()),
         0 => {
-            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child(shard, temp, parent, cpus)))
-                .unwrap_or(3);
+            let code =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child(shard, temp, parent, cpus, share)))
+                    .unwrap_or(3);
             // SAFETY: _exit ends this process without running the parent's exit handlers
             // or destructors on copies of state that belongs to the parent.
             unsafe { libc::_exit(code) }
@@ -263,7 +268,7 @@ fn fork_writer(shard: &Shard, temp: &Path, cpus: &libc::cpu_set_t) -> std::io::R
 }
 
 /// The forked copy's work: see [`fork_writer`].
-fn child(shard: &Shard, temp: &Path, parent: libc::pid_t, cpus: &libc::cpu_set_t) -> libc::c_int {
+fn child(shard: &Shard, temp: &Path, parent: libc::pid_t, cpus: &libc::cpu_set_t, share: DiskShare) -> libc::c_int {
     // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid only read their arguments. The signal
     // comes when the thread that forked (the serving core) ends; a parent already gone
     // before the prctl is caught by the getppid check.
@@ -280,7 +285,7 @@ fn child(shard: &Shard, temp: &Path, parent: libc::pid_t, cpus: &libc::cpu_set_t
     // it is consumed once.
     let shard = unsafe { std::ptr::read(shard) };
     let bytes = shard.into_snapshot();
-    match wal::write_synced(temp, &bytes) {
+    match wal::write_synced(temp, &bytes, share) {
         Ok(()) => 0,
         Err(error) => {
             let line = format!("snapshot copy: could not write {}: {error:#}\n", temp.display());
@@ -306,11 +311,12 @@ mod tests {
     /// The shard's state through the end of segment `sequence` of the log in `dir`.
     fn state_after(dir: &Path, sequence: u64) -> Shard {
         let until = wal::last_position(&segment_records(dir, sequence)).unwrap();
-        wal::state_through(dir, &config(), NOW, SEGMENT, until, &GO).unwrap()
+        wal::state_through(dir, &config(), NOW, SEGMENT, until, DiskShare::ALL, &GO).unwrap()
     }
 
-    /// Copies of the process write, segment for segment, the same snapshot files (byte for
-    /// byte) as snapshots built from the files, and the same segments are deleted; one is
+    /// Copies of the process write, segment for segment and at half the disk's time, the
+    /// same snapshot files (byte for byte) as snapshots built from the files at the whole
+    /// disk's, and the same segments are deleted; one is
     /// due every `every` closed segments, and the log recovers to the state that wrote it.
     #[test]
     fn forked_copies_write_the_snapshots_the_files_would() {
@@ -320,7 +326,8 @@ mod tests {
         copy_dir(&dir, &twin);
         let stop = Arc::new(AtomicBool::new(false));
         for open in [3, 5] {
-            let (forks, body) = channel(dir.clone(), 0, 2, open - 3, cpus(), stop.clone());
+            let share = DiskShare::percent(50).unwrap();
+            let (forks, body) = channel(dir.clone(), 0, 2, open - 3, cpus(), share, stop.clone());
             let thread = std::thread::spawn(body);
             let shard = state_after(&dir, open - 1);
             forks.durable(shard.wal_head());
@@ -329,7 +336,7 @@ mod tests {
             // The thread publishes what is under way, then sees the core's end gone.
             drop(forks);
             thread.join().unwrap();
-            let done = wal::take_snapshot(&twin, &config(), NOW, SEGMENT, open, &GO).unwrap();
+            let done = wal::take_snapshot(&twin, &config(), NOW, SEGMENT, open, DiskShare::ALL, &GO).unwrap();
             let (twin_path, at) = done.written.expect("a new snapshot");
             assert_eq!(at, shard.wal_head());
             let path = dir.join(twin_path.file_name().unwrap());
@@ -352,7 +359,7 @@ mod tests {
         let position = shard.wal_head();
         let temp = wal::snapshot_temp_path(&dir, position);
         for durable_at in [position - 1, position] {
-            let pid = fork_writer(&shard, &temp, &cpus()).unwrap();
+            let pid = fork_writer(&shard, &temp, &cpus(), DiskShare::ALL).unwrap();
             // An error unless the copy exited with 0.
             wait_for(pid, &GO).unwrap();
             assert!(temp.exists());
@@ -381,7 +388,7 @@ mod tests {
         let shard = state_after(&dir, 2);
         let missing = dir.join("no-such-dir");
         let temp = wal::snapshot_temp_path(&missing, shard.wal_head());
-        let pid = fork_writer(&shard, &temp, &cpus()).unwrap();
+        let pid = fork_writer(&shard, &temp, &cpus(), DiskShare::ALL).unwrap();
         let forked = Forked { pid, position: shard.wal_head(), open: 3, forked: Instant::now() };
         let error = finish(&missing, &forked, &AtomicU64::new(u64::MAX), &GO).unwrap_err();
         assert!(format!("{error:#}").contains("exit status 1"), "{error:#}");

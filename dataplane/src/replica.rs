@@ -30,7 +30,7 @@ use std::time::Instant;
 use stockplane_engine::{Shard, ShardConfig, Tick};
 use tracing::{info, warn};
 
-use crate::wal::{self, SnapshotDone};
+use crate::wal::{self, DiskShare, SnapshotDone};
 
 /// How long the replica sleeps when it finds nothing fed: the first time, and at most.
 const FEED_POLL_MIN: std::time::Duration = std::time::Duration::from_millis(1);
@@ -55,6 +55,8 @@ pub struct Replica {
     /// Whether to keep the state between snapshots (`wal.snapshot_source = "replica"`): when not,
     /// every snapshot is taken from the files and nothing is fed.
     follow: bool,
+    /// The share of the disk's time its reads and writes may take.
+    share: DiskShare,
     /// The shard's state up to the last record fed (`None`: not following the log).
     state: Option<Shard>,
     /// Segments closed when the last snapshot was taken.
@@ -148,7 +150,22 @@ impl Replica {
         closed_at_last: u64,
         follow: bool,
     ) -> Replica {
-        Replica { dir, config, segment_bytes, every: every.max(1), follow, state: None, closed_at_last }
+        Replica {
+            dir,
+            config,
+            segment_bytes,
+            every: every.max(1),
+            follow,
+            share: DiskShare::ALL,
+            state: None,
+            closed_at_last,
+        }
+    }
+
+    /// Reads and writes in `share` of the disk's time (the whole disk until this is set).
+    pub fn sharing_the_disk(mut self, share: DiskShare) -> Replica {
+        self.share = share;
+        self
     }
 
     /// Starts following the log at position `until` (the serving shard's position when it
@@ -159,7 +176,7 @@ impl Replica {
         if !self.follow {
             return;
         }
-        match wal::state_through(&self.dir, &self.config, now, self.segment_bytes, until, stop) {
+        match wal::state_through(&self.dir, &self.config, now, self.segment_bytes, until, self.share, stop) {
             Ok(shard) => self.state = Some(shard),
             Err(error) => warn!(
                 shard = self.config.shard,
@@ -205,7 +222,7 @@ impl Replica {
         }
         let (source, done) = match self.state.take() {
             Some(shard) => {
-                let (done, state) = wal::snapshot_from_memory(&self.dir, shard, now, open, stop)?;
+                let (done, state) = wal::snapshot_from_memory(&self.dir, shard, now, open, self.share, stop)?;
                 self.state = Some(state);
                 (Source::Memory, done)
             }
@@ -219,6 +236,7 @@ impl Replica {
                     self.segment_bytes,
                     open,
                     self.follow,
+                    self.share,
                     stop,
                 )?;
                 self.state = state;
@@ -388,7 +406,7 @@ mod tests {
         // has followed nothing yet).
         assert!(replica.closed(2, NOW, &GO).unwrap().is_none());
         assert_eq!(source(replica.closed(3, NOW, &GO).unwrap()), Source::Files);
-        wal::take_snapshot(&twin, &config(), NOW, SEGMENT, 3, &GO).unwrap();
+        wal::take_snapshot(&twin, &config(), NOW, SEGMENT, 3, DiskShare::ALL, &GO).unwrap();
         let mut from_memory = 0;
         for sequence in 3..last {
             // The writer's batches of this segment, then its close.
@@ -403,7 +421,8 @@ mod tests {
             }
             let (source, done) = taken.expect("a snapshot after two more segments");
             assert_eq!(source, Source::Memory);
-            let twin_done = wal::take_snapshot(&twin, &config(), NOW, SEGMENT, sequence + 1, &GO).unwrap();
+            let twin_done =
+                wal::take_snapshot(&twin, &config(), NOW, SEGMENT, sequence + 1, DiskShare::ALL, &GO).unwrap();
             let (path, at) = done.written.expect("a new snapshot");
             let (twin_path, twin_at) = twin_done.written.expect("a new snapshot");
             assert_eq!(at, twin_at);
@@ -446,7 +465,7 @@ mod tests {
     fn a_started_replica_takes_its_first_snapshot_from_memory() {
         let (data, dir, last, hash) = laid_out("replica-start");
         assert!(last >= 5, "only {last} segments");
-        wal::take_snapshot(&dir, &config(), NOW, SEGMENT, 3, &GO).unwrap();
+        wal::take_snapshot(&dir, &config(), NOW, SEGMENT, 3, DiskShare::ALL, &GO).unwrap();
         let restarted = wal::last_position(&segment_records(&dir, 3)).unwrap();
         let mut replica = Replica::new(dir.clone(), config(), SEGMENT, 2, 2, true);
         replica.start(restarted, NOW, &GO);

@@ -614,11 +614,19 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     // `closed` below takes one at once when that is already `every` or more.
     let closed_at_last = (wal_start.sequence - 1).saturating_sub(wal_start.closed_after_snapshot);
     let every = u64::from(config.wal.snapshot_every_segments);
+    let share = wal::DiskShare::percent(config.wal.snapshot_disk_percent)?;
     let snapshots = if every == 0 {
         Snapshots::Off
     } else if config.wal.snapshot_source == SnapshotSource::Fork {
-        let (forks, body) =
-            fork::channel(wal_start.dir.clone(), shard, every, closed_at_last, background, snapshot_stop.clone());
+        let (forks, body) = fork::channel(
+            wal_start.dir.clone(),
+            shard,
+            every,
+            closed_at_last,
+            background,
+            share,
+            snapshot_stop.clone(),
+        );
         snapshot_thread = Some(spawn_idle_thread(format!("snapshot-{shard}"), background, body)?);
         // Everything recovered is durable.
         forks.durable(recovered_position);
@@ -631,7 +639,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             every,
             closed_at_last,
             config.wal.snapshot_source == SnapshotSource::Replica,
-        );
+        )
+        .sharing_the_disk(share);
         // The replica may fall two segments behind (while it starts, or when it gets too
         // little CPU) before the writer stops feeding it.
         let feed_max_bytes = (2 * config.wal.segment_bytes) as usize;

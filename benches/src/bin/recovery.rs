@@ -163,7 +163,15 @@ fn main() -> anyhow::Result<()> {
     let never = std::sync::atomic::AtomicBool::new(false);
     for (open, what) in [(last, "every segment but the last"), (last + 1, "every segment")] {
         let started = Instant::now();
-        let done = stockplane_dataplane::wal::take_snapshot(&dir, &config, now, args.segment_bytes, open, &never)?;
+        let done = stockplane_dataplane::wal::take_snapshot(
+            &dir,
+            &config,
+            now,
+            args.segment_bytes,
+            open,
+            stockplane_dataplane::wal::DiskShare::ALL,
+            &never,
+        )?;
         let (path, position) = done.written.clone().context("a snapshot")?;
         println!(
             "snapshot of {what}: position {position}, {:.1} MiB, taken in {:.2} s (previous snapshot + closed \
