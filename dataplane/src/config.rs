@@ -110,7 +110,7 @@ impl Default for WalSettings {
             truncate_corrupt_tail: false,
             snapshot_every_segments: 4,
             snapshot_source: SnapshotSource::Files,
-            snapshot_disk_percent: 25,
+            snapshot_disk_percent: 50,
         }
     }
 }
