@@ -280,8 +280,9 @@ async fn snapshots_from_a_fork_are_taken_while_serving_and_the_log_below_them_is
 }
 
 /// With 1 MiB segments and a snapshot after every closed one, from `source`, while holds
-/// stay live: two snapshots are written, the first segment is deleted, a snapshot counted
-/// as from `counted` is seen, and a restart recovers the state the server stopped with.
+/// stay live: two snapshots are written, the first segment leaves the log, a segment let
+/// go comes back as a new one (the same file: its inode), a snapshot counted as from
+/// `counted` is seen, and a restart recovers the state the server stopped with.
 async fn snapshots_while_serving(source: SnapshotSource, counted: &str) {
     let server = start(1, |config| {
         config.wal.snapshot_every_segments = 1;
@@ -301,12 +302,18 @@ async fn snapshots_while_serving(source: SnapshotSource, counted: &str) {
         names.sort();
         names
     };
+    let inode = |name: &String| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.join(name)).unwrap());
+    let mut spare_inodes = std::collections::HashSet::new();
+    let mut reused = false;
     let mut next = 1u128 << 90;
     let mut held = 0;
-    // Until two snapshots exist and the first segment is gone (each round closes about a
-    // sixth of a segment; a round of holds between rounds of restocks).
+    // Until two snapshots exist, the first segment is gone from the log and a spare came
+    // back as a log segment (each round closes about a sixth of a segment; a round of
+    // holds between rounds of restocks).
     let deadline = Instant::now() + Duration::from_secs(120);
-    while listing(".snap").len() < 2 || listing(".seg").first().is_some_and(|s| s.ends_with("0001.seg")) {
+    while listing(".snap").len() < 2 || listing(".seg").iter().any(|s| s == "wal-0000000000000001.seg") || !reused {
+        spare_inodes.extend(listing(".seg").iter().filter(|s| s.starts_with("spare-")).map(inode));
+        reused = listing(".seg").iter().filter(|s| s.starts_with("wal-")).any(|s| spare_inodes.contains(&inode(s)));
         assert!(Instant::now() < deadline, "no snapshots after {next:#x}: {:?}", listing(""));
         let responses = round_trip(&conn, restocks(&mut next, 3_000)).await;
         assert!(responses.iter().all(|r| r.status == Status::Ok));
