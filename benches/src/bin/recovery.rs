@@ -157,7 +157,8 @@ fn main() -> anyhow::Result<()> {
     let dir = stockplane_dataplane::wal::shard_dir(&data, 0);
     let segments = || -> anyhow::Result<u64> {
         let names = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()?.file_name().into_string().ok());
-        Ok(names.filter(|n| n.ends_with(".seg")).count() as u64)
+        // The log's own segments (not the spares a snapshot lets go of).
+        Ok(names.filter(|n| n.starts_with("wal-") && n.ends_with(".seg")).count() as u64)
     };
     let last = segments()?;
     let never = std::sync::atomic::AtomicBool::new(false);
@@ -175,7 +176,7 @@ fn main() -> anyhow::Result<()> {
         let (path, position) = done.written.clone().context("a snapshot")?;
         println!(
             "snapshot of {what}: position {position}, {:.1} MiB, taken in {:.2} s (previous snapshot + closed \
-             segments replayed beside the shard, written, synced); segments deleted: {:?}",
+             segments replayed beside the shard, written, synced); segments let go: {:?}",
             done.bytes as f64 / (1 << 20) as f64,
             started.elapsed().as_secs_f64(),
             done.segments_deleted
