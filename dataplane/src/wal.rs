@@ -118,7 +118,6 @@ impl std::fmt::Display for Durability {
     }
 }
 
-/// glommio's errors as `std::io::Error` (glommio's own type is not `Sync`).
 /// The share of the disk's time that a snapshot's own reads and writes may take beside a
 /// serving log (`wal.snapshot_disk_percent`).
 ///
@@ -166,6 +165,7 @@ impl DiskShare {
     }
 }
 
+/// glommio's errors as `std::io::Error` (glommio's own type is not `Sync`).
 fn io(error: glommio::GlommioError<()>) -> std::io::Error {
     error.into()
 }
