@@ -206,6 +206,18 @@ impl Replica {
         self.state = None;
     }
 
+    /// The disk's share for a snapshot when `closed` segments are closed: its own, unless
+    /// the snapshot is a whole interval late (`2 × every` closed since the last one, as
+    /// when snapshots from the files fall behind the log): then the whole disk, to catch
+    /// up before the log grows further.
+    fn share_for(&self, closed: u64) -> DiskShare {
+        if closed >= self.closed_at_last + 2 * self.every {
+            DiskShare::ALL
+        } else {
+            self.share
+        }
+    }
+
     /// Segments before `open` are closed: when `every` more were closed since the last
     /// snapshot, takes the next one (from memory when following, else from the files,
     /// whose state it then follows). `now` is the wall clock, for loading. On an error the
@@ -220,9 +232,10 @@ impl Replica {
         if closed < self.closed_at_last + self.every {
             return Ok(None);
         }
+        let share = self.share_for(closed);
         let (source, done) = match self.state.take() {
             Some(shard) => {
-                let (done, state) = wal::snapshot_from_memory(&self.dir, shard, now, open, self.share, stop)?;
+                let (done, state) = wal::snapshot_from_memory(&self.dir, shard, now, open, share, stop)?;
                 self.state = Some(state);
                 (Source::Memory, done)
             }
@@ -236,7 +249,7 @@ impl Replica {
                     self.segment_bytes,
                     open,
                     self.follow,
-                    self.share,
+                    share,
                     stop,
                 )?;
                 self.state = state;
@@ -322,6 +335,11 @@ pub fn channel(
     };
     let metrics = SnapshotMetrics::new(shard);
     let body = move || {
+        let take = |replica: &mut Replica, records: Vec<u8>| {
+            replica.feed(&records);
+            queued.fetch_sub(records.len(), Ordering::Relaxed);
+            let _ = spare_sender.send(records);
+        };
         replica.start(start, crate::core::wall_clock_ms(), &stop);
         let mut idle = FEED_POLL_MIN;
         loop {
@@ -343,12 +361,20 @@ pub fn channel(
             };
             idle = FEED_POLL_MIN;
             match message {
-                Feed::Durable(records) => {
-                    replica.feed(&records);
-                    queued.fetch_sub(records.len(), Ordering::Relaxed);
-                    let _ = spare_sender.send(records);
-                }
-                Feed::Closed { open } => {
+                Feed::Durable(records) => take(&mut replica, records),
+                Feed::Closed { mut open } => {
+                    // Closes that queued up while the last snapshot ran: when the replica
+                    // does not follow, a snapshot from the files takes every closed
+                    // segment, so the newest close is the one to act on (a replica that
+                    // does not follow is fed no batch; one would still be taken in order).
+                    if !replica.follow {
+                        while let Ok(next) = receiver.try_recv() {
+                            match next {
+                                Feed::Closed { open: newer } => open = newer,
+                                Feed::Durable(records) => take(&mut replica, records),
+                            }
+                        }
+                    }
                     let started = Instant::now();
                     match replica.closed(open, crate::core::wall_clock_ms(), &stop) {
                         Ok(None) => {}
@@ -491,6 +517,35 @@ mod tests {
         replica.feed(&segment_records(&dir, 2));
         assert_eq!(source(replica.closed(3, NOW, &GO).unwrap()), Source::Files);
         recovers_then_goes(&data, hash);
+    }
+
+    /// Closes that queued up while a snapshot from the files ran are taken together: one
+    /// snapshot of every closed segment, not one per close.
+    #[test]
+    fn closes_that_queued_up_make_one_snapshot_from_the_files() {
+        let (data, dir, last, hash) = laid_out("replica-queued");
+        assert!(last >= 4, "only {last} segments");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (feed, body) = channel(Replica::new(dir.clone(), config(), SEGMENT, 1, 0, false), 0, 1 << 20, stop);
+        for open in 2..=last {
+            feed.closed(open);
+        }
+        drop(feed);
+        body();
+        let snapshots: Vec<_> = names(&dir).into_iter().filter(|n| n.ends_with(".snap")).collect();
+        let end = wal::last_position(&segment_records(&dir, last - 1)).unwrap();
+        assert_eq!(snapshots, vec![format!("snap-{end:016x}.snap")]);
+        recovers_then_goes(&data, hash);
+    }
+
+    /// A snapshot a whole interval late takes the whole disk; otherwise its own share.
+    #[test]
+    fn a_late_snapshot_takes_the_whole_disk() {
+        let half = DiskShare::percent(50).unwrap();
+        let replica = Replica::new(std::env::temp_dir(), config(), SEGMENT, 2, 3, false).sharing_the_disk(half);
+        assert_eq!(replica.share_for(5), half);
+        assert_eq!(replica.share_for(6), half);
+        assert_eq!(replica.share_for(7), DiskShare::ALL);
     }
 
     /// The writer's end: copies until the replica is `feed_max_bytes` behind, then leaves
