@@ -194,6 +194,22 @@ fn spares(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     numbered_files(dir, "spare-", ".seg")
 }
 
+/// Returns to the spares the next segments a stop left half prepared (`wal-<n>.tmp` of
+/// `segment_bytes`: a spare or a new file, partly zeroed), while there is room: they own
+/// their blocks, and deleting them would free (and discard) those. The next preparation
+/// zeroes a spare whole before it becomes a segment.
+fn spare_half_prepared(dir: &Path, segment_bytes: u64) -> anyhow::Result<()> {
+    let mut spare = spares(dir)?.len();
+    for (sequence, path) in numbered_files(dir, "wal-", ".tmp")? {
+        let bytes = fs::metadata(&path).with_context(|| format!("look at {}", path.display()))?.len();
+        if spare < SPARE_SEGMENTS_MAX && bytes == segment_bytes {
+            fs::rename(&path, spare_path(dir, sequence)).with_context(|| format!("rename {}", path.display()))?;
+            spare += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Takes the oldest spare segment of `segment_bytes` as `temp` (renamed), and returns
 /// whether there was one; spares of another size (`wal.segment_bytes` changed) are deleted.
 fn take_spare(dir: &Path, temp: &Path, segment_bytes: u64) -> anyhow::Result<bool> {
@@ -268,6 +284,7 @@ pub fn recover(
 ) -> anyhow::Result<(Shard, WalStart)> {
     let dir = shard_dir(data_dir, config.shard);
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    spare_half_prepared(&dir, segment_bytes)?;
     remove_temporaries(&dir, "")?;
     let found = segments(&dir)?;
     if found.is_empty() {
@@ -1345,6 +1362,24 @@ pub(crate) mod tests {
         assert_eq!(recover(&data, &config(), NOW, SEGMENT, false).unwrap().0.state_hash(), hash);
         fs::remove_dir_all(&data).unwrap();
         fs::remove_dir_all(&twin).unwrap();
+    }
+
+    /// A next segment that a stop left half prepared goes back to the spares when it has
+    /// the segment size (a shorter one is removed), and recovery is unchanged.
+    #[test]
+    fn a_half_prepared_segment_goes_back_to_the_spares() {
+        let (data, dir, last, hash) = laid_out("half-prepared");
+        let next = segment_path(&dir, last + 1).with_extension("tmp");
+        fs::write(&next, vec![7u8; SEGMENT as usize]).unwrap();
+        let short = segment_path(&dir, last + 2).with_extension("tmp");
+        fs::write(&short, vec![7u8; 4096]).unwrap();
+        let (recovered, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        assert_eq!(recovered.state_hash(), hash);
+        assert_eq!(start.sequence, last);
+        let spare = format!("spare-{:016x}.seg", last + 1);
+        let names = names(&dir);
+        assert!(names.contains(&spare) && !names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+        fs::remove_dir_all(&data).unwrap();
     }
 
     #[test]
