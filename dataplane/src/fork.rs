@@ -302,7 +302,7 @@ mod tests {
     use std::fs;
 
     use super::*;
-    use crate::wal::tests::{config, copy_dir, laid_out, names, segment_records, GO, NOW, SEGMENT};
+    use crate::wal::tests::{config, laid_out, laid_out_with_twin, names, segment_records, GO, NOW, SEGMENT};
 
     fn cpus() -> libc::cpu_set_t {
         crate::server::thread_cpus().unwrap()
@@ -320,10 +320,8 @@ mod tests {
     /// due every `every` closed segments, and the log recovers to the state that wrote it.
     #[test]
     fn forked_copies_write_the_snapshots_the_files_would() {
-        let (data, dir, last, hash) = laid_out("fork");
+        let (data, dir, last, hash, twin) = laid_out_with_twin("fork");
         assert!(last >= 6, "only {last} segments");
-        let twin = std::env::temp_dir().join(format!("stockplane-fork-twin-{}", std::process::id()));
-        copy_dir(&dir, &twin);
         let stop = Arc::new(AtomicBool::new(false));
         for open in [3, 5] {
             let share = DiskShare::percent(50).unwrap();

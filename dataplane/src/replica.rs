@@ -396,7 +396,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::wal::tests::{config, copy_dir, laid_out, names, segment_records, GO, NOW, SEGMENT};
+    use crate::wal::tests::{config, laid_out, laid_out_with_twin, names, segment_records, GO, NOW, SEGMENT};
 
     /// `records` cut in two at the first record boundary at or after its middle.
     fn halves(records: &[u8]) -> (&[u8], &[u8]) {
@@ -423,10 +423,8 @@ mod tests {
     /// segments, and the log recovers to the state that wrote it.
     #[test]
     fn a_replica_fed_the_log_writes_the_snapshots_the_files_would() {
-        let (data, dir, last, hash) = laid_out("replica");
+        let (data, dir, last, hash, twin) = laid_out_with_twin("replica");
         assert!(last >= 6, "only {last} segments");
-        let twin = std::env::temp_dir().join(format!("stockplane-replica-twin-{}", std::process::id()));
-        copy_dir(&dir, &twin);
         let mut replica = Replica::new(dir.clone(), config(), SEGMENT, 2, 0, true);
         // One segment closed: not due. Two: due, and taken from the files (the replica
         // has followed nothing yet).

@@ -55,9 +55,9 @@ const ZERO_CHUNK: usize = 1 << 20;
 const PACED_ZERO_CHUNK: usize = 128 << 10;
 const PACED_ZERO_GAP: std::time::Duration = std::time::Duration::from_millis(1);
 const PREPARE_LEAD_DIVISOR: u64 = 4;
-/// Bytes written and synced at a time by a snapshot that may take the whole disk
-/// ([`DiskShare::ALL`]: tools, benchmarks and tests).
-const SNAPSHOT_SYNC_CHUNK: usize = 1 << 20;
+/// Bytes read, or written and synced, at a time at the whole disk's pace
+/// ([`DiskShare::ALL`]: recovery before any core serves, tools, benchmarks and tests).
+const FULL_IO_CHUNK: usize = 1 << 20;
 /// Segments the log let go that are kept, renamed `spare-<sequence>.seg`, for the writer
 /// to zero and use again as its next segment; more are deleted. Deleting a segment frees
 /// its blocks, and on a file system mounted with `discard` (the benchmark guest's) that
@@ -68,8 +68,6 @@ const SNAPSHOT_SYNC_CHUNK: usize = 1 << 20;
 /// while a snapshot deleted the segments it covered. In a steady state the writer uses
 /// about as many segments between two snapshots as each snapshot lets go.
 const SPARE_SEGMENTS_MAX: usize = 8;
-/// Bytes of a segment read per call in recovery (`read_segment`), before any core serves.
-const SEGMENT_READ_CHUNK: usize = 1 << 20;
 /// Bytes a snapshot reads, or writes and syncs, at a time beside a serving log (see
 /// [`DiskShare`]): what a log `fdatasync` may find ahead of it at most.
 const PACED_IO_CHUNK: usize = 128 << 10;
@@ -151,6 +149,15 @@ impl DiskShare {
         self.0 < 100
     }
 
+    /// Bytes to read, or write and sync, at a time.
+    fn chunk(self) -> usize {
+        if self.paced() {
+            PACED_IO_CHUNK
+        } else {
+            FULL_IO_CHUNK
+        }
+    }
+
     /// How long to wait after I/O that kept the disk busy for `busy`, so that the I/O
     /// takes this share of the time.
     pub fn rest(self, busy: std::time::Duration) -> std::time::Duration {
@@ -194,17 +201,33 @@ fn spares(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
     numbered_files(dir, "spare-", ".seg")
 }
 
-/// Returns to the spares the next segments a stop left half prepared (`wal-<n>.tmp` of
-/// `segment_bytes`: a spare or a new file, partly zeroed), while there is room: they own
-/// their blocks, and deleting them would free (and discard) those. The next preparation
-/// zeroes a spare whole before it becomes a segment.
+/// Whether the file at `path` is `segment_bytes` long.
+fn segment_sized(path: &Path, segment_bytes: u64) -> anyhow::Result<bool> {
+    Ok(fs::metadata(path).with_context(|| format!("look at {}", path.display()))?.len() == segment_bytes)
+}
+
+/// Lets go of the file of segment `sequence` at `path`: renamed a spare while fewer than
+/// `SPARE_SEGMENTS_MAX` wait (`spares` counts them), else deleted.
+fn let_go(dir: &Path, sequence: u64, path: &Path, spares: &mut usize) -> anyhow::Result<()> {
+    if *spares < SPARE_SEGMENTS_MAX {
+        fs::rename(path, spare_path(dir, sequence)).with_context(|| format!("rename {}", path.display()))?;
+        *spares += 1;
+    } else {
+        fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Lets go of the next segments a stop left half prepared (`wal-<n>.tmp` of
+/// `segment_bytes`: a spare or a new file, partly zeroed) as of segments the log no longer
+/// needs: they own their blocks, and deleting them would free (and discard) those. The
+/// next preparation zeroes a spare whole before it becomes a segment. Shorter ones are
+/// left to `remove_temporaries`.
 fn spare_half_prepared(dir: &Path, segment_bytes: u64) -> anyhow::Result<()> {
-    let mut spare = spares(dir)?.len();
+    let mut waiting = spares(dir)?.len();
     for (sequence, path) in numbered_files(dir, "wal-", ".tmp")? {
-        let bytes = fs::metadata(&path).with_context(|| format!("look at {}", path.display()))?.len();
-        if spare < SPARE_SEGMENTS_MAX && bytes == segment_bytes {
-            fs::rename(&path, spare_path(dir, sequence)).with_context(|| format!("rename {}", path.display()))?;
-            spare += 1;
+        if segment_sized(&path, segment_bytes)? {
+            let_go(dir, sequence, &path, &mut waiting)?;
         }
     }
     Ok(())
@@ -214,8 +237,7 @@ fn spare_half_prepared(dir: &Path, segment_bytes: u64) -> anyhow::Result<()> {
 /// whether there was one; spares of another size (`wal.segment_bytes` changed) are deleted.
 fn take_spare(dir: &Path, temp: &Path, segment_bytes: u64) -> anyhow::Result<bool> {
     for (_, path) in spares(dir)? {
-        let bytes = fs::metadata(&path).with_context(|| format!("look at {}", path.display()))?.len();
-        if bytes == segment_bytes {
+        if segment_sized(&path, segment_bytes)? {
             fs::rename(&path, temp).with_context(|| format!("rename {}", path.display()))?;
             return Ok(true);
         }
@@ -300,7 +322,7 @@ pub fn recover(
     let mut log = Vec::new();
     let mut starts = Vec::with_capacity(found.len());
     for (sequence, path) in &found {
-        let bytes = read_segment(path, segment_bytes, None)?;
+        let bytes = read_segment(path, segment_bytes, DiskShare::ALL)?;
         // Earlier segments end at their first zero-length header (a damaged length there
         // makes the next segment's first position a gap: an error, never a silent cut).
         // The last segment goes to recovery whole: it tells a torn tail (nothing valid
@@ -381,23 +403,20 @@ fn offset_is_first(error: &RecoverError) -> bool {
     matches!(error, RecoverError::Gap { offset: 0, .. })
 }
 
-/// Reads a whole segment and checks its size: in recovery (`share` `None`, before any
-/// core serves) `SEGMENT_READ_CHUNK` at a time with the kernel's readahead; beside a
-/// serving log, in `share` of the disk's time ([`DiskShare`]).
-fn read_segment(path: &Path, segment_bytes: u64, share: Option<DiskShare>) -> anyhow::Result<Vec<u8>> {
+/// Reads a whole segment and checks its size, in `share` of the disk's time
+/// ([`DiskShare`]; recovery, before any core serves, reads at the whole disk's pace with
+/// the kernel's readahead).
+fn read_segment(path: &Path, segment_bytes: u64, share: DiskShare) -> anyhow::Result<Vec<u8>> {
     let mut file = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let chunk = match share {
-        Some(share) if share.paced() => {
-            // Each read then reads its own chunk, and the pause after it is its share.
-            // SAFETY: posix_fadvise only reads its arguments; the descriptor is open.
-            let advised = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-            if advised != 0 {
-                warn!(file = %path.display(), error = %std::io::Error::from_raw_os_error(advised), "could not turn readahead off");
-            }
-            PACED_IO_CHUNK
+    if share.paced() {
+        // Each read then reads its own chunk, and the pause after it is its share.
+        // SAFETY: posix_fadvise only reads its arguments; the descriptor is open.
+        let advised = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        if advised != 0 {
+            warn!(file = %path.display(), error = %std::io::Error::from_raw_os_error(advised), "could not turn readahead off");
         }
-        _ => SEGMENT_READ_CHUNK,
-    };
+    }
+    let chunk = share.chunk();
     let mut bytes = Vec::with_capacity(segment_bytes as usize);
     loop {
         let before = bytes.len();
@@ -406,9 +425,7 @@ fn read_segment(path: &Path, segment_bytes: u64, share: Option<DiskShare>) -> an
         if bytes.len() == before {
             break;
         }
-        if let Some(share) = share {
-            share.yield_after(started);
-        }
+        share.yield_after(started);
     }
     if bytes.len() as u64 != segment_bytes {
         bail!(
@@ -604,7 +621,7 @@ fn replay_segments(
                 None => {}
             }
         }
-        let bytes = read_segment(&path, segment_bytes, Some(share))?;
+        let bytes = read_segment(&path, segment_bytes, share)?;
         let mut records = &bytes[..records_end(&bytes)];
         if let Some(until) = until {
             records = &records[..records_through(records, until)];
@@ -801,16 +818,10 @@ fn prune(dir: &Path, ends: &[SegmentEnd], done: &mut SnapshotDone, stop: &Atomic
     }
     if kept.len() >= 2 {
         let older = kept[keep_from].0;
-        let mut spare = spares(dir)?.len();
+        let mut waiting = spares(dir)?.len();
         for (sequence, path, last) in ends {
             if *last <= older {
-                if spare < SPARE_SEGMENTS_MAX {
-                    let to = spare_path(dir, *sequence);
-                    fs::rename(path, &to).with_context(|| format!("rename {}", path.display()))?;
-                    spare += 1;
-                } else {
-                    fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
-                }
+                let_go(dir, *sequence, path, &mut waiting)?;
                 done.segments_deleted.push(*sequence);
             }
         }
@@ -837,8 +848,7 @@ fn write_durably(path: &Path, bytes: &[u8], share: DiskShare) -> anyhow::Result<
 /// Writes `bytes` as the new file `temp`, synced chunk by chunk (see [`write_durably`]).
 pub(crate) fn write_synced(temp: &Path, bytes: &[u8], share: DiskShare) -> anyhow::Result<()> {
     let mut file = fs::File::create(temp).with_context(|| format!("create {}", temp.display()))?;
-    let chunk = if share.paced() { PACED_IO_CHUNK } else { SNAPSHOT_SYNC_CHUNK };
-    for chunk in bytes.chunks(chunk) {
+    for chunk in bytes.chunks(share.chunk()) {
         let started = std::time::Instant::now();
         file.write_all(chunk).with_context(|| format!("write {}", temp.display()))?;
         file.sync_data().with_context(|| format!("sync {}", temp.display()))?;
@@ -1297,6 +1307,16 @@ pub(crate) mod tests {
         (data, dir, last, hash)
     }
 
+    /// `laid_out`, and a copy of the shard's directory (its twin, to run the same
+    /// snapshots on another way): the data directory, the shard's directory, the last
+    /// segment's sequence, the state's hash, the twin.
+    pub(crate) fn laid_out_with_twin(name: &str) -> (PathBuf, PathBuf, u64, u64, PathBuf) {
+        let (data, dir, last, hash) = laid_out(name);
+        let twin = scratch(&format!("{name}-twin"));
+        copy_dir(&dir, &twin);
+        (data, dir, last, hash, twin)
+    }
+
     /// `laid_out`, then two snapshots: one of segments 1 and 2, then one of every closed
     /// segment (which deletes 1 and 2); also returns the newer snapshot's file.
     fn with_two_snapshots(name: &str) -> (PathBuf, PathBuf, u64, u64, PathBuf) {
@@ -1309,7 +1329,7 @@ pub(crate) mod tests {
 
     /// The records of segment `sequence` in `dir`, as the writer wrote them.
     pub(crate) fn segment_records(dir: &Path, sequence: u64) -> Vec<u8> {
-        let mut bytes = read_segment(&segment_path(dir, sequence), SEGMENT, None).unwrap();
+        let mut bytes = read_segment(&segment_path(dir, sequence), SEGMENT, DiskShare::ALL).unwrap();
         bytes.truncate(records_end(&bytes));
         bytes
     }
@@ -1324,7 +1344,7 @@ pub(crate) mod tests {
     }
 
     /// Copies the files of `from` into a fresh directory `to` (a twin of a log).
-    pub(crate) fn copy_dir(from: &Path, to: &Path) {
+    fn copy_dir(from: &Path, to: &Path) {
         let _ = fs::remove_dir_all(to);
         fs::create_dir_all(to).unwrap();
         for entry in fs::read_dir(from).unwrap() {
@@ -1345,9 +1365,7 @@ pub(crate) mod tests {
     /// files and deletes the same segments as one at the whole disk's pace.
     #[test]
     fn a_paced_snapshot_writes_what_one_at_full_speed_does() {
-        let (data, dir, last, hash) = laid_out("paced");
-        let twin = scratch("paced-twin");
-        copy_dir(&dir, &twin);
+        let (data, dir, last, hash, twin) = laid_out_with_twin("paced");
         let half = DiskShare::percent(50).unwrap();
         for open in [3, last] {
             let paced = take_snapshot(&dir, &config(), NOW, SEGMENT, open, half, &GO).unwrap();
