@@ -87,6 +87,13 @@ pub struct WalSettings {
     /// the disk goes. A log `fdatasync` waits for whatever is in the disk's queue and cache
     /// before it; a snapshot at full speed puts megabytes there (`docs/wal.md`, "Pacing").
     pub snapshot_disk_percent: u8,
+    /// Under `sync`, while the core spends most of its time serving (80% since the last
+    /// round started), the next group-commit round starts no sooner than this many
+    /// microseconds after the previous one, so that each round's fixed cost (a write, an
+    /// `fdatasync`, their interrupts) is paid for more records. Below that load a round
+    /// starts as soon as the previous one allows. 0: never wait (`docs/wal.md`, "Rounds
+    /// under load"). At most 100,000.
+    pub busy_round_interval_us: u32,
 }
 
 /// Where snapshots come from (`wal.snapshot_source`).
@@ -111,6 +118,7 @@ impl Default for WalSettings {
             snapshot_every_segments: 4,
             snapshot_source: SnapshotSource::Files,
             snapshot_disk_percent: 50,
+            busy_round_interval_us: 2_000,
         }
     }
 }
@@ -301,6 +309,12 @@ impl Config {
         }
         self.durability()?;
         crate::wal::DiskShare::percent(self.wal.snapshot_disk_percent).context("wal.snapshot_disk_percent")?;
+        if self.wal.busy_round_interval_us > 100_000 {
+            bail!(
+                "wal.busy_round_interval_us must be at most 100000 (100 ms), not {}",
+                self.wal.busy_round_interval_us
+            );
+        }
         if self.wal.segment_bytes < 1 << 20 || !self.wal.segment_bytes.is_multiple_of(crate::wal::BLOCK) {
             bail!("wal.segment_bytes must be at least 1 MiB and a multiple of {}", crate::wal::BLOCK);
         }
@@ -346,6 +360,10 @@ mod tests {
         }
         let error = toml::from_str::<Config>("[wal]\nsnapshot_disk_percent = 300").unwrap_err();
         assert!(error.to_string().contains("snapshot_disk_percent"), "{error}");
+        let config: Config = toml::from_str("[wal]\nbusy_round_interval_us = 100001").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("busy_round_interval_us"));
+        let config: Config = toml::from_str("[wal]\nbusy_round_interval_us = 0").unwrap();
+        config.validate().expect("0 turns the spacing off");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! and watches for the stop signal, and one publishes metrics every second. Each task
 //! borrows the core only between awaits, so they never contend.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
@@ -29,7 +29,7 @@ use crate::fork;
 use crate::metrics::CoreGauges;
 use crate::replica::{self, Replica};
 use crate::udp::{bind_reuseport, Udp};
-use crate::wal::{self, Durability, WalStart, WalWriter};
+use crate::wal::{self, Durability, RoundSpacing, WalStart, WalWriter};
 
 /// The timer `reactor_turn` waits for.
 const REACTOR_TURN: Duration = Duration::from_micros(1);
@@ -650,6 +650,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     };
     snapshots.closed(wal_start.sequence, core.borrow().engine());
 
+    // The time this core spent serving (datagrams in, replies out), for group commit to
+    // tell a busy core from one with time to spare (`wal::RoundSpacing`).
+    let serving = Rc::new(Cell::new(Duration::ZERO));
+
     // The WAL writer: group commit, pipelined. A batch is written while the previous
     // one's fdatasync runs, and gets its own fdatasync, started once its write is done; so
     // a round costs about the longer of a write and a sync rather than both.
@@ -657,16 +661,22 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         let core = core.clone();
         let mesh_out = mesh_out.clone();
         let health = health.clone();
+        let serving = serving.clone();
         let batch_ms = match config.durability()? {
             Durability::Sync | Durability::None => None,
             Durability::Batch { ms } => Some(Duration::from_millis(u64::from(ms))),
         };
+        // Only acknowledgements that wait for the disk gain from fuller rounds.
+        let spacing = (config.durability()? == Durability::Sync)
+            .then(|| RoundSpacing::new(Duration::from_micros(u64::from(config.wal.busy_round_interval_us))));
+        let spaced = metrics::counter!("stockplane_wal_rounds_spaced_total", "shard" => shard.to_string());
         let sync_seconds = metrics::histogram!("stockplane_wal_sync_seconds", "shard" => shard.to_string());
         let batch_bytes = metrics::histogram!("stockplane_wal_batch_bytes", "shard" => shard.to_string());
         tasks.push(
             glommio::spawn_local(async move {
                 // A batch made durable: metrics, then the replies and peer messages it held.
                 let durable = |batch: Batch| {
+                    let started = Instant::now();
                     snapshots.durable(batch.position, batch.records);
                     let took = batch.taken.elapsed();
                     sync_seconds.record(took.as_secs_f64());
@@ -686,11 +696,14 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         core.flush(now)
                     };
                     mesh_out.send(out);
+                    serving.set(serving.get() + started.elapsed());
                 };
                 let mut spare = Vec::new();
                 let mut open_sequence = writer.sequence();
                 // The batch whose fdatasync is running, and that sync.
                 let mut syncing: Option<Syncing> = None;
+                // When the last round took its batch, and the core's serving time then.
+                let mut round = (Instant::now(), serving.get());
                 loop {
                     if syncing.is_none() {
                         if wal_woken.recv().await.is_none() {
@@ -700,12 +713,24 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             glommio::timer::sleep(interval).await;
                         }
                     }
-                    let taken = core.borrow_mut().take_wal(std::mem::take(&mut spare));
                     let step: anyhow::Result<()> = async {
+                        if let Some(spacing) = spacing {
+                            let wait = spacing.wait(round.0.elapsed(), serving.get() - round.1);
+                            if !wait.is_zero() {
+                                let until = Instant::now() + wait;
+                                // The running sync's replies leave when it is done, not
+                                // after the wait.
+                                finish_sync(&mut syncing, &durable).await?;
+                                spaced.increment(1);
+                                glommio::timer::sleep(until.saturating_duration_since(Instant::now())).await;
+                            }
+                        }
+                        let taken = core.borrow_mut().take_wal(std::mem::take(&mut spare));
                         let Some((bytes, position)) = taken else {
                             // Nothing new: wait for the running sync.
                             return finish_sync(&mut syncing, &durable).await;
                         };
+                        round = (Instant::now(), serving.get());
                         let mut batch = Batch { position, bytes: bytes.len(), taken: Instant::now(), records: None };
                         if writer.fits(&bytes) {
                             match syncing.take() {
@@ -809,7 +834,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             core.flush(now)
                         };
                         mesh_out.send(out);
-                        service.record(now.elapsed().as_secs_f64());
+                        let took = now.elapsed();
+                        service.record(took.as_secs_f64());
+                        serving.set(serving.get() + took);
                         reactor_turn().await;
                     }
                 }
