@@ -758,10 +758,14 @@ impl Shard {
     pub fn drain_replies(&mut self, mut each: impl FnMut(Reply)) {
         self.replies_ready.drain(..).for_each(&mut each);
         let durable = self.durable;
-        let leaving = match self.replies_gated.back() {
-            Some(&(position, _)) if position <= durable => self.replies_gated.len(),
-            Some(_) => self.replies_gated.partition_point(|&(position, _)| position <= durable),
-            None => 0,
+        // Checked at both ends first: a driver drains after every batch it reads, and while
+        // a sync runs the first gated reply already waits (the search cost 4 ns a request
+        // at sync saturation, a tenth of what the log added to the serving core's user time).
+        let leaving = match (self.replies_gated.front(), self.replies_gated.back()) {
+            (Some(&(first, _)), _) if first > durable => 0,
+            (_, Some(&(last, _))) if last <= durable => self.replies_gated.len(),
+            (Some(_), _) => self.replies_gated.partition_point(|&(position, _)| position <= durable),
+            (None, _) => 0,
         };
         self.replies_gated.drain(..leaving).for_each(|(_, reply)| each(reply));
         // As in `poll_reply`: drained rings start over at their warm beginning.

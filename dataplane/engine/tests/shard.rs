@@ -240,19 +240,22 @@ fn drain_replies_equals_polling_until_none() {
     assert_eq!(positions, [1, 2, 3], "three upserts were logged");
     let ids =
         |replies: Vec<stockplane_engine::Reply>| replies.iter().map(|r| (r.request_id, r.status)).collect::<Vec<_>>();
-    // Durable up to the second record: the reads, the refused upsert and the first two
-    // logged answers may leave; the third waits.
-    for (position, expected) in [(2, 5), (3, 1)] {
-        polled.handle_durable(position);
-        drained.handle_durable(position);
+    // Nothing durable yet: only the reads and the refused upsert may leave (the gated
+    // answers all wait, and the first of them says so). Then durable up to the second
+    // record: the first two logged answers may leave; the third waits.
+    for (position, expected) in [(None, 3), (Some(2), 2), (Some(3), 1)] {
+        if let Some(position) = position {
+            polled.handle_durable(position);
+            drained.handle_durable(position);
+        }
         let mut by_poll = Vec::new();
         while let Some(reply) = polled.poll_reply() {
             by_poll.push(reply);
         }
         let mut by_drain = Vec::new();
         drained.drain_replies(|reply| by_drain.push(reply));
-        assert_eq!(by_poll.len(), expected, "at position {position}: {:?}", ids(by_poll.clone()));
-        assert_eq!(ids(by_drain), ids(by_poll), "at position {position}");
+        assert_eq!(by_poll.len(), expected, "at position {position:?}: {:?}", ids(by_poll.clone()));
+        assert_eq!(ids(by_drain), ids(by_poll), "at position {position:?}");
         assert!(drained.poll_reply().is_none(), "drain_replies left a reply that may leave");
     }
 }
