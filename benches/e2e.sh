@@ -105,9 +105,10 @@ echo
 if [ "$durability" != none ]; then
   # The log's own view of the three runs: how long its rounds took from being taken to
   # durable, their writes and fdatasyncs alone (cumulative counts by upper bound, in
-  # seconds), and how many bytes each wrote.
+  # seconds), how many bytes each wrote, and how many waited for the busy core's interval
+  # (docs/wal.md, "Rounds under load").
   echo "server WAL rounds over the three runs (from its /metrics):"
-  curl -sf "http://$admin/metrics" | grep -E '^stockplane_wal_(sync_seconds|write_seconds|fdatasync_seconds|batch_bytes)' | sed 's/^/  /' || true
+  curl -sf "http://$admin/metrics" | grep -E '^stockplane_wal_(sync_seconds|write_seconds|fdatasync_seconds|batch_bytes|rounds_spaced_total)' | sed 's/^/  /' || true
   echo
   # The snapshots taken meanwhile: how many, from where, how long each took, and (from a
   # fork) how long the forks paused the shard.

@@ -87,8 +87,8 @@ pub struct WalSettings {
     /// the disk goes. A log `fdatasync` waits for whatever is in the disk's queue and cache
     /// before it; a snapshot at full speed puts megabytes there (`docs/wal.md`, "Pacing").
     pub snapshot_disk_percent: u8,
-    /// Under `sync`, while the core spends most of its time serving (80% since the last
-    /// round started), the next group-commit round starts no sooner than this many
+    /// Under `sync`, while the core spends most of its time serving (75% on average over
+    /// about the last 10 ms), the next group-commit round starts no sooner than this many
     /// microseconds after the previous one, so that each round's fixed cost (a write, an
     /// `fdatasync`, their interrupts) is paid for more records. Below that load a round
     /// starts as soon as the previous one allows. 0: never wait (`docs/wal.md`, "Rounds

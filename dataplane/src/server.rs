@@ -667,7 +667,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             Durability::Batch { ms } => Some(Duration::from_millis(u64::from(ms))),
         };
         // Only acknowledgements that wait for the disk gain from fuller rounds.
-        let spacing = (config.durability()? == Durability::Sync)
+        let mut spacing = (config.durability()? == Durability::Sync)
             .then(|| RoundSpacing::new(Duration::from_micros(u64::from(config.wal.busy_round_interval_us))));
         let spaced = metrics::counter!("stockplane_wal_rounds_spaced_total", "shard" => shard.to_string());
         let sync_seconds = metrics::histogram!("stockplane_wal_sync_seconds", "shard" => shard.to_string());
@@ -702,8 +702,10 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                 let mut open_sequence = writer.sequence();
                 // The batch whose fdatasync is running, and that sync.
                 let mut syncing: Option<Syncing> = None;
-                // When the last round took its batch, and the core's serving time then.
-                let mut round = (Instant::now(), serving.get());
+                // When the last round took its batch; when the core's serving time was
+                // last added to the spacing's average, and what it was then.
+                let mut round_started = Instant::now();
+                let mut observed = (Instant::now(), serving.get());
                 loop {
                     if syncing.is_none() {
                         if wal_woken.recv().await.is_none() {
@@ -714,8 +716,11 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                         }
                     }
                     let step: anyhow::Result<()> = async {
-                        if let Some(spacing) = spacing {
-                            let wait = spacing.wait(round.0.elapsed(), serving.get() - round.1);
+                        if let Some(spacing) = &mut spacing {
+                            let now = Instant::now();
+                            spacing.observe(now - observed.0, serving.get() - observed.1);
+                            observed = (now, serving.get());
+                            let wait = spacing.wait(round_started.elapsed());
                             if !wait.is_zero() {
                                 let until = Instant::now() + wait;
                                 // The running sync's replies leave when it is done, not
@@ -730,7 +735,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             // Nothing new: wait for the running sync.
                             return finish_sync(&mut syncing, &durable).await;
                         };
-                        round = (Instant::now(), serving.get());
+                        round_started = Instant::now();
                         let mut batch = Batch { position, bytes: bytes.len(), taken: Instant::now(), records: None };
                         if writer.fits(&bytes) {
                             match syncing.take() {
