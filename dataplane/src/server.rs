@@ -662,12 +662,13 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
         let mesh_out = mesh_out.clone();
         let health = health.clone();
         let serving = serving.clone();
-        let batch_ms = match config.durability()? {
+        let durability = config.durability()?;
+        let batch_ms = match durability {
             Durability::Sync | Durability::None => None,
             Durability::Batch { ms } => Some(Duration::from_millis(u64::from(ms))),
         };
         // Only acknowledgements that wait for the disk gain from fuller rounds.
-        let mut spacing = (config.durability()? == Durability::Sync)
+        let mut spacing = (durability == Durability::Sync)
             .then(|| RoundSpacing::new(Duration::from_micros(u64::from(config.wal.busy_round_interval_us))));
         let spaced = metrics::counter!("stockplane_wal_rounds_spaced_total", "shard" => shard.to_string());
         let sync_seconds = metrics::histogram!("stockplane_wal_sync_seconds", "shard" => shard.to_string());
@@ -720,9 +721,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             let now = Instant::now();
                             spacing.observe(now - observed.0, serving.get() - observed.1);
                             observed = (now, serving.get());
-                            let wait = spacing.wait(round_started.elapsed());
+                            let wait = spacing.wait(now - round_started);
                             if !wait.is_zero() {
-                                let until = Instant::now() + wait;
+                                let until = now + wait;
                                 // The running sync's replies leave when it is done, not
                                 // after the wait.
                                 finish_sync(&mut syncing, &durable).await?;
@@ -735,8 +736,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                             // Nothing new: wait for the running sync.
                             return finish_sync(&mut syncing, &durable).await;
                         };
-                        round_started = Instant::now();
                         let mut batch = Batch { position, bytes: bytes.len(), taken: Instant::now(), records: None };
+                        round_started = batch.taken;
                         if writer.fits(&bytes) {
                             match syncing.take() {
                                 None => writer.write_unsynced(&bytes).await?,

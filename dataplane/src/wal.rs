@@ -39,25 +39,28 @@ use tracing::{info, warn};
 
 /// O_DIRECT alignment we write with (the file's own alignment is checked at open).
 pub(crate) const BLOCK: u64 = 4096;
-/// Zeros written per call when a segment is prepared.
-const ZERO_CHUNK: usize = 1 << 20;
-/// Zeros written per call when the next segment is prepared beside a running log.
+/// Bytes written (zeros of a new segment; a snapshot's, each chunk synced) or read (a
+/// segment a snapshot replays) per call at the whole disk's pace: before any core serves
+/// (recovery), when the writer waits for its next segment, and at [`DiskShare::ALL`]
+/// (tools, benchmarks, tests).
+const FULL_IO_CHUNK: usize = 1 << 20;
+/// Bytes written or read per call beside a serving log: what a log `fdatasync` may find
+/// ahead of it in the disk's queue and cache, at most.
 ///
 /// The next segment is zero-filled while the log fills the open one. Written as fast as
 /// the disk takes them, in 1 MiB calls, the zeros of a 64 MiB segment filled the disk's
 /// write cache, and every `fdatasync` of the log that ran meanwhile waited for them to be
 /// flushed too: group commit stalled for 20 to 100 ms in each segment at saturation. So
-/// the preparation keeps pace with the log instead: one 128 KiB write at a time, and no
-/// further than `PREPARE_LEAD_DIVISOR`'s share of a segment ahead of the log's own end in
-/// the open segment (it waits `PACED_ZERO_GAP` while it is that far ahead). Each of the
-/// log's syncs then finds at most a chunk or two of zeros in the cache with its records,
-/// and the segment is ready that share of a segment before the log needs it.
-const PACED_ZERO_CHUNK: usize = 128 << 10;
+/// the preparation keeps pace with the log instead: one chunk at a time, and no further
+/// than `PREPARE_LEAD_DIVISOR`'s share of a segment ahead of the log's own end in the open
+/// segment (it waits `PACED_ZERO_GAP` while it is that far ahead). Each of the log's syncs
+/// then finds at most a chunk or two of zeros in the cache with its records, and the
+/// segment is ready that share of a segment before the log needs it. A snapshot beside
+/// the log reads and writes the same chunks, paced by its share of the disk's time
+/// ([`DiskShare`]).
+const PACED_IO_CHUNK: usize = 128 << 10;
 const PACED_ZERO_GAP: std::time::Duration = std::time::Duration::from_millis(1);
 const PREPARE_LEAD_DIVISOR: u64 = 4;
-/// Bytes read, or written and synced, at a time at the whole disk's pace
-/// ([`DiskShare::ALL`]: recovery before any core serves, tools, benchmarks and tests).
-const FULL_IO_CHUNK: usize = 1 << 20;
 /// Segments the log let go that are kept, renamed `spare-<sequence>.seg`, for the writer
 /// to zero and use again as its next segment; more are deleted. Deleting a segment frees
 /// its blocks, and on a file system mounted with `discard` (the benchmark guest's) that
@@ -68,9 +71,6 @@ const FULL_IO_CHUNK: usize = 1 << 20;
 /// while a snapshot deleted the segments it covered. In a steady state the writer uses
 /// about as many segments between two snapshots as each snapshot lets go.
 const SPARE_SEGMENTS_MAX: usize = 8;
-/// Bytes a snapshot reads, or writes and syncs, at a time beside a serving log (see
-/// [`DiskShare`]): what a log `fdatasync` may find ahead of it at most.
-const PACED_IO_CHUNK: usize = 128 << 10;
 /// Bytes read from a segment's start to find its first record (a record is at most
 /// `u16::MAX` bytes long).
 const FIRST_RECORD_READ: usize = 1 << 16;
@@ -192,7 +192,7 @@ impl DiskShare {
 /// the middle of serving); at saturation it was 0.80 on average. With the average and
 /// 75%, 1 to 88 rounds of about 50,000 waited at 800,000 requests/s, and 93 to 95% of
 /// them at saturation.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct RoundSpacing {
     interval: std::time::Duration,
     /// The share of the time spent serving, averaged over about `SMOOTHING`.
@@ -967,10 +967,10 @@ pub fn write_log(data_dir: &Path, shard: u32, segment_bytes: u64, records: &[u8]
 fn zero_from(path: &Path, offset: u64, segment_bytes: u64) -> anyhow::Result<()> {
     let mut file = fs::OpenOptions::new().write(true).open(path).with_context(|| format!("open {}", path.display()))?;
     file.seek(SeekFrom::Start(offset))?;
-    let zeros = vec![0u8; ZERO_CHUNK];
+    let zeros = vec![0u8; FULL_IO_CHUNK];
     let mut at = offset;
     while at < segment_bytes {
-        let n = (segment_bytes - at).min(ZERO_CHUNK as u64) as usize;
+        let n = (segment_bytes - at).min(FULL_IO_CHUNK as u64) as usize;
         file.write_all(&zeros[..n])?;
         at += n as u64;
     }
@@ -1012,7 +1012,7 @@ pub(crate) struct WalWriter {
     tail: Vec<u8>,
     next: Rc<RefCell<NextSegment>>,
     /// The end of the records in the open segment, for the preparation of the next one
-    /// to keep pace with (`PACED_ZERO_CHUNK`).
+    /// to keep pace with (`PACED_IO_CHUNK`).
     log_end: Rc<Cell<u64>>,
     /// Each write's and each `fdatasync`'s time on its own, from the call to the
     /// completion the core saw: a slow round shows which of the two made it slow (or
@@ -1220,7 +1220,7 @@ fn fitting_records(bytes: &[u8], room: usize) -> usize {
 #[derive(Debug, Clone)]
 enum Pace {
     /// Beside a running log whose end in the open segment this cell holds (see
-    /// `PACED_ZERO_CHUNK`).
+    /// `PACED_IO_CHUNK`).
     Paced(Rc<Cell<u64>>),
     /// As fast as the disk takes them: the writer waits for this segment.
     Full,
@@ -1251,8 +1251,8 @@ async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64, pace: Pa
         .map_err(io)
         .with_context(|| format!("create {}", temp.display()))?;
     let chunk = match pace {
-        Pace::Paced(_) => PACED_ZERO_CHUNK,
-        Pace::Full => ZERO_CHUNK,
+        Pace::Paced(_) => PACED_IO_CHUNK,
+        Pace::Full => FULL_IO_CHUNK,
     };
     let lead = segment_bytes / PREPARE_LEAD_DIVISOR;
     // One buffer of zeros for every whole chunk (zeroing a new one per write cost the
