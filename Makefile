@@ -149,6 +149,8 @@ bench-e2e: check-toolchain
 	  taskset -c $(DRIVER_CPU) $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) && echo && \
 	  echo "both CPUs at the same time (does this machine give both at once, as a busy server and driver take them?)" && \
 	  $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) --cpus $(SERVER_CPU),$(DRIVER_CPU) && echo && \
+	  echo "both CPUs while the disk works as the WAL does (64 KiB O_DIRECT writes into a zero-filled file, each followed by fdatasync, back to back, from a thread on the server CPU): does the disk's I/O take CPU time from both?" && \
+	  $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) --cpus $(SERVER_CPU),$(DRIVER_CPU) --disk target && echo && \
 	  echo "=== the disk: fdatasync latency (the WAL's own write pattern)" && \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target && echo && \
 	  echo "=== calibration: the same driver against a null server (QUIC and framing on quinn, no engine): saturate, then open loop at $(NULL_RATE) requests/s" && \

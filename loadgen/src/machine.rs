@@ -11,7 +11,9 @@
 //! call it.
 
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
 
 /// The report header: title, date (UTC), machine, CPUs this process may run on, commit and
 /// command line, one `key: value` per line, ending with an empty line.
@@ -67,6 +69,58 @@ fn report_header_date_utc(time: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3_600, rem % 3_600 / 60, rem % 60)
 }
 
+/// Time the hypervisor ran something else while a virtual CPU had work: the `steal`
+/// column of `/proc/stat`, per CPU, over a window. A virtual machine whose CPUs are
+/// stolen for milliseconds at a time has latency tails that no server on it can avoid.
+pub struct Stolen {
+    window: Duration,
+    /// (CPU, ticks of 1/100 s stolen in the window).
+    cpus: Vec<(String, u64)>,
+}
+
+impl Stolen {
+    /// The steal ticks of every CPU (`/proc/stat` counts in USER_HZ, 100 per second on Linux).
+    pub fn sample() -> anyhow::Result<Vec<(String, u64)>> {
+        let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        stat.lines()
+            .filter(|line| line.starts_with("cpu") && line.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .map(|line| {
+                let mut fields = line.split_whitespace();
+                let cpu = fields.next().unwrap_or_default().to_string();
+                // user nice system idle iowait irq softirq steal
+                let steal =
+                    fields.nth(7).and_then(|f| f.parse().ok()).context("parse the steal column of /proc/stat")?;
+                Ok((cpu, steal))
+            })
+            .collect()
+    }
+
+    /// What was stolen over `window`, from two samples taken at its ends.
+    pub fn between(window: Duration, before: &[(String, u64)], after: &[(String, u64)]) -> Stolen {
+        let cpus = after
+            .iter()
+            .map(|(cpu, ticks)| {
+                let was = before.iter().find(|(c, _)| c == cpu).map_or(0, |(_, t)| *t);
+                (cpu.clone(), ticks.saturating_sub(was))
+            })
+            .collect();
+        Stolen { window, cpus }
+    }
+
+    /// One line: `stolen by the hypervisor in <what> (/proc/stat steal): cpu0 … ms (…%), …`.
+    pub fn line(&self, what: &str) -> String {
+        let each: Vec<String> = self
+            .cpus
+            .iter()
+            .map(|(cpu, ticks)| {
+                let ms = *ticks as f64 * 10.0;
+                format!("{cpu} {ms:.0} ms ({:.2}%)", ms / self.window.as_secs_f64() / 10.0)
+            })
+            .collect();
+        format!("stolen by the hypervisor in {what} (/proc/stat steal): {}", each.join(", "))
+    }
+}
+
 /// The value of the first `key: value` line of a `/proc` file whose key is `key`.
 fn proc_field(path: &str, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -86,7 +140,6 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn dates_are_civil_utc() {

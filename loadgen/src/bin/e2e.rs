@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use stockplane_loadgen::machine::report_header;
+use stockplane_loadgen::machine::{report_header, Stolen};
 use stockplane_loadgen::{KeyStream, Popularity};
 use stockplane_wire::frame::{self, AlignedVec, FrameBuf, Limits, FRAME_ALIGN, HEADER_LEN};
 use stockplane_wire::{transport, ArchivedResponseBatch, CartLine, HoldId, Op, Request, RequestBatch, Status};
@@ -734,56 +734,6 @@ struct Machine {
     udp_drops: UdpDrops,
 }
 
-/// Time the hypervisor ran something else while a virtual CPU had work: the `steal`
-/// column of `/proc/stat`, per CPU, over a window. A virtual machine whose CPUs are
-/// stolen for milliseconds at a time has latency tails that no server on it can avoid.
-struct Stolen {
-    window: Duration,
-    /// (CPU, ticks of 1/100 s stolen in the window).
-    cpus: Vec<(String, u64)>,
-}
-
-impl Stolen {
-    /// The steal ticks of every CPU (`/proc/stat` counts in USER_HZ, 100 per second on Linux).
-    fn sample() -> anyhow::Result<Vec<(String, u64)>> {
-        let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
-        stat.lines()
-            .filter(|line| line.starts_with("cpu") && line.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-            .map(|line| {
-                let mut fields = line.split_whitespace();
-                let cpu = fields.next().unwrap_or_default().to_string();
-                // user nice system idle iowait irq softirq steal
-                let steal =
-                    fields.nth(7).and_then(|f| f.parse().ok()).context("parse the steal column of /proc/stat")?;
-                Ok((cpu, steal))
-            })
-            .collect()
-    }
-
-    fn between(window: Duration, before: &[(String, u64)], after: &[(String, u64)]) -> Stolen {
-        let cpus = after
-            .iter()
-            .map(|(cpu, ticks)| {
-                let was = before.iter().find(|(c, _)| c == cpu).map_or(0, |(_, t)| *t);
-                (cpu.clone(), ticks.saturating_sub(was))
-            })
-            .collect();
-        Stolen { window, cpus }
-    }
-
-    fn print(&self) {
-        let each: Vec<String> = self
-            .cpus
-            .iter()
-            .map(|(cpu, ticks)| {
-                let ms = *ticks as f64 * 10.0;
-                format!("{cpu} {ms:.0} ms ({:.2}%)", ms / self.window.as_secs_f64() / 10.0)
-            })
-            .collect();
-        println!("stolen by the hypervisor in the measured window (/proc/stat steal): {}", each.join(", "));
-    }
-}
-
 /// Datagrams the kernel dropped over a window, machine-wide (the `Udp:` counters of
 /// `/proc/net/snmp`): a datagram dropped on loopback is a QUIC packet lost, which stalls
 /// its stream until a retransmission, so a latency tail with drops in its window has
@@ -972,7 +922,7 @@ impl PhaseResult {
             for cpu in &machine.cpu {
                 cpu.print();
             }
-            machine.stolen.print();
+            println!("{}", machine.stolen.line("the measured window"));
             machine.udp_drops.print();
         }
         if let Load::Rate(_) = self.load {
