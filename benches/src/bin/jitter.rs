@@ -52,7 +52,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
     /// While watching (with `--cpus`), write and sync a scratch file in this directory
-    /// from a thread pinned to the first CPU, as the WAL does; the file is removed after.
+    /// from a thread pinned to the first CPU, as the WAL does (the file is unlinked as
+    /// soon as it is open, so nothing is left behind).
     #[arg(long, requires = "cpus")]
     disk: Option<PathBuf>,
     /// Bytes each write of `--disk` puts down before its `fdatasync` (a multiple of 4096).
@@ -162,7 +163,7 @@ impl DiskLoad {
             .custom_flags(libc::O_DIRECT)
             .open(&path)
             .with_context(|| format!("create {}", path.display()))?;
-        // The file is unlinked at once: nothing is left behind, whatever happens.
+        // Unlinked at once: nothing is left behind, whatever happens.
         std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
         let mut buffer = AlignedBuffer::zeroed(1 << 20);
         for at in (0..DISK_FILE_BYTES).step_by(1 << 20) {
