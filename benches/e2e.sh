@@ -80,9 +80,11 @@ echo
 
 # --server-pid: each phase also prints the CPU time the server's threads (and the
 # driver's) spent in its measured window, so a report shows whether the server was
-# saturated or left waiting.
+# saturated or left waiting. --server-admin: and, under sync, how long the server's own
+# fdatasyncs and WAL rounds took in that window, beside the disk probe's figures.
 driver=(taskset -c "$driver_cpu" "$bin/stockplane-e2e" --server "$addr" --certs "$certs"
-  --seconds "$seconds" --warmup-seconds "$warmup" --skus "$skus" --server-pid "$server_pid")
+  --seconds "$seconds" --warmup-seconds "$warmup" --skus "$skus" --server-pid "$server_pid"
+  --server-admin "$admin")
 status=0
 # 64 frames in flight per connection (32,768 requests): a durable server holds each reply
 # for an fdatasync, so by Little's law a closed loop needs that much more in flight to keep

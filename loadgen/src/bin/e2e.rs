@@ -143,6 +143,12 @@ struct Cli {
     /// which shows whether a closed loop saturated the server or left it waiting.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// The server's admin address (`host:port`): each phase then reports how long the
+    /// server's WAL `fdatasync`s and rounds took in the measured window (the bucket
+    /// counts of its `/metrics` histograms, sampled at the window's two ends), beside the
+    /// latency the driver measured. Only with `--server-pid`.
+    #[arg(long, requires = "server_pid")]
+    server_admin: Option<String>,
 }
 
 /// What the driver runs.
@@ -732,6 +738,96 @@ struct Machine {
     stolen: Stolen,
     /// The datagrams the kernel dropped.
     udp_drops: UdpDrops,
+    /// The server's WAL rounds, when `--server-admin` was given.
+    wal: Option<WalRounds>,
+}
+
+/// The server's WAL histograms over a window: the bucket counts (cumulative, by upper
+/// bound in seconds, summed over shards) of `stockplane_wal_fdatasync_seconds` (the
+/// `fdatasync` alone) and `stockplane_wal_sync_seconds` (a round, from taking its
+/// records to durable), from the difference of two scrapes of `/metrics`.
+#[derive(Debug, PartialEq)]
+struct WalRounds {
+    fdatasync: Vec<(f64, u64)>,
+    round: Vec<(f64, u64)>,
+}
+
+impl WalRounds {
+    const FDATASYNC: &'static str = "stockplane_wal_fdatasync_seconds_bucket";
+    const ROUND: &'static str = "stockplane_wal_sync_seconds_bucket";
+
+    /// The server's histograms now (`GET http://ADMIN/metrics`, blocking).
+    fn sample(admin: &str) -> anyhow::Result<WalRounds> {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect(admin).with_context(|| format!("connect to the server's admin at {admin}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").context("ask for /metrics")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).context("read /metrics")?;
+        let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer without a body")?;
+        if !head.lines().next().is_some_and(|status| status.contains(" 200 ")) {
+            bail!("GET http://{admin}/metrics: {}", head.lines().next().unwrap_or_default());
+        }
+        Ok(WalRounds::parse(body))
+    }
+
+    /// The two histograms in a Prometheus text exposition (absent: empty).
+    fn parse(text: &str) -> WalRounds {
+        let histogram = |name: &str| {
+            let mut buckets: Vec<(f64, u64)> = Vec::new();
+            for line in text.lines().filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{')) {
+                let Some(le) = line.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+                let count = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+                match buckets.iter_mut().find(|(bound, _)| *bound == le) {
+                    Some((_, total)) => *total += count,
+                    None => buckets.push((le, count)),
+                }
+            }
+            buckets.retain(|(bound, _)| !bound.is_nan());
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            buckets
+        };
+        WalRounds { fdatasync: histogram(Self::FDATASYNC), round: histogram(Self::ROUND) }
+    }
+
+    fn between(before: &WalRounds, after: &WalRounds) -> WalRounds {
+        let minus = |after: &[(f64, u64)], before: &[(f64, u64)]| {
+            after
+                .iter()
+                .map(|&(bound, count)| {
+                    let was = before.iter().find(|(b, _)| *b == bound).map_or(0, |&(_, c)| c);
+                    (bound, count.saturating_sub(was))
+                })
+                .collect()
+        };
+        WalRounds { fdatasync: minus(&after.fdatasync, &before.fdatasync), round: minus(&after.round, &before.round) }
+    }
+
+    /// `N, p50 <= .. us, p90 <= .. us, p99 <= .. us` (each quantile's bucket bound).
+    fn quantiles(buckets: &[(f64, u64)]) -> String {
+        let total = buckets.last().map_or(0, |&(_, count)| count);
+        if total == 0 {
+            return "none".into();
+        }
+        let bound = |q: f64| {
+            let wanted = (q * total as f64).ceil() as u64;
+            match buckets.iter().find(|&&(_, count)| count >= wanted) {
+                Some(&(bound, _)) if bound.is_finite() => format!("<= {:.0} us", bound * 1e6),
+                _ => format!("> {:.0} us", buckets.iter().rev().find(|b| b.0.is_finite()).map_or(0.0, |b| b.0) * 1e6),
+            }
+        };
+        format!("{total}, p50 {}, p90 {}, p99 {}", bound(0.50), bound(0.90), bound(0.99))
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}",
+            WalRounds::quantiles(&self.fdatasync),
+            WalRounds::quantiles(&self.round)
+        )
+    }
 }
 
 /// Datagrams the kernel dropped over a window, machine-wide (the `Udp:` counters of
@@ -924,6 +1020,9 @@ impl PhaseResult {
             }
             println!("{}", machine.stolen.line("the measured window"));
             machine.udp_drops.print();
+            if let Some(wal) = &machine.wal {
+                println!("{}", wal.line());
+            }
         }
         if let Load::Rate(_) = self.load {
             println!(
@@ -968,15 +1067,25 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         Keys::Zipf => Popularity::zipf(),
     };
     // What the machine did over the measured window (`Machine`), sampled at its two ends.
+    let admin = cli.server_admin.clone();
     let machine = cli.server_pid.map(|pid| {
         tokio::task::spawn_local(async move {
             let me = std::process::id();
+            // The server's /metrics, off the driver's thread.
+            let wal = |admin: Option<String>| async move {
+                match admin {
+                    None => anyhow::Ok(None),
+                    Some(admin) => Ok(Some(tokio::task::spawn_blocking(move || WalRounds::sample(&admin)).await??)),
+                }
+            };
             tokio::time::sleep_until(measure_from.into()).await;
+            let wal_before = wal(admin.clone()).await?;
             let before = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?, UdpDrops::sample()?);
             let from = Instant::now();
             tokio::time::sleep_until(window.until.into()).await;
             let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?, UdpDrops::sample()?);
             let window = from.elapsed();
+            let wal_after = wal(admin).await?;
             anyhow::Ok(Machine {
                 cpu: [
                     ProcessCpu::between("server", pid, window, &before.0, &after.0),
@@ -984,6 +1093,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
                 ],
                 stolen: Stolen::between(window, &before.2, &after.2),
                 udp_drops: UdpDrops::between(&before.3, &after.3),
+                wal: wal_before.zip(wal_after).map(|(before, after)| WalRounds::between(&before, &after)),
             })
         })
     });
@@ -1281,5 +1391,45 @@ mod tests {
             }
             timer.sleep(Duration::ZERO).await.expect("a zero wait returns");
         });
+    }
+
+    /// The WAL's histograms are summed over shards by bucket bound, other metrics and
+    /// other histograms are ignored, a window is the difference of two scrapes, and each
+    /// quantile is named by the bound of the bucket it falls in.
+    #[test]
+    fn wal_rounds_are_bucket_differences_summed_over_shards() {
+        let scrape = |fast: u64, slow: u64| {
+            format!(
+                "# TYPE stockplane_wal_fdatasync_seconds histogram\n\
+                 stockplane_wal_fdatasync_seconds_bucket{{shard=\"0\",le=\"0.0005\"}} {fast}\n\
+                 stockplane_wal_fdatasync_seconds_bucket{{shard=\"0\",le=\"0.0025\"}} {}\n\
+                 stockplane_wal_fdatasync_seconds_bucket{{shard=\"0\",le=\"+Inf\"}} {}\n\
+                 stockplane_wal_fdatasync_seconds_bucket{{shard=\"1\",le=\"0.0005\"}} 10\n\
+                 stockplane_wal_fdatasync_seconds_bucket{{shard=\"1\",le=\"0.0025\"}} 10\n\
+                 stockplane_wal_fdatasync_seconds_bucket{{shard=\"1\",le=\"+Inf\"}} 10\n\
+                 stockplane_wal_fdatasync_seconds_sum{{shard=\"0\"}} 1.5\n\
+                 stockplane_wal_fdatasync_seconds_count{{shard=\"0\"}} {}\n\
+                 stockplane_wal_write_seconds_bucket{{shard=\"0\",le=\"0.0005\"}} 999\n\
+                 stockplane_wal_sync_seconds_bucket{{shard=\"0\",le=\"0.001\"}} {fast}\n\
+                 stockplane_wal_sync_seconds_bucket{{shard=\"0\",le=\"+Inf\"}} {}\n",
+                fast + slow,
+                fast + slow,
+                fast + slow,
+                fast + slow
+            )
+        };
+        let before = WalRounds::parse(&scrape(100, 0));
+        assert_eq!(before.fdatasync, vec![(0.0005, 110), (0.0025, 110), (f64::INFINITY, 110)]);
+        assert_eq!(before.round, vec![(0.001, 100), (f64::INFINITY, 100)]);
+        // In the window: 90 fast and 10 slow (between 0.5 and 2.5 ms); shard 1 idle.
+        let window = WalRounds::between(&before, &WalRounds::parse(&scrape(190, 10)));
+        assert_eq!(window.fdatasync, vec![(0.0005, 90), (0.0025, 100), (f64::INFINITY, 100)]);
+        assert_eq!(WalRounds::quantiles(&window.fdatasync), "100, p50 <= 500 us, p90 <= 500 us, p99 <= 2500 us");
+        // Rounds slower than the largest finite bound are said to be above it.
+        assert_eq!(WalRounds::quantiles(&window.round), "100, p50 <= 1000 us, p90 <= 1000 us, p99 > 1000 us");
+        // A server without a log (`--durability none`) has none.
+        let empty = WalRounds::parse("stockplane_requests_total 5\n");
+        assert_eq!(empty, WalRounds { fdatasync: vec![], round: vec![] });
+        assert_eq!(WalRounds::quantiles(&empty.fdatasync), "none");
     }
 }
