@@ -650,8 +650,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     };
     snapshots.closed(wal_start.sequence, core.borrow().engine());
 
-    // The time this core spent serving (datagrams in, replies out), for group commit to
-    // tell a busy core from one with time to spare (`wal::RoundSpacing`).
+    // The time this core spent serving (datagrams in, replies out) since the WAL writer
+    // last took it, for group commit to tell a busy core from one with time to spare
+    // (`wal::RoundSpacing`).
     let serving = Rc::new(Cell::new(Duration::ZERO));
 
     // The WAL writer: group commit, pipelined. A batch is written while the previous
@@ -668,8 +669,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
             Durability::Batch { ms } => Some(Duration::from_millis(u64::from(ms))),
         };
         // Only acknowledgements that wait for the disk gain from fuller rounds.
-        let mut spacing = (durability == Durability::Sync)
-            .then(|| RoundSpacing::new(Duration::from_micros(u64::from(config.wal.busy_round_interval_us))));
+        let interval = Duration::from_micros(u64::from(config.wal.busy_round_interval_us));
+        let mut spacing = (durability == Durability::Sync && !interval.is_zero()).then(|| RoundSpacing::new(interval));
         let spaced = metrics::counter!("stockplane_wal_rounds_spaced_total", "shard" => shard.to_string());
         let sync_seconds = metrics::histogram!("stockplane_wal_sync_seconds", "shard" => shard.to_string());
         let batch_bytes = metrics::histogram!("stockplane_wal_batch_bytes", "shard" => shard.to_string());
@@ -704,9 +705,9 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                 // The batch whose fdatasync is running, and that sync.
                 let mut syncing: Option<Syncing> = None;
                 // When the last round took its batch; when the core's serving time was
-                // last added to the spacing's average, and what it was then.
+                // last taken into the spacing's average.
                 let mut round_started = Instant::now();
-                let mut observed = (Instant::now(), serving.get());
+                let mut observed = Instant::now();
                 loop {
                     if syncing.is_none() {
                         if wal_woken.recv().await.is_none() {
@@ -719,8 +720,8 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                     let step: anyhow::Result<()> = async {
                         if let Some(spacing) = &mut spacing {
                             let now = Instant::now();
-                            spacing.observe(now - observed.0, serving.get() - observed.1);
-                            observed = (now, serving.get());
+                            spacing.observe(now - observed, serving.take());
+                            observed = now;
                             let wait = spacing.wait(now - round_started);
                             if !wait.is_zero() {
                                 let until = now + wait;

@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Parser;
+use stockplane_loadgen::machine::Stolen;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -102,7 +104,7 @@ fn main() {
             }
         },
     };
-    let stolen_before = stockplane_loadgen::machine::Stolen::sample();
+    let stolen_before = Stolen::sample();
     let watchers: Vec<_> = args
         .cpus
         .iter()
@@ -133,9 +135,9 @@ fn main() {
             }
         }
     }
-    match (stolen_before, stockplane_loadgen::machine::Stolen::sample()) {
+    match (stolen_before, Stolen::sample()) {
         (Ok(before), Ok(after)) => {
-            println!("{}", stockplane_loadgen::machine::Stolen::between(watch, &before, &after).line("the window"))
+            println!("{}", Stolen::between(watch, &before, &after).line("the window"))
         }
         (Err(error), _) | (_, Err(error)) => eprintln!("steal not read: {error:#}"),
     }
@@ -154,7 +156,6 @@ impl DiskLoad {
     /// Creates, zero-fills and syncs the scratch file (before returning, so that none of
     /// that overlaps the watch), then writes and syncs it from a thread on `cpu`.
     fn start(dir: &Path, cpu: usize, write_bytes: usize) -> anyhow::Result<DiskLoad> {
-        use anyhow::Context;
         let path = dir.join(format!("jitter-disk-{}.tmp", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -190,7 +191,6 @@ impl DiskLoad {
 /// Writes `data` and syncs it, back to back, wrapping around in `file`, until `stop`;
 /// returns the summary line.
 fn run_disk_load(file: &File, data: &[u8], stop: &AtomicBool, cpu: usize) -> anyhow::Result<String> {
-    use anyhow::Context;
     let started = Instant::now();
     let cpu_before = thread_cpu_time();
     let (mut rounds, mut at) = (0u64, 0usize);
