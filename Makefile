@@ -32,6 +32,8 @@ E2E_SECONDS ?= 10
 JITTER_SECONDS ?= 10
 E2E_WARMUP ?= 2
 E2E_SKUS ?= 100000
+# Interleaved pairs of batched none and sync runs at the end of bench-e2e (benches/pairs.sh).
+E2E_PAIRS ?= 3
 # The open-loop rate of the null server's calibration run (about half the data plane's
 # batched saturation on this host).
 NULL_RATE ?= 1000000
@@ -59,6 +61,7 @@ help:
 	@echo "make bench-instructions  instructions per reserve+commit pair (callgrind), engine and baseline"
 	@echo "make bench-e2e  one-core data plane on SERVER_CPU, stockplane-e2e on DRIVER_CPU: saturate (batched,"
 	@echo "                one request per frame) and latency at half saturation; report in perf-reports/"
+	@echo "                (then E2E_PAIRS interleaved pairs of the batched run, none and sync, for their ratio)"
 	@echo "                (SNAPSHOT_SOURCE=files|replica|fork picks where the server's snapshots come from)"
 	@echo "make bench-sync the control plane: drain SYNC_LINES committed lines into PostgreSQL, and bootstrap"
 	@echo "                SYNC_SKUS SKUs into an empty data plane (data plane on SERVER_CPU, the rest on DRIVER_CPU)"
@@ -158,7 +161,9 @@ bench-e2e: check-toolchain
 	  echo "=== durability none: the server without its disk" && \
 	  DURABILITY=none benches/e2e.sh $(BIN_DIR) && echo && \
 	  echo "=== durability sync: every reply to a state change after the fdatasync that covers it" && \
-	  DURABILITY=sync benches/e2e.sh $(BIN_DIR); } 2>&1 | tee $$report; status=$$?; \
+	  DURABILITY=sync benches/e2e.sh $(BIN_DIR) && echo && \
+	  echo "=== sync against none, interleaved: the batched saturation run alone, $(E2E_PAIRS) pairs against fresh servers" && \
+	  PAIRS=$(E2E_PAIRS) benches/pairs.sh $(BIN_DIR); } 2>&1 | tee $$report; status=$$?; \
 	echo "report: $$report"; exit $$status
 
 # benches/sync.sh starts a fresh data plane for each of its two runs and a fresh database

@@ -16,8 +16,9 @@
 # E2E_SECONDS (10), E2E_WARMUP (2), E2E_SKUS (100000), CERTS (target/certs),
 # E2E_CONFIG (benches/e2e.toml), DURABILITY (none: the server without its disk; sync:
 # every reply after the fdatasync that covers it), SNAPSHOT_SOURCE (files, replica or
-# fork: the config's [wal] snapshot_source; unset: the config's own). The log goes to a
-# fresh directory, removed at the end.
+# fork: the config's [wal] snapshot_source; unset: the config's own), E2E_PHASES (all:
+# the three runs; batched: the first alone, as benches/pairs.sh runs it). The log goes to
+# a fresh directory, removed at the end.
 set -euo pipefail
 
 bin=${1:?usage: benches/e2e.sh BIN_DIR}
@@ -37,6 +38,8 @@ if [ -n "${SNAPSHOT_SOURCE:-}" ]; then
   config=$with_source
 fi
 durability=${DURABILITY:-none}
+phases=${E2E_PHASES:-all}
+case "$phases" in all | batched) ;; *) echo "E2E_PHASES must be all or batched, not $phases" >&2; exit 2 ;; esac
 log=$(mktemp -t stockplane-e2e-server.XXXXXX.log)
 data=$(mktemp -d -p "${E2E_DATA_PARENT:-target}" e2e-data.XXXXXX)
 
@@ -92,6 +95,7 @@ status=0
 # time while the none server's did not. Both modes run with the same depth.
 "${driver[@]}" --batch 128 --frames-in-flight 64 || status=1
 echo
+[ "$phases" = batched ] && exit "$status"
 "${driver[@]}" --skip-setup --batch 1 --frames-in-flight 64 || status=1
 echo
 # 16 connections: in short checks on this build, the open loop above roughly 150,000
