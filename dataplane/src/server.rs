@@ -510,8 +510,7 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 /// `cpus` ([`background_cpus`]) rather than only its shard's (a snapshot takes
 /// seconds of CPU; kept on the shard's core it took that core's idle moments and caches:
 /// one run at half load measured a sync p99 of 198 ms there, 57.5 ms free to move). Not
-/// glommio's blocking pool: a job of seconds there would queue the pool's short jobs
-/// behind it (the directory sync that readies the next WAL segment).
+/// glommio's blocking pool, which runs on the shard's CPU.
 fn spawn_idle_thread(
     name: String,
     cpus: libc::cpu_set_t,
@@ -588,7 +587,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
     let (engine, wal_start) = recovered;
     // Where the snapshot replica starts following: every record after it is fed to it.
     let recovered_position = engine.wal_head();
-    let mut writer = WalWriter::open(&wal_start, shard).await?;
+    let mut writer = WalWriter::open(&wal_start, shard, background).await?;
     let (wal_wake, wal_woken) = glommio::channels::local_channel::new_bounded(1);
     let core = Rc::new(RefCell::new(Core::new(engine, shards, &config, server_config, udp, wal_wake)?));
     // Holds that expired while the server was down expire now, once (their records are
@@ -925,7 +924,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn cpus_of_this_thread() -> libc::cpu_set_t {
@@ -937,11 +936,12 @@ mod tests {
     }
 
     /// A set of the given CPUs.
-    fn cpus(list: &[usize]) -> libc::cpu_set_t {
+    pub(crate) fn cpus(list: &[usize]) -> libc::cpu_set_t {
         cpu_set(list).expect("CPUs in range")
     }
 
-    fn members(set: &libc::cpu_set_t) -> Vec<usize> {
+    /// The CPUs in a set, in order.
+    pub(crate) fn members(set: &libc::cpu_set_t) -> Vec<usize> {
         // SAFETY: CPU_ISSET reads one bit of the set, in range (below CPU_SETSIZE).
         (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, set) }).collect()
     }

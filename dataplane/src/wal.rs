@@ -23,13 +23,15 @@
 //! After a failed write or sync nothing more is written and nothing more becomes durable:
 //! the core answers state changes `Unavailable` and `/readyz` says why.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use glommio::io::{DmaFile, OpenOptions};
@@ -1013,7 +1015,9 @@ pub(crate) struct WalWriter {
     next: Rc<RefCell<NextSegment>>,
     /// The end of the records in the open segment, for the preparation of the next one
     /// to keep pace with (`PACED_IO_CHUNK`).
-    log_end: Rc<Cell<u64>>,
+    log_end: Arc<AtomicU64>,
+    /// The thread that zero-fills the next segment, off the shard's CPU.
+    preparer: Preparer,
     /// Each write's and each `fdatasync`'s time on its own, from the call to the
     /// completion the core saw: a slow round shows which of the two made it slow (or
     /// neither: then the core noticed late).
@@ -1023,16 +1027,12 @@ pub(crate) struct WalWriter {
 
 impl WalWriter {
     /// Opens the segment recovery ended in, at the end of its records; its metrics are
-    /// labelled with `shard`.
-    pub async fn open(start: &WalStart, shard: u32) -> anyhow::Result<WalWriter> {
+    /// labelled with `shard`. The next segments are prepared by a thread of the shard's
+    /// own on `background` (the CPUs no shard is pinned to; an empty set: wherever the
+    /// kernel puts it).
+    pub async fn open(start: &WalStart, shard: u32, background: libc::cpu_set_t) -> anyhow::Result<WalWriter> {
         let path = segment_path(&start.dir, start.sequence);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .dma_open(&path)
-            .await
-            .map_err(io)
-            .with_context(|| format!("open {}", path.display()))?;
+        let file = open_segment(&path).await?;
         if file.alignment() > BLOCK {
             bail!("{} needs {}-byte alignment; the log writes {BLOCK}-byte blocks", path.display(), file.alignment());
         }
@@ -1051,7 +1051,8 @@ impl WalWriter {
             tail_offset,
             tail,
             next: Rc::new(RefCell::new(NextSegment::None)),
-            log_end: Rc::new(Cell::new(start.end)),
+            log_end: Arc::new(AtomicU64::new(start.end)),
+            preparer: Preparer::start(shard, background)?,
             write_seconds: metrics::histogram!("stockplane_wal_write_seconds", "shard" => shard.to_string()),
             fdatasync_seconds: metrics::histogram!("stockplane_wal_fdatasync_seconds", "shard" => shard.to_string()),
         })
@@ -1062,25 +1063,42 @@ impl WalWriter {
         self.sequence
     }
 
-    /// Starts preparing the next segment in the background, once per segment.
+    /// Starts preparing the next segment in the background, once per segment; once its
+    /// zeros are written, opens it (in a task of its own, so that the writer finds it open
+    /// when it needs it).
     fn prepare_next(&mut self) {
-        if !matches!(*self.next.borrow(), NextSegment::None) {
-            return;
-        }
-        *self.next.borrow_mut() = NextSegment::Preparing;
-        let (dir, sequence, bytes, next) = (self.dir.clone(), self.sequence + 1, self.segment_bytes, self.next.clone());
-        let log_end = self.log_end.clone();
-        glommio::spawn_local(async move {
-            let prepared = prepare_segment(&dir, sequence, bytes, Pace::Paced(log_end)).await;
-            *next.borrow_mut() = match prepared {
-                Ok(file) => NextSegment::Ready(Rc::new(file)),
-                Err(error) => {
-                    warn!(error = format!("{error:#}"), "preparing the next WAL segment failed; will retry");
-                    NextSegment::Failed
+        let state = std::mem::replace(&mut *self.next.borrow_mut(), NextSegment::None);
+        let state = match state {
+            NextSegment::None => self.start_preparing(Some(self.log_end.clone())),
+            NextSegment::Zeroing => match self.preparer.finished() {
+                Some(Ok(())) => {
+                    let (path, next) = (segment_path(&self.dir, self.sequence + 1), self.next.clone());
+                    glommio::spawn_local(async move {
+                        *next.borrow_mut() = match open_segment(&path).await {
+                            Ok(file) => NextSegment::Ready(Rc::new(file)),
+                            Err(error) => NextSegment::Failed(error),
+                        };
+                    })
+                    .detach();
+                    NextSegment::Opening
                 }
-            };
-        })
-        .detach();
+                Some(Err(error)) => NextSegment::Failed(error),
+                None => NextSegment::Zeroing,
+            },
+            other => other,
+        };
+        *self.next.borrow_mut() = state;
+    }
+
+    /// Hands the next segment to the preparer, kept to the log's pace (`Some`: the end of
+    /// the records in the open segment) or as fast as the disk goes.
+    fn start_preparing(&self, pace: Option<Arc<AtomicU64>>) -> NextSegment {
+        let job =
+            Preparation { dir: self.dir.clone(), sequence: self.sequence + 1, segment_bytes: self.segment_bytes, pace };
+        match self.preparer.jobs.send(job) {
+            Ok(()) => NextSegment::Zeroing,
+            Err(_) => NextSegment::Failed(anyhow::anyhow!("the WAL segment preparer stopped")),
+        }
     }
 
     /// Writes `bytes` (whole records) after what is on disk and syncs; returns when they
@@ -1158,35 +1176,114 @@ impl WalWriter {
         }
         self.tail = tail;
         self.tail_offset = new_tail_offset;
-        self.log_end.set(end);
+        self.log_end.store(end, Ordering::Relaxed);
         Ok(())
     }
 
     async fn rotate(&mut self) -> anyhow::Result<()> {
         // Take the segment prepared in the background; if it is still being prepared,
-        // wait for it (preparing the same file twice at once would race on its name).
+        // wait for it (preparing the same file twice at once would race on its name). If
+        // its preparation failed, prepare it again as fast as the disk goes, once.
         let started = std::time::Instant::now();
+        let mut retried = false;
         let file = loop {
             let state = std::mem::replace(&mut *self.next.borrow_mut(), NextSegment::None);
-            match state {
+            let error = match state {
                 NextSegment::Ready(file) => break file,
-                NextSegment::Preparing => {
-                    *self.next.borrow_mut() = NextSegment::Preparing;
+                NextSegment::Zeroing => match self.preparer.finished() {
+                    Some(Ok(())) => match open_segment(&segment_path(&self.dir, self.sequence + 1)).await {
+                        Ok(file) => break Rc::new(file),
+                        Err(error) => error,
+                    },
+                    Some(Err(error)) => error,
+                    None => {
+                        *self.next.borrow_mut() = NextSegment::Zeroing;
+                        glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+                        continue;
+                    }
+                },
+                NextSegment::Opening => {
+                    *self.next.borrow_mut() = NextSegment::Opening;
                     glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
+                    continue;
                 }
-                NextSegment::None | NextSegment::Failed => {
-                    break Rc::new(prepare_segment(&self.dir, self.sequence + 1, self.segment_bytes, Pace::Full).await?)
-                }
+                NextSegment::Failed(error) => error,
+                NextSegment::None => anyhow::anyhow!("its preparation had not started"),
+            };
+            if retried {
+                return Err(error.context(format!("prepare WAL segment {}", self.sequence + 1)));
             }
+            warn!(error = format!("{error:#}"), "preparing the next WAL segment failed; preparing it again");
+            retried = true;
+            let preparing = self.start_preparing(None);
+            *self.next.borrow_mut() = preparing;
         };
         self.sequence += 1;
         self.file = file;
         self.tail_offset = 0;
         self.tail.clear();
-        self.log_end.set(0);
+        self.log_end.store(0, Ordering::Relaxed);
         let waited = started.elapsed();
         info!(segment = self.sequence, waited_us = waited.as_micros() as u64, "WAL segment started");
         Ok(())
+    }
+}
+
+/// One segment to prepare (`prepare_segment`).
+struct Preparation {
+    dir: PathBuf,
+    sequence: u64,
+    segment_bytes: u64,
+    pace: Option<Arc<AtomicU64>>,
+}
+
+/// A shard's thread that zero-fills its next segments (`wal-prep-<shard>`), one at a time,
+/// on the CPUs no shard is pinned to, at the normal scheduling policy (the writer waits for
+/// it when the log reaches the end of a segment first). It stops when the writer is dropped.
+struct Preparer {
+    jobs: std::sync::mpsc::Sender<Preparation>,
+    /// The outcome of the last preparation, until the writer takes it.
+    done: Arc<std::sync::Mutex<Option<anyhow::Result<()>>>>,
+    /// Set when the writer is dropped: a preparation waiting for the log to catch up
+    /// stops (a stop, or a failed core); recovery puts what it wrote back with the spares.
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Preparer {
+    fn start(shard: u32, background: libc::cpu_set_t) -> anyhow::Result<Preparer> {
+        let (jobs, received) = std::sync::mpsc::channel::<Preparation>();
+        let done = Arc::new(std::sync::Mutex::new(None));
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let (outcome, stop) = (done.clone(), abandoned.clone());
+        std::thread::Builder::new()
+            .name(format!("wal-prep-{shard}"))
+            .spawn(move || {
+                if let Err(error) = crate::server::move_to_cpus(&background) {
+                    warn!(%error, "could not move the WAL segment preparer off the shards' CPUs");
+                }
+                for job in received {
+                    let prepare =
+                        || prepare_segment(&job.dir, job.sequence, job.segment_bytes, job.pace.as_deref(), &stop);
+                    // A panic is an outcome too: the writer must not wait for one forever.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(prepare))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("preparing WAL segment {} panicked", job.sequence)));
+                    *outcome.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(result);
+                }
+            })
+            .context("start the WAL segment preparer")?;
+        Ok(Preparer { jobs, done, abandoned })
+    }
+
+    /// The outcome of the preparation handed over last, once it has finished.
+    fn finished(&self) -> Option<anyhow::Result<()>> {
+        self.done.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+}
+
+impl Drop for Preparer {
+    fn drop(&mut self) {
+        // Dropping `jobs` (after this) ends the thread's loop.
+        self.abandoned.store(true, Ordering::Relaxed);
     }
 }
 
@@ -1194,12 +1291,25 @@ impl WalWriter {
 enum NextSegment {
     /// Not asked for yet (or taken).
     None,
-    /// Being zero-filled by a background task.
-    Preparing,
+    /// Being zero-filled by the preparer.
+    Zeroing,
+    /// Zero-filled, being opened.
+    Opening,
     /// Ready for the writer.
     Ready(Rc<DmaFile>),
-    /// The background task failed; the writer prepares it itself when it needs it.
-    Failed,
+    /// Its preparation failed: the writer prepares it again when it needs it.
+    Failed(anyhow::Error),
+}
+
+/// Opens a prepared segment for the writer.
+async fn open_segment(path: &Path) -> anyhow::Result<DmaFile> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .dma_open(path)
+        .await
+        .map_err(io)
+        .with_context(|| format!("open {}", path.display()))
 }
 
 /// How many bytes of whole records at the front of `bytes` fit in `room`.
@@ -1216,81 +1326,69 @@ fn fitting_records(bytes: &[u8], room: usize) -> usize {
     offset
 }
 
-/// How fast `prepare_segment` writes its zeros.
-#[derive(Debug, Clone)]
-enum Pace {
-    /// Beside a running log whose end in the open segment this cell holds (see
-    /// `PACED_IO_CHUNK`).
-    Paced(Rc<Cell<u64>>),
-    /// As fast as the disk takes them: the writer waits for this segment.
-    Full,
-}
-
-/// Creates segment `sequence` full of zeros, synced, with its directory entry synced.
-async fn prepare_segment(dir: &Path, sequence: u64, segment_bytes: u64, pace: Pace) -> anyhow::Result<DmaFile> {
+/// Creates segment `sequence` full of zeros, synced, with its directory entry synced,
+/// with plain blocking I/O (O_DIRECT) on the calling thread: the shard's `Preparer`, off
+/// the shard's CPU. Zeroing a new file allocates its blocks, which
+/// io_uring cannot do without blocking: from the shard's ring each such write went to an
+/// io-wq worker on the shard's CPU, and at sync saturation on the benchmark guest those
+/// writes were half of the workers' CPU time, 4% of the shard's CPU. `pace`: keep no
+/// further than `PREPARE_LEAD_DIVISOR`'s share of a segment ahead of the end of the
+/// records in the open segment, one `PACED_IO_CHUNK` at a time (`None`: as fast as the
+/// disk goes, `FULL_IO_CHUNK` at a time). Stops with an error once `abandoned` is set,
+/// leaving `wal-<n>.tmp` for recovery to put back with the spares.
+fn prepare_segment(
+    dir: &Path,
+    sequence: u64,
+    segment_bytes: u64,
+    pace: Option<&AtomicU64>,
+    abandoned: &AtomicBool,
+) -> anyhow::Result<()> {
     let path = segment_path(dir, sequence);
     let temp = path.with_extension("tmp");
     // A spare (a segment the log let go) owns its blocks already: zeroing it again
-    // overwrites them, where a new file allocates. Looked for on glommio's blocking
-    // thread (a directory listing and a rename).
-    let (spare_dir, spare_temp) = (dir.to_path_buf(), temp.clone());
-    let reused = glommio::executor()
-        .spawn_blocking(move || take_spare(&spare_dir, &spare_temp, segment_bytes))
-        .await
-        .unwrap_or_else(|error| {
-            warn!(error = format!("{error:#}"), "could not reuse a spare WAL segment; creating one");
-            false
-        });
-    let file = OpenOptions::new()
+    // overwrites them, where a new file allocates.
+    let reused = take_spare(dir, &temp, segment_bytes).unwrap_or_else(|error| {
+        warn!(error = format!("{error:#}"), "could not reuse a spare WAL segment; creating one");
+        false
+    });
+    let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(!reused)
-        .dma_open(&temp)
-        .await
-        .map_err(io)
+        .custom_flags(libc::O_DIRECT)
+        .open(&temp)
         .with_context(|| format!("create {}", temp.display()))?;
-    let chunk = match pace {
-        Pace::Paced(_) => PACED_IO_CHUNK,
-        Pace::Full => FULL_IO_CHUNK,
-    };
+    let chunk = if pace.is_some() { PACED_IO_CHUNK } else { FULL_IO_CHUNK };
     let lead = segment_bytes / PREPARE_LEAD_DIVISOR;
-    // One buffer of zeros for every whole chunk (zeroing a new one per write cost the
-    // serving core a memset of the whole segment).
-    let zeros = |n: usize| {
-        let mut buffer = file.alloc_dma_buffer(n);
-        buffer.as_bytes_mut().fill(0);
-        Rc::new(buffer)
-    };
-    let chunk_of_zeros = zeros(chunk);
+    // O_DIRECT takes block-aligned memory.
+    let mut zeros = AlignedVec::<{ BLOCK as usize }>::with_capacity(chunk);
+    zeros.resize(chunk, 0);
     let mut at = 0;
     while at < segment_bytes {
-        if let Pace::Paced(log_end) = &pace {
-            while at >= log_end.get() + lead {
-                glommio::timer::sleep(PACED_ZERO_GAP).await;
+        if let Some(log_end) = pace {
+            while at >= log_end.load(Ordering::Relaxed) + lead {
+                if abandoned.load(Ordering::Relaxed) {
+                    bail!("the log stopped while {} was being prepared", temp.display());
+                }
+                std::thread::sleep(PACED_ZERO_GAP);
             }
         }
-        let n = (segment_bytes - at).min(chunk as u64);
-        let buffer = if n as usize == chunk { chunk_of_zeros.clone() } else { zeros(n as usize) };
-        file.write_rc_at(buffer, at).await.map_err(io).with_context(|| format!("zero {}", temp.display()))?;
-        at += n;
+        let n = (segment_bytes - at).min(chunk as u64) as usize;
+        file.write_all_at(&zeros[..n], at).with_context(|| format!("zero {}", temp.display()))?;
+        at += n as u64;
     }
-    file.fdatasync().await.map_err(io)?;
-    file.rename(&path).await.map_err(io).with_context(|| format!("rename {}", temp.display()))?;
-    // The rename must survive a crash too: sync the directory (on glommio's blocking
-    // thread, once per segment, off the reactor).
-    let dir = dir.to_path_buf();
-    glommio::executor()
-        .spawn_blocking(move || {
-            fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", dir.display()))
-        })
-        .await?;
-    Ok(file)
+    file.sync_data().with_context(|| format!("sync {}", temp.display()))?;
+    fs::rename(&temp, &path).with_context(|| format!("rename {}", temp.display()))?;
+    // The rename must survive a crash too.
+    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", dir.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::server::tests::{cpus, members};
     use stockplane_engine::Origin;
     use stockplane_wire::{CartLine, HoldId, Op, Request, Role};
 
@@ -1438,6 +1536,61 @@ pub(crate) mod tests {
         assert_eq!(recover(&data, &config(), NOW, SEGMENT, false).unwrap().0.state_hash(), hash);
         fs::remove_dir_all(&data).unwrap();
         fs::remove_dir_all(&twin).unwrap();
+    }
+
+    /// The writer fills segment after segment that its preparer thread zero-fills on the
+    /// CPUs it was given (not the shard's), and the log it leaves recovers the state it
+    /// wrote, whatever preparation its drop interrupted.
+    #[test]
+    fn the_writer_rotates_through_segments_its_preparer_readies_off_the_shard() {
+        let data = scratch("writer");
+        let (log, hash) = history(40_000);
+        let (_, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        // The preparer goes to one CPU of the process's; the executor stays unpinned.
+        let first = members(&crate::server::thread_cpus().unwrap())[0];
+        let background = cpus(&[first]);
+        let placed = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(1 << 19)
+            .spawn(move || async move {
+                // Shard 7: a thread name no other test's writer has.
+                let mut writer = WalWriter::open(&start, 7, background).await.unwrap();
+                let mut rest = &log[..];
+                let mut placed = None;
+                while !rest.is_empty() {
+                    let chunk = fitting_records(rest, 64 << 10);
+                    writer.append(&rest[..chunk]).await.unwrap();
+                    rest = &rest[chunk..];
+                    placed = placed.or_else(|| thread_cpus_named("wal-prep-7"));
+                }
+                (writer.sequence(), placed)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let (last, placed) = placed;
+        assert!(last >= 4, "the log spans several segments: {last}");
+        assert_eq!(members(&placed.expect("the preparer thread ran")), [first]);
+        let (shard, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
+        assert_eq!(shard.state_hash(), hash);
+        // Recovery continues where the writer stopped, or in the next segment when the
+        // preparer had readied it (empty).
+        assert!(start.sequence == last || (start.sequence == last + 1 && start.end == 0), "{start:?}, {last}");
+        assert!(!names(&shard_dir(&data, 0)).iter().any(|name| name.ends_with(".tmp")));
+        fs::remove_dir_all(&data).unwrap();
+    }
+
+    /// The CPUs of this process's thread named `name`, if there is one.
+    fn thread_cpus_named(name: &str) -> Option<libc::cpu_set_t> {
+        for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+            if fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim_end() == name) {
+                let tid: libc::pid_t = task.file_name().to_string_lossy().parse().unwrap();
+                let mut set = cpus(&[]);
+                // SAFETY: sched_getaffinity writes at most the size given into `set`.
+                let got = unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+                return (got == 0).then_some(set);
+            }
+        }
+        None
     }
 
     /// A next segment that a stop left half prepared goes back to the spares when it has
