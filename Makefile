@@ -33,7 +33,7 @@ JITTER_SECONDS ?= 10
 E2E_WARMUP ?= 2
 E2E_SKUS ?= 100000
 # Interleaved pairs of batched none and sync runs at the end of bench-e2e (benches/pairs.sh).
-E2E_PAIRS ?= 3
+E2E_PAIRS ?= 5
 # The open-loop rate of the null server's calibration run (about half the data plane's
 # batched saturation on this host).
 NULL_RATE ?= 1000000

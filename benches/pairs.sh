@@ -8,13 +8,13 @@
 # about the minute as about the log. Prints each run's throughput, server CPU and steal,
 # each pair's ratio, and at the end their median and the ratio of the sums.
 #
-# Usage: benches/pairs.sh BIN_DIR. Environment: PAIRS (3), E2E_PAIR_SECONDS (5),
+# Usage: benches/pairs.sh BIN_DIR. Environment: PAIRS (5), E2E_PAIR_SECONDS (5),
 # E2E_PAIR_WARMUP (1), and what benches/e2e.sh reads (SERVER_CPU, DRIVER_CPU, E2E_SKUS,
 # CERTS, E2E_CONFIG, SNAPSHOT_SOURCE).
 set -euo pipefail
 
 bin=${1:?usage: benches/pairs.sh BIN_DIR}
-pairs=${PAIRS:-3}
+pairs=${PAIRS:-5}
 seconds=${E2E_PAIR_SECONDS:-5}
 warmup=${E2E_PAIR_WARMUP:-1}
 out=$(mktemp -t stockplane-pairs.XXXXXX.txt)
