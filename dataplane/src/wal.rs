@@ -1328,14 +1328,15 @@ fn fitting_records(bytes: &[u8], room: usize) -> usize {
 
 /// Creates segment `sequence` full of zeros, synced, with its directory entry synced,
 /// with plain blocking I/O (O_DIRECT) on the calling thread: the shard's `Preparer`, off
-/// the shard's CPU. Zeroing a new file allocates its blocks, which
-/// io_uring cannot do without blocking: from the shard's ring each such write went to an
-/// io-wq worker on the shard's CPU, and at sync saturation on the benchmark guest those
-/// writes were half of the workers' CPU time, 4% of the shard's CPU. `pace`: keep no
-/// further than `PREPARE_LEAD_DIVISOR`'s share of a segment ahead of the end of the
-/// records in the open segment, one `PACED_IO_CHUNK` at a time (`None`: as fast as the
-/// disk goes, `FULL_IO_CHUNK` at a time). Stops with an error once `abandoned` is set,
-/// leaving `wal-<n>.tmp` for recovery to put back with the spares.
+/// the shard's CPU. Zeroing a new file allocates its blocks, which io_uring cannot do
+/// without blocking: from the shard's ring each such write went to an io-wq worker on the
+/// shard's CPU, and at sync saturation on the benchmark guest the workers took 5.3 to
+/// 5.5% of that CPU, half of it for those writes (`docs/wal.md`, "Where the zeros are
+/// written"). `pace`: keep no further than `PREPARE_LEAD_DIVISOR`'s share of a segment
+/// ahead of the end of the records in the open segment, one `PACED_IO_CHUNK` at a time
+/// (`None`: as fast as the disk goes, `FULL_IO_CHUNK` at a time). Stops with an error
+/// once `abandoned` is set, leaving `wal-<n>.tmp` for recovery to put back with the
+/// spares.
 fn prepare_segment(
     dir: &Path,
     sequence: u64,
