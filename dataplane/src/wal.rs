@@ -373,7 +373,7 @@ pub fn recover(
         if let Some((_, path)) = snapshots(&dir)?.last() {
             bail!("{} exists but the log segments after it are gone: refusing to start without them", path.display());
         }
-        prepare_segment_sync(&dir, 1, segment_bytes)?;
+        prepare_segment(&dir, 1, segment_bytes, None, &AtomicBool::new(false))?;
         let shard = Shard::new(config, now)?;
         let start = WalStart { dir, sequence: 1, end: 0, segment_bytes, closed_after_snapshot: 0 };
         return Ok((shard, start));
@@ -980,17 +980,6 @@ fn zero_from(path: &Path, offset: u64, segment_bytes: u64) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Writes a zero-filled segment with plain I/O (used before the executors start).
-fn prepare_segment_sync(dir: &Path, sequence: u64, segment_bytes: u64) -> anyhow::Result<()> {
-    let path = segment_path(dir, sequence);
-    let temp = path.with_extension("tmp");
-    fs::File::create(&temp).with_context(|| format!("create {}", temp.display()))?;
-    zero_from(&temp, 0, segment_bytes)?;
-    fs::rename(&temp, &path)?;
-    fs::File::open(dir)?.sync_all().with_context(|| format!("sync directory {}", dir.display()))?;
-    Ok(())
-}
-
 /// What the core has handed to the log and what the disk has confirmed.
 #[derive(Debug, Default)]
 pub(crate) struct WalQueue {
@@ -1052,7 +1041,7 @@ impl WalWriter {
             tail,
             next: Rc::new(RefCell::new(NextSegment::None)),
             log_end: Arc::new(AtomicU64::new(start.end)),
-            preparer: Preparer::start(shard, background)?,
+            preparer: Preparer::start(shard, start.dir.clone(), start.segment_bytes, background)?,
             write_seconds: metrics::histogram!("stockplane_wal_write_seconds", "shard" => shard.to_string()),
             fdatasync_seconds: metrics::histogram!("stockplane_wal_fdatasync_seconds", "shard" => shard.to_string()),
         })
@@ -1063,29 +1052,39 @@ impl WalWriter {
         self.sequence
     }
 
-    /// Starts preparing the next segment in the background, once per segment; once its
-    /// zeros are written, opens it (in a task of its own, so that the writer finds it open
-    /// when it needs it).
+    /// Starts preparing the next segment in the background, once per segment (`advance`
+    /// takes it from there).
     fn prepare_next(&mut self) {
-        let state = std::mem::replace(&mut *self.next.borrow_mut(), NextSegment::None);
-        let state = match state {
-            NextSegment::None => self.start_preparing(Some(self.log_end.clone())),
-            NextSegment::Zeroing => match self.preparer.finished() {
-                Some(Ok(())) => {
-                    let (path, next) = (segment_path(&self.dir, self.sequence + 1), self.next.clone());
-                    glommio::spawn_local(async move {
-                        *next.borrow_mut() = match open_segment(&path).await {
-                            Ok(file) => NextSegment::Ready(Rc::new(file)),
-                            Err(error) => NextSegment::Failed(error),
-                        };
-                    })
-                    .detach();
-                    NextSegment::Opening
-                }
-                Some(Err(error)) => NextSegment::Failed(error),
-                None => NextSegment::Zeroing,
-            },
-            other => other,
+        if matches!(*self.next.borrow(), NextSegment::None) {
+            let preparing = self.start_preparing(Some(self.log_end.clone()));
+            *self.next.borrow_mut() = preparing;
+        }
+        self.advance();
+    }
+
+    /// Once the preparer has written the next segment's zeros, opens it in a task of its
+    /// own, so that the writer finds it open when it needs it.
+    fn advance(&mut self) {
+        if !matches!(*self.next.borrow(), NextSegment::Zeroing) {
+            return;
+        }
+        let state = match self.preparer.outcomes.try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => return,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                NextSegment::Failed(anyhow::anyhow!("the WAL segment preparer stopped"))
+            }
+            Ok(Err(error)) => NextSegment::Failed(error),
+            Ok(Ok(())) => {
+                let (path, next) = (segment_path(&self.dir, self.sequence + 1), self.next.clone());
+                glommio::spawn_local(async move {
+                    *next.borrow_mut() = match open_segment(&path).await {
+                        Ok(file) => NextSegment::Ready(Rc::new(file)),
+                        Err(error) => NextSegment::Failed(error),
+                    };
+                })
+                .detach();
+                NextSegment::Opening
+            }
         };
         *self.next.borrow_mut() = state;
     }
@@ -1093,9 +1092,7 @@ impl WalWriter {
     /// Hands the next segment to the preparer, kept to the log's pace (`Some`: the end of
     /// the records in the open segment) or as fast as the disk goes.
     fn start_preparing(&self, pace: Option<Arc<AtomicU64>>) -> NextSegment {
-        let job =
-            Preparation { dir: self.dir.clone(), sequence: self.sequence + 1, segment_bytes: self.segment_bytes, pace };
-        match self.preparer.jobs.send(job) {
+        match self.preparer.jobs.send((self.sequence + 1, pace)) {
             Ok(()) => NextSegment::Zeroing,
             Err(_) => NextSegment::Failed(anyhow::anyhow!("the WAL segment preparer stopped")),
         }
@@ -1187,23 +1184,12 @@ impl WalWriter {
         let started = std::time::Instant::now();
         let mut retried = false;
         let file = loop {
+            self.advance();
             let state = std::mem::replace(&mut *self.next.borrow_mut(), NextSegment::None);
             let error = match state {
                 NextSegment::Ready(file) => break file,
-                NextSegment::Zeroing => match self.preparer.finished() {
-                    Some(Ok(())) => match open_segment(&segment_path(&self.dir, self.sequence + 1)).await {
-                        Ok(file) => break Rc::new(file),
-                        Err(error) => error,
-                    },
-                    Some(Err(error)) => error,
-                    None => {
-                        *self.next.borrow_mut() = NextSegment::Zeroing;
-                        glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
-                        continue;
-                    }
-                },
-                NextSegment::Opening => {
-                    *self.next.borrow_mut() = NextSegment::Opening;
+                waiting @ (NextSegment::Zeroing | NextSegment::Opening) => {
+                    *self.next.borrow_mut() = waiting;
                     glommio::timer::sleep(std::time::Duration::from_micros(200)).await;
                     continue;
                 }
@@ -1229,54 +1215,40 @@ impl WalWriter {
     }
 }
 
-/// One segment to prepare (`prepare_segment`).
-struct Preparation {
-    dir: PathBuf,
-    sequence: u64,
-    segment_bytes: u64,
-    pace: Option<Arc<AtomicU64>>,
-}
-
 /// A shard's thread that zero-fills its next segments (`wal-prep-<shard>`), one at a time,
 /// on the CPUs no shard is pinned to, at the normal scheduling policy (the writer waits for
 /// it when the log reaches the end of a segment first). It stops when the writer is dropped.
 struct Preparer {
-    jobs: std::sync::mpsc::Sender<Preparation>,
-    /// The outcome of the last preparation, until the writer takes it.
-    done: Arc<std::sync::Mutex<Option<anyhow::Result<()>>>>,
+    /// The segments to prepare, each with its pace (`prepare_segment`).
+    jobs: std::sync::mpsc::Sender<(u64, Option<Arc<AtomicU64>>)>,
+    /// Each preparation's outcome, in order (a panic disconnects it).
+    outcomes: std::sync::mpsc::Receiver<anyhow::Result<()>>,
     /// Set when the writer is dropped: a preparation waiting for the log to catch up
     /// stops (a stop, or a failed core); recovery puts what it wrote back with the spares.
     abandoned: Arc<AtomicBool>,
 }
 
 impl Preparer {
-    fn start(shard: u32, background: libc::cpu_set_t) -> anyhow::Result<Preparer> {
-        let (jobs, received) = std::sync::mpsc::channel::<Preparation>();
-        let done = Arc::new(std::sync::Mutex::new(None));
+    fn start(shard: u32, dir: PathBuf, segment_bytes: u64, background: libc::cpu_set_t) -> anyhow::Result<Preparer> {
+        let (jobs, received) = std::sync::mpsc::channel::<(u64, Option<Arc<AtomicU64>>)>();
+        let (done, outcomes) = std::sync::mpsc::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
-        let (outcome, stop) = (done.clone(), abandoned.clone());
+        let stop = abandoned.clone();
         std::thread::Builder::new()
             .name(format!("wal-prep-{shard}"))
             .spawn(move || {
                 if let Err(error) = crate::server::move_to_cpus(&background) {
                     warn!(%error, "could not move the WAL segment preparer off the shards' CPUs");
                 }
-                for job in received {
-                    let prepare =
-                        || prepare_segment(&job.dir, job.sequence, job.segment_bytes, job.pace.as_deref(), &stop);
-                    // A panic is an outcome too: the writer must not wait for one forever.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(prepare))
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("preparing WAL segment {} panicked", job.sequence)));
-                    *outcome.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(result);
+                for (sequence, pace) in received {
+                    let outcome = prepare_segment(&dir, sequence, segment_bytes, pace.as_deref(), &stop);
+                    if done.send(outcome).is_err() {
+                        break;
+                    }
                 }
             })
             .context("start the WAL segment preparer")?;
-        Ok(Preparer { jobs, done, abandoned })
-    }
-
-    /// The outcome of the preparation handed over last, once it has finished.
-    fn finished(&self) -> Option<anyhow::Result<()>> {
-        self.done.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+        Ok(Preparer { jobs, outcomes, abandoned })
     }
 }
 
@@ -1328,7 +1300,7 @@ fn fitting_records(bytes: &[u8], room: usize) -> usize {
 
 /// Creates segment `sequence` full of zeros, synced, with its directory entry synced,
 /// with plain blocking I/O (O_DIRECT) on the calling thread: the shard's `Preparer`, off
-/// the shard's CPU. Zeroing a new file allocates its blocks, which io_uring cannot do
+/// the shard's CPU, or recovery for a new log's first segment. Zeroing a new file allocates its blocks, which io_uring cannot do
 /// without blocking: from the shard's ring each such write went to an io-wq worker on the
 /// shard's CPU, and at sync saturation on the benchmark guest the workers took 5.3 to
 /// 5.5% of that CPU, half of it for those writes (`docs/wal.md`, "Where the zeros are
