@@ -97,14 +97,7 @@ impl Stolen {
 
     /// What was stolen over `window`, from two samples taken at its ends.
     pub fn between(window: Duration, before: &[(String, u64)], after: &[(String, u64)]) -> Stolen {
-        let cpus = after
-            .iter()
-            .map(|(cpu, ticks)| {
-                let was = before.iter().find(|(c, _)| c == cpu).map_or(0, |(_, t)| *t);
-                (cpu.clone(), ticks.saturating_sub(was))
-            })
-            .collect();
-        Stolen { window, cpus }
+        Stolen { window, cpus: counter_differences(before, after) }
     }
 
     /// One line: `stolen by the hypervisor in <what> (/proc/stat steal): cpu0 … ms (…%), …`.
@@ -119,6 +112,18 @@ impl Stolen {
             .collect();
         format!("stolen by the hypervisor in {what} (/proc/stat steal): {}", each.join(", "))
     }
+}
+
+/// How much each of a sample's counters grew since an earlier sample, matched by key (a
+/// key missing from `before` counts from zero; a counter that went back, as zero).
+pub fn counter_differences<K: PartialEq + Clone>(before: &[(K, u64)], after: &[(K, u64)]) -> Vec<(K, u64)> {
+    after
+        .iter()
+        .map(|(key, count)| {
+            let was = before.iter().find(|(k, _)| k == key).map_or(0, |(_, c)| *c);
+            (key.clone(), count.saturating_sub(was))
+        })
+        .collect()
 }
 
 /// The value of the first `key: value` line of a `/proc` file whose key is `key`.
@@ -140,6 +145,14 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_grow_by_key_from_zero_and_never_below() {
+        let before = [("cpu0".to_string(), 10), ("cpu1".to_string(), 50)];
+        let after = [("cpu1".to_string(), 40), ("cpu0".to_string(), 25), ("cpu2".to_string(), 7)];
+        let grown = counter_differences(&before, &after);
+        assert_eq!(grown, [("cpu1".to_string(), 0), ("cpu0".to_string(), 15), ("cpu2".to_string(), 7)]);
+    }
 
     #[test]
     fn dates_are_civil_utc() {

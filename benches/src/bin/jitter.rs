@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use rkyv::util::AlignedVec;
 use stockplane_loadgen::machine::Stolen;
 
 /// Command-line arguments.
@@ -166,17 +167,19 @@ impl DiskLoad {
             .with_context(|| format!("create {}", path.display()))?;
         // Unlinked at once: nothing is left behind, whatever happens.
         std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        let mut buffer = AlignedBuffer::zeroed(1 << 20);
+        // O_DIRECT takes block-aligned memory.
+        let mut buffer = AlignedVec::<4096>::with_capacity(1 << 20);
+        buffer.resize(1 << 20, 0);
         for at in (0..DISK_FILE_BYTES).step_by(1 << 20) {
-            file.write_all_at(buffer.bytes(), at as u64).context("zero-fill the scratch file")?;
+            file.write_all_at(&buffer, at as u64).context("zero-fill the scratch file")?;
         }
         file.sync_all().context("sync the scratch file")?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
             stockplane_dataplane::server::pin_to_cpu(cpu).with_context(|| format!("pin the disk load to CPU {cpu}"))?;
-            buffer.bytes_mut().fill(0xa5);
-            run_disk_load(&file, &buffer.bytes()[..write_bytes], &stopping, cpu)
+            buffer.fill(0xa5);
+            run_disk_load(&file, &buffer[..write_bytes], &stopping, cpu)
         });
         Ok(DiskLoad { stop, thread })
     }
@@ -222,29 +225,6 @@ fn thread_cpu_time() -> Duration {
     // SAFETY: clock_gettime writes the timespec it is given and nothing else.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
     Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
-}
-
-/// Zeroed memory with a 4096-byte aligned window of `len` bytes, as `O_DIRECT` needs.
-struct AlignedBuffer {
-    memory: Vec<u8>,
-    offset: usize,
-    len: usize,
-}
-
-impl AlignedBuffer {
-    fn zeroed(len: usize) -> AlignedBuffer {
-        let memory = vec![0u8; len + 4096];
-        let offset = memory.as_ptr().align_offset(4096);
-        AlignedBuffer { memory, offset, len }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.memory[self.offset..self.offset + self.len]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.memory[self.offset..self.offset + self.len]
-    }
 }
 
 /// Reads the clock in a loop for `watch`; returns every interval of `gap` or longer.

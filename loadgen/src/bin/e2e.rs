@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use stockplane_loadgen::machine::{report_header, Stolen};
+use stockplane_loadgen::machine::{counter_differences, report_header, Stolen};
 use stockplane_loadgen::{KeyStream, Popularity};
 use stockplane_wire::frame::{self, AlignedVec, FrameBuf, Limits, FRAME_ALIGN, HEADER_LEN};
 use stockplane_wire::{transport, ArchivedResponseBatch, CartLine, HoldId, Op, Request, RequestBatch, Status};
@@ -793,16 +793,10 @@ impl WalRounds {
     }
 
     fn between(before: &WalRounds, after: &WalRounds) -> WalRounds {
-        let minus = |after: &[(f64, u64)], before: &[(f64, u64)]| {
-            after
-                .iter()
-                .map(|&(bound, count)| {
-                    let was = before.iter().find(|(b, _)| *b == bound).map_or(0, |&(_, c)| c);
-                    (bound, count.saturating_sub(was))
-                })
-                .collect()
-        };
-        WalRounds { fdatasync: minus(&after.fdatasync, &before.fdatasync), round: minus(&after.round, &before.round) }
+        WalRounds {
+            fdatasync: counter_differences(&before.fdatasync, &after.fdatasync),
+            round: counter_differences(&before.round, &after.round),
+        }
     }
 
     /// `N, p50 <= .. us, p90 <= .. us, p99 <= .. us` (each quantile's bucket bound).
