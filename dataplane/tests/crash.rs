@@ -5,7 +5,9 @@
 //!   one answered `Committed` is committed);
 //! - nothing is half-applied: each SKU's on-hand stock is its restock minus exactly the
 //!   units of the holds that are committed, and its held stock exactly the units of the
-//!   holds still held;
+//!   holds still held (give or take those falling due while the check reads them);
+//! - no hold stays held long past its expiry: holds expire during runs, while the server
+//!   is down, and after restarts, some minutes after they were taken;
 //! - nothing is oversold.
 //!
 //! `CRASH_CYCLES` sets the number of kill/restart cycles (20 by default; `make crash-long`
@@ -24,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use stockplane_dataplane::certs::write_dev_certs;
 use stockplane_engine::shard_for;
 use stockplane_wire::client::{Client, ClientConfig};
-use stockplane_wire::{Body, CartLine, HoldId, HoldState, HoldsOf, Op, SkuAt, Status};
+use stockplane_wire::{Body, CartLine, HoldId, HoldInfo, HoldState, HoldsOf, Op, SkuAt, Status};
 
 const SHARDS: u32 = 2;
 const LOCATION: u32 = 0;
@@ -107,7 +109,16 @@ async fn workload(client: &Client, skus: &[u64], acked: &mut Acked, next_hold: &
         lines.sort_by_key(|l| l.sku);
         lines.dedup_by_key(|l| l.sku);
         acked.sent.insert(hold, lines.clone());
-        match client.reserve(HoldId(hold), 600_000, lines.clone()).await {
+        // Some holds expire within seconds, during the run or across restarts; the rest
+        // outlive it.
+        let ttl_ms = match rng.gen_range(0..10) {
+            0..=2 => rng.gen_range(50..3_000),
+            3..=5 => rng.gen_range(3_000..60_000),
+            // Far enough that the timer wheel moves them down from a higher level.
+            6 => rng.gen_range(270_000..330_000),
+            _ => 3_600_000,
+        };
+        match client.reserve(HoldId(hold), ttl_ms, lines.clone()).await {
             Ok(outcome) if outcome.status == Status::Reserved => {
                 acked.reserved.insert(hold, lines);
             }
@@ -146,50 +157,95 @@ async fn filler(control: &Client, fillers: &[u64], deadline: Instant) {
     }
 }
 
-/// The state of a hold, or `None` when the data plane does not know it.
-async fn state_of(client: &Client, hold: u128) -> Option<HoldState> {
+/// What the data plane knows of a hold, or `None` when it does not know it.
+async fn info_of(client: &Client, hold: u128) -> Option<HoldInfo> {
     let outcome = client.query_holds(HoldsOf::Hold(HoldId(hold))).await.expect("query a hold");
     match (outcome.status, outcome.body) {
-        (Status::Ok, Body::Holds(holds)) if holds.len() == 1 => Some(holds[0].state),
-        (Status::Ok, Body::Hold(info)) => Some(info.state),
+        (Status::Ok, Body::Holds(mut holds)) if holds.len() == 1 => holds.pop(),
+        (Status::Ok, Body::Hold(info)) => Some(info),
         (Status::UnknownHold, _) => None,
         other => panic!("hold {hold:#x}: {other:?}"),
     }
 }
 
+/// The wall clock in milliseconds since the epoch, the clock of the data plane's expiries.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// How long past its expiry a hold may still be said held: a restarted server expires
+/// the holds that fell due while it was down in its first turns. The check retries for
+/// seconds, so only a hold that stays held long past its expiry fails it.
+const LATE_MS: u64 = 2_000;
+
+/// Why a SKU's held stock and its holds disagree: the holds said held with a line of
+/// `sku` (with their expiries) against the open holds its shard lists for it.
+async fn held_differences(client: &Client, sku: u64, held: &BTreeMap<u128, (u64, i64)>) -> String {
+    let outcome = client.query_holds(HoldsOf::Sku(sku)).await.expect("query a SKU's holds");
+    let Body::Holds(open) = outcome.body else { return format!("no holds of sku {sku}: {:?}", outcome.status) };
+    let open: BTreeMap<u128, u64> = open.iter().map(|info| (info.hold.0, info.expires_at_ms)).collect();
+    let now = wall_ms() as i128;
+    let list = |holds: Vec<(&u128, u64)>| -> Vec<String> {
+        holds.into_iter().map(|(hold, at)| format!("{hold:#x} (expires {} ms from now)", at as i128 - now)).collect()
+    };
+    let only_held = list(held.iter().filter(|(h, _)| !open.contains_key(h)).map(|(h, &(at, _))| (h, at)).collect());
+    let only_open = list(open.iter().filter(|(h, _)| !held.contains_key(h)).map(|(h, &at)| (h, at)).collect());
+    format!("said held, not open on the SKU's shard: {only_held:?}; open there, not said held: {only_open:?}")
+}
+
 /// Checks the books against every hold the data plane knows; `Ok` once consistent.
+///
+/// Holds are read one at a time, for seconds, while holds go on expiring: one said held
+/// may have expired by the time the stock is read. Such a hold (due by then) may be in
+/// the SKU's held stock or not; every other hold said held must be.
 async fn check(client: &Client, skus: &[u64], acked: &Acked) -> Result<(), String> {
     let mut committed_units: BTreeMap<u64, i64> = BTreeMap::new();
-    let mut held_units: BTreeMap<u64, i64> = BTreeMap::new();
+    // Per SKU, the holds said held with a line of it: their expiries and units.
+    let mut held_holds: BTreeMap<u64, BTreeMap<u128, (u64, i64)>> = BTreeMap::new();
     for (&hold, lines) in &acked.sent {
-        let state = state_of(client, hold).await;
+        let asked_at = wall_ms();
+        let info = info_of(client, hold).await;
+        let state = info.as_ref().map(|info| info.state);
         if acked.reserved.contains_key(&hold) && state.is_none() {
             return Err(format!("acknowledged reserve {hold:#x} is gone"));
         }
         if acked.committed.contains_key(&hold) && state != Some(HoldState::Committed) {
             return Err(format!("acknowledged commit {hold:#x} is {state:?}"));
         }
-        let into = match state {
-            Some(HoldState::Committed) => &mut committed_units,
-            Some(HoldState::Held) => &mut held_units,
-            _ => continue,
-        };
-        for line in lines {
-            *into.entry(line.sku).or_default() += i64::from(line.qty);
+        match info {
+            Some(info) if info.state == HoldState::Committed => {
+                for line in lines {
+                    *committed_units.entry(line.sku).or_default() += i64::from(line.qty);
+                }
+            }
+            Some(info) if info.state == HoldState::Held => {
+                if info.expires_at_ms + LATE_MS < asked_at {
+                    return Err(format!("hold {hold:#x} is held {} ms past its expiry", asked_at - info.expires_at_ms));
+                }
+                for line in lines {
+                    held_holds.entry(line.sku).or_default().insert(hold, (info.expires_at_ms, i64::from(line.qty)));
+                }
+            }
+            _ => {}
         }
     }
     let items: Vec<SkuAt> = skus.iter().map(|&sku| SkuAt { sku, location: Some(LOCATION) }).collect();
     let outcome = client.query_stock(items).await.expect("query stock");
+    let answered_at = wall_ms();
     let Body::Stock(levels) = outcome.body else { return Err(format!("no stock: {:?}", outcome.status)) };
     for level in levels {
         let sold = committed_units.get(&level.sku).copied().unwrap_or(0);
-        let held = held_units.get(&level.sku).copied().unwrap_or(0);
+        let holds = held_holds.remove(&level.sku).unwrap_or_default();
+        let held: i64 = holds.values().filter(|(at, _)| *at > answered_at).map(|(_, units)| units).sum();
+        let due: i64 = holds.values().filter(|(at, _)| *at <= answered_at).map(|(_, units)| units).sum();
         if level.available < 0 {
             return Err(format!("sku {} oversold: {level:?}", level.sku));
         }
-        if level.on_hand != RESTOCK - sold || level.held != held {
+        if level.on_hand != RESTOCK - sold || level.held < held || level.held > held + due {
+            let differences = held_differences(client, level.sku, &holds).await;
             return Err(format!(
-                "sku {}: {level:?}, but committed holds sold {sold} and held ones hold {held}",
+                "sku {}: {level:?}, but committed holds sold {sold}, and held ones hold {held} and {due} more \
+                 that fell due during the check; {differences}",
                 level.sku
             ));
         }
