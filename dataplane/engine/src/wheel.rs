@@ -212,11 +212,14 @@ mod tests {
 
     proptest! {
         /// Against a sorted set: every entry fires exactly when time reaches its deadline,
-        /// never early and never twice.
+        /// never early and never twice. From small times and from wall-clock ones (the
+        /// data plane's: milliseconds since 1970, whose high bits decide the levels), with
+        /// deadlines up to an hour ahead and time moving up to a minute at a step.
         #[test]
         fn wheel_matches_model(
-            start in 0u64..1_000_000,
-            ops in proptest::collection::vec((any::<bool>(), 0u32..32, 0u64..300_000), 1..300),
+            start in prop_oneof![0u64..1_000_000, 1_700_000_000_000u64..2_000_000_000_000],
+            ops in proptest::collection::vec((any::<bool>(), 0u32..32, 0u64..3_600_000), 1..300),
+            step_max in prop_oneof![Just(5_000u64), Just(60_000u64)],
         ) {
             let mut wheel = Wheel::new(start);
             let mut model: BTreeSet<(u64, u32, usize)> = BTreeSet::new();
@@ -230,7 +233,7 @@ mod tests {
                     wheel.retain(|_, generation| generation % 2 == 0);
                     model.retain(|entry| entry.2 % 2 == 0);
                 } else {
-                    now += amount % 5_000;
+                    now += amount % step_max;
                     if let Some(next) = wheel.next_deadline() {
                         prop_assert!(next <= model.iter().next().unwrap().0);
                     }
