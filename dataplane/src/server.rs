@@ -415,11 +415,16 @@ fn remember_process_cpus() {
 
 /// The CPUs the calling thread may run on.
 pub(crate) fn thread_cpus() -> std::io::Result<libc::cpu_set_t> {
+    cpus_of_thread(0)
+}
+
+/// The CPUs thread `tid` may run on (0: the calling thread).
+pub(crate) fn cpus_of_thread(tid: libc::pid_t) -> std::io::Result<libc::cpu_set_t> {
     // SAFETY: cpu_set_t is plain bits, valid when zeroed.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into the
     // set and reads nothing else.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+    if unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(set)
@@ -927,14 +932,6 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
 pub(crate) mod tests {
     use super::*;
 
-    fn cpus_of_this_thread() -> libc::cpu_set_t {
-        // SAFETY: cpu_set_t is plain bits, valid when zeroed.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sched_getaffinity writes at most the set's size into it.
-        assert_eq!(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }, 0);
-        set
-    }
-
     /// A set of the given CPUs.
     pub(crate) fn cpus(list: &[usize]) -> libc::cpu_set_t {
         cpu_set(list).expect("CPUs in range")
@@ -972,9 +969,9 @@ pub(crate) mod tests {
         let moved = std::thread::spawn(move || {
             // Pinned to one CPU, as a shard's thread is (and as a thread it spawns starts).
             pin_to_cpu(first).expect("pin to one CPU");
-            assert_eq!(members(&cpus_of_this_thread()), [first]);
+            assert_eq!(members(&thread_cpus().unwrap()), [first]);
             move_to_cpus(&background).expect("move");
-            members(&cpus_of_this_thread())
+            members(&thread_cpus().unwrap())
         })
         .join()
         .expect("the thread ran");

@@ -25,7 +25,7 @@
 
 use std::cell::RefCell;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -967,17 +967,29 @@ pub fn write_log(data_dir: &Path, shard: u32, segment_bytes: u64, records: &[u8]
 
 /// Zeroes `path` from `offset` to its end, and syncs it.
 fn zero_from(path: &Path, offset: u64, segment_bytes: u64) -> anyhow::Result<()> {
-    let mut file = fs::OpenOptions::new().write(true).open(path).with_context(|| format!("open {}", path.display()))?;
-    file.seek(SeekFrom::Start(offset))?;
-    let zeros = vec![0u8; FULL_IO_CHUNK];
-    let mut at = offset;
-    while at < segment_bytes {
-        let n = (segment_bytes - at).min(FULL_IO_CHUNK as u64) as usize;
-        file.write_all(&zeros[..n])?;
+    let file = fs::OpenOptions::new().write(true).open(path).with_context(|| format!("open {}", path.display()))?;
+    zero_and_sync(&file, path, &vec![0u8; FULL_IO_CHUNK], offset, segment_bytes, |_| Ok(()))
+}
+
+/// Writes zeros over `from..to` of `file` (at `path`), `zeros.len()` bytes at a time,
+/// letting `pace` hold or stop each write (it gets the write's offset first), then syncs
+/// the file's data.
+fn zero_and_sync(
+    file: &fs::File,
+    path: &Path,
+    zeros: &[u8],
+    from: u64,
+    to: u64,
+    mut pace: impl FnMut(u64) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut at = from;
+    while at < to {
+        pace(at)?;
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at).with_context(|| format!("zero {}", path.display()))?;
         at += n as u64;
     }
-    file.sync_data().with_context(|| format!("sync {}", path.display()))?;
-    Ok(())
+    file.sync_data().with_context(|| format!("sync {}", path.display()))
 }
 
 /// What the core has handed to the log and what the disk has confirmed.
@@ -1194,7 +1206,12 @@ impl WalWriter {
                     continue;
                 }
                 NextSegment::Failed(error) => error,
-                NextSegment::None => anyhow::anyhow!("its preparation had not started"),
+                // Nothing was written to this segment, so nothing asked for the next one.
+                NextSegment::None => {
+                    let preparing = self.start_preparing(None);
+                    *self.next.borrow_mut() = preparing;
+                    continue;
+                }
             };
             if retried {
                 return Err(error.context(format!("prepare WAL segment {}", self.sequence + 1)));
@@ -1337,8 +1354,7 @@ fn prepare_segment(
     // O_DIRECT takes block-aligned memory.
     let mut zeros = AlignedVec::<{ BLOCK as usize }>::with_capacity(chunk);
     zeros.resize(chunk, 0);
-    let mut at = 0;
-    while at < segment_bytes {
+    zero_and_sync(&file, &temp, &zeros, 0, segment_bytes, |at| {
         if let Some(log_end) = pace {
             while at >= log_end.load(Ordering::Relaxed) + lead {
                 if abandoned.load(Ordering::Relaxed) {
@@ -1347,11 +1363,8 @@ fn prepare_segment(
                 std::thread::sleep(PACED_ZERO_GAP);
             }
         }
-        let n = (segment_bytes - at).min(chunk as u64) as usize;
-        file.write_all_at(&zeros[..n], at).with_context(|| format!("zero {}", temp.display()))?;
-        at += n as u64;
-    }
-    file.sync_data().with_context(|| format!("sync {}", temp.display()))?;
+        Ok(())
+    })?;
     fs::rename(&temp, &path).with_context(|| format!("rename {}", temp.display()))?;
     // The rename must survive a crash too.
     fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", dir.display()))?;
@@ -1557,10 +1570,7 @@ pub(crate) mod tests {
         for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
             if fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim_end() == name) {
                 let tid: libc::pid_t = task.file_name().to_string_lossy().parse().unwrap();
-                let mut set = cpus(&[]);
-                // SAFETY: sched_getaffinity writes at most the size given into `set`.
-                let got = unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-                return (got == 0).then_some(set);
+                return crate::server::cpus_of_thread(tid).ok();
             }
         }
         None
