@@ -293,16 +293,20 @@ async fn snapshots_while_serving(source: SnapshotSource, counted: &str) {
     stock(&control, &[9, 10], 1_000_000).await;
     let conn = server.raw("control").await;
     let dir = server.dir.join("data").join("shard-0");
-    let listing = |suffix: &str| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
+    // Names with their inodes, both from the directory listing itself: a file listed may
+    // be renamed (a spare becoming a segment) or deleted (a segment below a snapshot)
+    // before a later `stat` of it, while the server goes on.
+    let entries = |suffix: &str| -> Vec<(String, u64)> {
+        let mut names: Vec<(String, u64)> = std::fs::read_dir(&dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(suffix))
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), std::os::unix::fs::DirEntryExt::ino(&e)))
+            .filter(|(n, _)| n.ends_with(suffix))
             .collect();
         names.sort();
         names
     };
-    let inode = |name: &String| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.join(name)).unwrap());
+    let listing = |suffix: &str| -> Vec<String> { entries(suffix).into_iter().map(|(n, _)| n).collect() };
     let mut spare_inodes = std::collections::HashSet::new();
     let mut reused = false;
     let mut next = 1u128 << 90;
@@ -312,8 +316,9 @@ async fn snapshots_while_serving(source: SnapshotSource, counted: &str) {
     // holds between rounds of restocks).
     let deadline = Instant::now() + Duration::from_secs(120);
     while listing(".snap").len() < 2 || listing(".seg").iter().any(|s| s == "wal-0000000000000001.seg") || !reused {
-        spare_inodes.extend(listing(".seg").iter().filter(|s| s.starts_with("spare-")).map(inode));
-        reused = listing(".seg").iter().filter(|s| s.starts_with("wal-")).any(|s| spare_inodes.contains(&inode(s)));
+        let segments = entries(".seg");
+        spare_inodes.extend(segments.iter().filter(|(s, _)| s.starts_with("spare-")).map(|(_, ino)| *ino));
+        reused = reused || segments.iter().any(|(s, ino)| s.starts_with("wal-") && spare_inodes.contains(ino));
         assert!(Instant::now() < deadline, "no snapshots after {next:#x}: {:?}", listing(""));
         let responses = round_trip(&conn, restocks(&mut next, 3_000)).await;
         assert!(responses.iter().all(|r| r.status == Status::Ok));
