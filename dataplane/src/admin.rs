@@ -438,9 +438,28 @@ mod tests {
         let answer = exchange(addr, b"GET /hea");
         assert_eq!(status(&answer), 408);
         assert_eq!(status(&get(addr, "/healthz")), 200);
+        // The listening socket, by inode: another test may bind the port once it is free,
+        // so "a connect fails" would not show that this one closed.
+        let ours = listening_inodes(addr);
+        assert_eq!(ours.len(), 1, "{ours:?}");
         let stopping = Instant::now();
         drop(admin);
         assert!(stopping.elapsed() < Duration::from_secs(1));
-        assert!(TcpStream::connect(addr).is_err());
+        assert!(!listening_inodes(addr).contains(&ours[0]), "the listener on {addr} is still open");
+    }
+
+    /// The inodes of the IPv4 TCP sockets listening on `addr` (`/proc/net/tcp`).
+    fn listening_inodes(addr: SocketAddr) -> Vec<u64> {
+        let SocketAddr::V4(v4) = addr else { panic!("{addr} is not IPv4") };
+        // The kernel writes the address as the hex of its bytes in memory order.
+        let local = format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port());
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .filter(|fields| fields[1] == local && fields[3] == "0A")
+            .map(|fields| fields[9].parse().unwrap())
+            .collect()
     }
 }
