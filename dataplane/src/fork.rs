@@ -277,6 +277,14 @@ fn child(shard: &Shard, temp: &Path, parent: libc::pid_t, cpus: &libc::cpu_set_t
             return 2;
         }
     }
+    // The descriptors the copy inherited are the server's (its sockets, its admin
+    // listener, its log and rings): held here, a stopped server's ports stay taken and
+    // its sockets open for as long as the copy runs. It needs none of them: close all
+    // but the standard ones. (Each close only drops this process's reference; kernels
+    // before 5.9 lack the call, and the copy then goes on holding them.)
+    // SAFETY: close_range takes plain integers and closes this process's descriptors
+    // only.
+    unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint) };
     // Off the serving core's CPU, behind everything else (failures only slow the copy).
     let _ = crate::server::lower_to_idle();
     let _ = crate::server::move_to_cpus(cpus);
@@ -300,6 +308,7 @@ fn child(shard: &Shard, temp: &Path, parent: libc::pid_t, cpus: &libc::cpu_set_t
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::os::unix::fs::OpenOptionsExt;
 
     use super::*;
     use crate::wal::tests::{config, laid_out, laid_out_with_twin, names, segment_records, GO, NOW, SEGMENT};
@@ -376,6 +385,59 @@ mod tests {
                 assert_eq!(snapshots.len(), 1);
             }
         }
+        fs::remove_dir_all(&data).unwrap();
+    }
+
+    /// A copy holds none of the server's descriptors: with a listening socket open in
+    /// the server, the copy's only descriptors beside 0, 1 and 2 are its snapshot file's.
+    /// (The file is a FIFO with a one-page buffer, so the copy stays blocked writing it,
+    /// with its descriptors to be read, until it is killed.)
+    #[test]
+    fn a_copy_holds_none_of_the_servers_descriptors() {
+        let (data, dir, _, _) = laid_out("fork-descriptors");
+        let shard = state_after(&dir, 2);
+        let bytes = state_after(&dir, 2).into_snapshot().len();
+        let fifo = dir.join("snapshot.fifo");
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "{}", std::io::Error::last_os_error());
+        let reader = fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+        // SAFETY: F_SETPIPE_SZ takes an integer; the kernel rounds it up to a page.
+        let pipe_bytes = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&reader), libc::F_SETPIPE_SZ, 4096) };
+        assert!(pipe_bytes > 0 && (pipe_bytes as usize) < bytes, "{pipe_bytes}-byte pipe, {bytes}-byte snapshot");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server_socket =
+            fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&listener))).unwrap();
+        let pid = fork_writer(&shard, &fifo, &cpus(), DiskShare::ALL).unwrap();
+        let descriptors = || -> Vec<(String, PathBuf)> {
+            fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .filter_map(|entry| {
+                    let entry = entry.ok()?;
+                    Some((entry.file_name().to_string_lossy().into_owned(), fs::read_link(entry.path()).ok()?))
+                })
+                .collect()
+        };
+        // Until the copy has its file open; from then on its descriptors stay as they are
+        // (it blocks on the full pipe), so a listing begun after that one shows them all
+        // (one begun earlier may mix entries from before and after its closing them).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !descriptors().iter().any(|(_, target)| *target == fifo) {
+            assert!(Instant::now() < deadline, "the copy did not open its file: {:?}", descriptors());
+            std::thread::yield_now();
+        }
+        let held = descriptors();
+        assert!(held.iter().any(|(_, target)| *target == fifo), "{held:?}");
+        // SAFETY: kill and waitpid act on our own child, which has not been waited for.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        assert!(!held.iter().any(|(_, target)| *target == server_socket), "the copy holds the listener: {held:?}");
+        let others: Vec<_> =
+            held.iter().filter(|(fd, target)| !["0", "1", "2"].contains(&fd.as_str()) && *target != fifo).collect();
+        assert!(others.is_empty(), "the copy holds the server's descriptors: {others:?}");
+        drop((reader, listener));
         fs::remove_dir_all(&data).unwrap();
     }
 
