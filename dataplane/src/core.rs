@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::ids::ClientAddr;
-use crate::metrics::CoreMetrics;
+use crate::metrics::{CoreMetrics, QuicCounts};
 use crate::route::{route, Route};
 use crate::udp::Udp;
 use crate::wal::{Durability, WalQueue};
@@ -149,6 +149,8 @@ pub(crate) struct Core {
     dirty: Vec<u16>,
     /// No connection's timer is due before this (it may be earlier than any).
     conns_deadline: Option<Instant>,
+    /// The QUIC path counters of the connections closed so far.
+    quic_closed: QuicCounts,
     splits: Vec<Option<SplitQuery>>,
     split_generations: Vec<u16>,
     outgoing: Vec<Outgoing>,
@@ -207,6 +209,7 @@ impl Core {
             by_handle: Vec::with_capacity(connections),
             dirty: Vec::new(),
             conns_deadline: None,
+            quic_closed: QuicCounts::default(),
             splits: Vec::new(),
             split_generations: Vec::new(),
             outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
@@ -305,6 +308,18 @@ impl Core {
     /// Connections open on this core.
     pub fn connections(&self) -> usize {
         self.conns.len() - self.conn_free.len()
+    }
+
+    /// Sets `metrics.quic` to the QUIC path counters of every connection this core has
+    /// had: packets sent and lost, bytes lost, congestion events (a loss on loopback or
+    /// in one data centre means a full socket buffer somewhere, and each one shrinks that
+    /// connection's congestion window and pacing rate).
+    pub fn refresh_quic(&mut self) {
+        let mut counts = self.quic_closed;
+        for conn in self.conns.iter_mut().flatten() {
+            counts.add(&conn.conn.stats().path);
+        }
+        self.metrics.quic = counts;
     }
 
     // ------------------------------------------------------------------ inputs
@@ -652,11 +667,12 @@ impl Core {
                 }
             }
             self.write_replies(slot);
-            let max_segments = self.udp.max_gso_segments();
             let mut buf = mem::take(&mut self.transmit);
             loop {
                 let conn = self.conns[slot as usize].as_mut().expect("exists");
                 buf.clear();
+                // Every datagram of a transmit is at most the path's MTU long.
+                let max_segments = self.udp.segments_per_send(usize::from(conn.conn.current_mtu()));
                 match conn.conn.poll_transmit(now, max_segments, &mut buf) {
                     Some(transmit) => {
                         progress = true;
@@ -1093,6 +1109,7 @@ impl Core {
 
     fn remove_conn(&mut self, slot: u16) {
         let conn = self.conns[slot as usize].take().expect("exists");
+        self.quic_closed.add(&conn.conn.stats().path);
         self.by_handle[conn.handle.0] = u16::MAX;
         self.conn_generations[slot as usize] = self.conn_generations[slot as usize].wrapping_add(1);
         self.conn_free.push(slot);

@@ -40,6 +40,9 @@ pub(crate) struct CoreMetrics {
     pub wal_bytes: u64,
     pub wal_syncs: u64,
     pub send_errors: u64,
+    /// QUIC packets sent and declared lost, bytes declared lost, and congestion events,
+    /// over every connection this core has had (`Core::refresh_quic`).
+    pub quic: QuicCounts,
     pub frame_errors: [u64; 16],
     pub ops: [u64; OPS.len()],
     pub statuses: [u64; 256],
@@ -62,6 +65,7 @@ impl CoreMetrics {
             wal_bytes: 0,
             wal_syncs: 0,
             send_errors: 0,
+            quic: QuicCounts::default(),
             frame_errors: [0; 16],
             ops: [0; OPS.len()],
             statuses: [0; 256],
@@ -99,6 +103,10 @@ impl CoreMetrics {
         add("stockplane_wal_bytes_total", self.wal_bytes, before.wal_bytes);
         add("stockplane_wal_syncs_total", self.wal_syncs, before.wal_syncs);
         add("stockplane_udp_send_errors_total", self.send_errors, before.send_errors);
+        add("stockplane_quic_packets_sent_total", self.quic.sent_packets, before.quic.sent_packets);
+        add("stockplane_quic_packets_lost_total", self.quic.lost_packets, before.quic.lost_packets);
+        add("stockplane_quic_lost_bytes_total", self.quic.lost_bytes, before.quic.lost_bytes);
+        add("stockplane_quic_congestion_events_total", self.quic.congestion_events, before.quic.congestion_events);
         for (code, (&now, &then)) in self.frame_errors.iter().zip(&before.frame_errors).enumerate() {
             if now > then {
                 metrics::counter!("stockplane_frame_errors_total", "shard" => shard.clone(), "code" => code.to_string())
@@ -129,6 +137,26 @@ impl CoreMetrics {
         let mut snapshot = self.clone();
         snapshot.published = None;
         self.published = Some(Box::new(snapshot));
+    }
+}
+
+/// QUIC path counters summed over connections (each connection's own are monotonic while
+/// it lives; a closed one's are kept in the sum).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct QuicCounts {
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub lost_bytes: u64,
+    pub congestion_events: u64,
+}
+
+impl QuicCounts {
+    /// Adds one connection's path counters.
+    pub fn add(&mut self, path: &quinn_proto::PathStats) {
+        self.sent_packets += path.sent_packets;
+        self.lost_packets += path.lost_packets;
+        self.lost_bytes += path.lost_bytes;
+        self.congestion_events += path.congestion_events;
     }
 }
 

@@ -867,6 +867,7 @@ async fn run_core(context: CoreContext, socket: UdpSocket, recovered: (Shard, Wa
                 loop {
                     glommio::timer::sleep(METRICS_EVERY).await;
                     let mut core = core.borrow_mut();
+                    core.refresh_quic();
                     let gauges = CoreGauges {
                         live_holds: core.live_holds(),
                         connections: core.connections(),

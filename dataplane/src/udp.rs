@@ -78,9 +78,10 @@ impl Udp {
         Ok((udp, Readiness { waiter }))
     }
 
-    /// How many datagrams one send may carry (GSO), at least 1.
-    pub fn max_gso_segments(&self) -> usize {
-        self.state.max_gso_segments()
+    /// How many datagrams of up to `segment_bytes` one send may carry: at most what the
+    /// socket's GSO takes, and no more than fit in [`SEND_BYTES_MAX`]; at least 1.
+    pub fn segments_per_send(&self, segment_bytes: usize) -> usize {
+        segments_per_send(self.state.max_gso_segments(), segment_bytes)
     }
 
     /// Reads what is waiting, without blocking: calls `each(meta, bytes)` for every
@@ -104,7 +105,9 @@ impl Udp {
     }
 
     /// Sends one transmit (several datagrams when `segment_size` is set); a full buffer
-    /// drops it (counted), other errors are returned.
+    /// drops it (counted), other errors are returned. A single datagram too large for the
+    /// path (a path MTU probe) is dropped silently, as QUIC expects; a batch too large is
+    /// an error, since every datagram in it would be lost.
     pub fn send(&mut self, transmit: &Transmit<'_>) -> io::Result<()> {
         match self.state.try_send(UdpSockRef::from(&self.socket), transmit) {
             Ok(()) => Ok(()),
@@ -112,14 +115,87 @@ impl Udp {
                 self.send_dropped += 1;
                 Ok(())
             }
-            // Path MTU probes larger than the path allows fail like this; QUIC expects it.
-            Err(error) if error.raw_os_error() == Some(libc_emsgsize()) => Ok(()),
+            Err(error) if error.raw_os_error() == Some(libc_emsgsize()) && transmit.segment_size.is_none() => Ok(()),
             Err(error) => Err(error),
         }
     }
 }
 
+/// The most bytes one send may carry. A GSO send is one UDP datagram until the kernel
+/// cuts it into segments, so its length must fit the 16-bit IPv4 total length: 65,535
+/// bytes less the 20-byte IPv4 and 8-byte UDP headers. A longer one fails with
+/// `EMSGSIZE`, and all of its datagrams are lost.
+pub const SEND_BYTES_MAX: usize = 65_535 - 20 - 8;
+
+/// How many datagrams of up to `segment_bytes` one send may carry when the socket's GSO
+/// takes `gso_segments`: at most that many, and no more than fit in [`SEND_BYTES_MAX`]; at
+/// least 1.
+pub fn segments_per_send(gso_segments: usize, segment_bytes: usize) -> usize {
+    gso_segments.min(SEND_BYTES_MAX / segment_bytes.max(1)).max(1)
+}
+
 /// `EMSGSIZE` on Linux.
 const fn libc_emsgsize() -> i32 {
     90
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A send of `segments` datagrams of `segment_bytes` each from `socket` to `to`.
+    fn send_batch(
+        state: &UdpSocketState,
+        socket: &UdpSocket,
+        to: SocketAddr,
+        segments: usize,
+        segment_bytes: usize,
+    ) -> io::Result<()> {
+        let contents = vec![7u8; segments * segment_bytes];
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents: &contents,
+            segment_size: (segments > 1).then_some(segment_bytes),
+            src_ip: None,
+        };
+        state.try_send(UdpSockRef::from(socket), &transmit)
+    }
+
+    /// A send never asks for more datagrams than fit in one, whatever their size.
+    #[test]
+    fn a_send_fits_in_one_datagram_whatever_the_segment_size() {
+        for gso in [1, 10, 64, 128] {
+            for segment_bytes in [1, 1_200, 1_280, 1_452, 1_500, 9_000, SEND_BYTES_MAX, 65_535] {
+                let segments = segments_per_send(gso, segment_bytes);
+                assert!(segments >= 1 && segments <= gso, "{gso} x {segment_bytes}: {segments}");
+                assert!(
+                    segments == 1 || segments * segment_bytes <= SEND_BYTES_MAX,
+                    "{gso} x {segment_bytes}: {segments}"
+                );
+            }
+        }
+        assert_eq!(segments_per_send(64, 1_200), 54);
+    }
+
+    /// On this kernel's loopback, the most datagrams `segments_per_send` allows go out in
+    /// one send, and one more fails with `EMSGSIZE`: the limit is the kernel's, not a
+    /// guess. (Before it, the server asked for 64 datagrams of 1,200 bytes, and every
+    /// such send was lost whole.)
+    #[test]
+    fn the_kernel_takes_the_largest_send_allowed_and_refuses_one_more_datagram() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = UdpSocketState::new(UdpSockRef::from(&socket)).unwrap();
+        let gso = state.max_gso_segments();
+        assert!(gso > 1, "no GSO on this kernel: the batch limit cannot be checked here");
+        let segments = segments_per_send(gso, 1_200);
+        send_batch(&state, &socket, receiver.local_addr().unwrap(), segments, 1_200).unwrap();
+        let mut byte = [0u8; 1_200];
+        assert_eq!(receiver.recv(&mut byte).unwrap(), 1_200);
+        if segments < gso {
+            let error = send_batch(&state, &socket, receiver.local_addr().unwrap(), segments + 1, 1_200).unwrap_err();
+            assert_eq!(error.raw_os_error(), Some(libc_emsgsize()), "{error}");
+        }
+    }
 }
