@@ -750,11 +750,19 @@ struct Machine {
 struct WalRounds {
     fdatasync: Vec<(f64, u64)>,
     round: Vec<(f64, u64)>,
+    /// And its QUIC counters, summed over shards, in the order of `WalRounds::QUIC`:
+    /// packets sent, packets declared lost, congestion events.
+    quic: [u64; 3],
 }
 
 impl WalRounds {
     const FDATASYNC: &'static str = "stockplane_wal_fdatasync_seconds_bucket";
     const ROUND: &'static str = "stockplane_wal_sync_seconds_bucket";
+    const QUIC: [&'static str; 3] = [
+        "stockplane_quic_packets_sent_total",
+        "stockplane_quic_packets_lost_total",
+        "stockplane_quic_congestion_events_total",
+    ];
 
     /// The server's histograms now (`GET http://ADMIN/metrics`, blocking).
     fn sample(admin: &str) -> anyhow::Result<WalRounds> {
@@ -789,13 +797,24 @@ impl WalRounds {
             buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
             buckets
         };
-        WalRounds { fdatasync: histogram(Self::FDATASYNC), round: histogram(Self::ROUND) }
+        let counter = |name: &str| -> u64 {
+            text.lines()
+                .filter(|line| line.starts_with(name) && matches!(line.as_bytes().get(name.len()), Some(b'{' | b' ')))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        };
+        WalRounds {
+            fdatasync: histogram(Self::FDATASYNC),
+            round: histogram(Self::ROUND),
+            quic: Self::QUIC.map(counter),
+        }
     }
 
     fn between(before: &WalRounds, after: &WalRounds) -> WalRounds {
         WalRounds {
             fdatasync: counter_differences(&before.fdatasync, &after.fdatasync),
             round: counter_differences(&before.round, &after.round),
+            quic: std::array::from_fn(|i| after.quic[i].saturating_sub(before.quic[i])),
         }
     }
 
@@ -815,9 +834,15 @@ impl WalRounds {
         format!("{total}, p50 {}, p90 {}, p99 {}", bound(0.50), bound(0.90), bound(0.99))
     }
 
+    /// The WAL's line, then the QUIC one: on loopback a packet the server declares lost
+    /// was dropped on the way (a full socket buffer) or never left, and each loss shrinks
+    /// that connection's congestion window and pacing rate.
     fn line(&self) -> String {
+        let [sent, lost, congestion] = self.quic;
         format!(
-            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}",
+            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}\n\
+             server QUIC in the measured window (its /metrics counters): {sent} packets sent, {lost} declared lost, \
+             {congestion} congestion events",
             WalRounds::quantiles(&self.fdatasync),
             WalRounds::quantiles(&self.round)
         )
@@ -1422,8 +1447,21 @@ mod tests {
         // Rounds slower than the largest finite bound are said to be above it.
         assert_eq!(WalRounds::quantiles(&window.round), "100, p50 <= 1000 us, p90 <= 1000 us, p99 > 1000 us");
         // A server without a log (`--durability none`) has none.
+        // QUIC counters, summed over shards, and their differences over the window.
+        let quic = |sent: u64, lost: u64| {
+            format!(
+                "stockplane_quic_packets_sent_total{{shard=\"0\"}} {sent}\n\
+                 stockplane_quic_packets_sent_total{{shard=\"1\"}} 5\n\
+                 stockplane_quic_packets_lost_total{{shard=\"0\"}} {lost}\n\
+                 stockplane_quic_packets_lost_totally_else 99\n"
+            )
+        };
+        assert_eq!(WalRounds::parse(&quic(100, 1)).quic, [105, 1, 0]);
+        let window = WalRounds::between(&WalRounds::parse(&quic(100, 1)), &WalRounds::parse(&quic(150, 4)));
+        assert_eq!(window.quic, [50, 3, 0]);
+        assert!(window.line().ends_with("50 packets sent, 3 declared lost, 0 congestion events"), "{}", window.line());
         let empty = WalRounds::parse("stockplane_requests_total 5\n");
-        assert_eq!(empty, WalRounds { fdatasync: vec![], round: vec![] });
+        assert_eq!(empty, WalRounds { fdatasync: vec![], round: vec![], quic: [0; 3] });
         assert_eq!(WalRounds::quantiles(&empty.fdatasync), "none");
     }
 }
