@@ -316,7 +316,7 @@ impl Core {
     /// connection's congestion window and pacing rate).
     pub fn refresh_quic(&mut self) {
         let mut counts = self.quic_closed;
-        for conn in self.conns.iter_mut().flatten() {
+        for conn in self.conns.iter().flatten() {
             counts.add(&conn.conn.stats().path);
         }
         self.metrics.quic = counts;

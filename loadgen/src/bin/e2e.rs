@@ -745,13 +745,14 @@ struct Machine {
 /// The server's WAL histograms over a window: the bucket counts (cumulative, by upper
 /// bound in seconds, summed over shards) of `stockplane_wal_fdatasync_seconds` (the
 /// `fdatasync` alone) and `stockplane_wal_sync_seconds` (a round, from taking its
-/// records to durable), from the difference of two scrapes of `/metrics`.
+/// records to durable), and its QUIC packet counters, from the difference of two
+/// scrapes of `/metrics`.
 #[derive(Debug, PartialEq)]
 struct WalRounds {
     fdatasync: Vec<(f64, u64)>,
     round: Vec<(f64, u64)>,
-    /// And its QUIC counters, summed over shards, in the order of `WalRounds::QUIC`:
-    /// packets sent, packets declared lost, congestion events.
+    /// The QUIC counters, summed over shards, in the order of `WalRounds::QUIC`: packets
+    /// sent, packets declared lost, congestion events.
     quic: [u64; 3],
 }
 
@@ -1446,7 +1447,6 @@ mod tests {
         assert_eq!(WalRounds::quantiles(&window.fdatasync), "100, p50 <= 500 us, p90 <= 500 us, p99 <= 2500 us");
         // Rounds slower than the largest finite bound are said to be above it.
         assert_eq!(WalRounds::quantiles(&window.round), "100, p50 <= 1000 us, p90 <= 1000 us, p99 > 1000 us");
-        // A server without a log (`--durability none`) has none.
         // QUIC counters, summed over shards, and their differences over the window.
         let quic = |sent: u64, lost: u64| {
             format!(
@@ -1460,6 +1460,7 @@ mod tests {
         let window = WalRounds::between(&WalRounds::parse(&quic(100, 1)), &WalRounds::parse(&quic(150, 4)));
         assert_eq!(window.quic, [50, 3, 0]);
         assert!(window.line().ends_with("50 packets sent, 3 declared lost, 0 congestion events"), "{}", window.line());
+        // A server without a log (`--durability none`) has none.
         let empty = WalRounds::parse("stockplane_requests_total 5\n");
         assert_eq!(empty, WalRounds { fdatasync: vec![], round: vec![], quic: [0; 3] });
         assert_eq!(WalRounds::quantiles(&empty.fdatasync), "none");
