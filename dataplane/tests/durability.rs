@@ -216,15 +216,6 @@ async fn a_failed_disk_stops_state_changes_but_not_reads() {
     server.stop();
 }
 
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
 /// `count` restocks of one unit of SKU 9, with adjustment ids after `next`.
 fn restocks(next: &mut u128, count: u64) -> Vec<Request> {
     (0..count)

@@ -366,14 +366,7 @@ async fn metrics_and_health_are_served_over_http() {
     // round are timed before the answer leaves.
     stock(&server.client("control").await, &[5], 1).await;
     let admin = server.server.admin_addr();
-    let get = |path: &str| {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(admin).unwrap();
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
-    };
+    let get = |path: &str| http_get(admin, path);
     assert!(get("/readyz").starts_with("HTTP/1.1 200"));
     assert!(get("/healthz").starts_with("HTTP/1.1 200"));
     // Cores publish their counters every second (into one registry per process: other

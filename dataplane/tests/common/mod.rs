@@ -184,3 +184,13 @@ pub fn client_cert(ca: &DevCa, roles: &[&str], valid_from: SystemTime, valid_unt
 
 /// A day, for certificate validity.
 pub const DAY: Duration = Duration::from_secs(86_400);
+
+/// `GET path` from the admin endpoint at `addr` (the whole answer, head and body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
