@@ -312,8 +312,9 @@ impl Core {
 
     /// Sets `metrics.quic` to the QUIC path counters of every connection this core has
     /// had: packets sent and lost, bytes lost, congestion events (a loss on loopback or
-    /// in one data centre means a full socket buffer somewhere, and each one shrinks that
-    /// connection's congestion window and pacing rate).
+    /// in one data centre means a datagram dropped on the way, by a full socket buffer or
+    /// a send the kernel refused, and each one shrinks that connection's congestion
+    /// window and pacing rate).
     pub fn refresh_quic(&mut self) {
         let mut counts = self.quic_closed;
         for conn in self.conns.iter().flatten() {
