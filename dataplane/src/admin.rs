@@ -438,8 +438,9 @@ mod tests {
         let answer = exchange(addr, b"GET /hea");
         assert_eq!(status(&answer), 408);
         assert_eq!(status(&get(addr, "/healthz")), 200);
-        // The listening socket, by inode: another test may bind the port once it is free,
-        // so "a connect fails" would not show that this one closed.
+        // The listening socket, by inode: a connect to the port says nothing of this socket
+        // (another listener may take the freed port; a forked process may still hold this
+        // one, as a snapshot copy once did), its inode gone from the table does.
         let ours = listening_inodes(addr);
         assert_eq!(ours.len(), 1, "{ours:?}");
         let stopping = Instant::now();

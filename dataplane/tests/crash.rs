@@ -22,6 +22,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::wall_ms;
 use rand::{Rng, SeedableRng};
 use stockplane_dataplane::certs::write_dev_certs;
 use stockplane_engine::shard_for;
@@ -166,11 +167,6 @@ async fn info_of(client: &Client, hold: u128) -> Option<HoldInfo> {
         (Status::UnknownHold, _) => None,
         other => panic!("hold {hold:#x}: {other:?}"),
     }
-}
-
-/// The wall clock in milliseconds since the epoch, the clock of the data plane's expiries.
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 /// How long past its expiry a hold may still be said held: a restarted server expires

@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use stockplane_dataplane::config::SnapshotSource;
@@ -123,7 +123,7 @@ async fn holds_that_expired_while_the_server_was_down_expire_once_on_start() {
     let TestServer { server, dir, ca } = server;
     server.stop().unwrap();
     // Down until the hold's expiry has passed by the wall clock the engine uses.
-    while (SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64) <= expires_at_ms + 5 {
+    while wall_ms() <= expires_at_ms + 5 {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut server = TestServer { server: start_on(&dir, 2), dir, ca };

@@ -194,3 +194,8 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut text).unwrap();
     text
 }
+
+/// The wall clock in milliseconds since the epoch, the clock of the data plane's expiries.
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}

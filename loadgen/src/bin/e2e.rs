@@ -738,25 +738,25 @@ struct Machine {
     stolen: Stolen,
     /// The datagrams the kernel dropped.
     udp_drops: UdpDrops,
-    /// The server's WAL rounds, when `--server-admin` was given.
-    wal: Option<WalRounds>,
+    /// The server's WAL rounds and QUIC counters, when `--server-admin` was given.
+    server: Option<ServerFigures>,
 }
 
-/// The server's WAL histograms over a window: the bucket counts (cumulative, by upper
-/// bound in seconds, summed over shards) of `stockplane_wal_fdatasync_seconds` (the
-/// `fdatasync` alone) and `stockplane_wal_sync_seconds` (a round, from taking its
-/// records to durable), and its QUIC packet counters, from the difference of two
-/// scrapes of `/metrics`.
+/// The server's figures over a window, from the difference of two scrapes of its
+/// `/metrics`: the bucket counts (cumulative, by upper bound in seconds, summed over
+/// shards) of `stockplane_wal_fdatasync_seconds` (the `fdatasync` alone) and
+/// `stockplane_wal_sync_seconds` (a round, from taking its records to durable), and its
+/// QUIC packet counters.
 #[derive(Debug, PartialEq)]
-struct WalRounds {
+struct ServerFigures {
     fdatasync: Vec<(f64, u64)>,
     round: Vec<(f64, u64)>,
-    /// The QUIC counters, summed over shards, in the order of `WalRounds::QUIC`: packets
+    /// The QUIC counters, summed over shards, in the order of `ServerFigures::QUIC`: packets
     /// sent, packets declared lost, congestion events.
     quic: [u64; 3],
 }
 
-impl WalRounds {
+impl ServerFigures {
     const FDATASYNC: &'static str = "stockplane_wal_fdatasync_seconds_bucket";
     const ROUND: &'static str = "stockplane_wal_sync_seconds_bucket";
     const QUIC: [&'static str; 3] = [
@@ -766,7 +766,7 @@ impl WalRounds {
     ];
 
     /// The server's histograms now (`GET http://ADMIN/metrics`, blocking).
-    fn sample(admin: &str) -> anyhow::Result<WalRounds> {
+    fn sample(admin: &str) -> anyhow::Result<ServerFigures> {
         use std::io::{Read, Write};
         let mut stream =
             std::net::TcpStream::connect(admin).with_context(|| format!("connect to the server's admin at {admin}"))?;
@@ -778,11 +778,11 @@ impl WalRounds {
         if !head.lines().next().is_some_and(|status| status.contains(" 200 ")) {
             bail!("GET http://{admin}/metrics: {}", head.lines().next().unwrap_or_default());
         }
-        Ok(WalRounds::parse(body))
+        Ok(ServerFigures::parse(body))
     }
 
     /// The two histograms in a Prometheus text exposition (absent: empty).
-    fn parse(text: &str) -> WalRounds {
+    fn parse(text: &str) -> ServerFigures {
         let histogram = |name: &str| {
             let mut buckets: Vec<(f64, u64)> = Vec::new();
             for line in text.lines().filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{')) {
@@ -804,15 +804,15 @@ impl WalRounds {
                 .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as u64
         };
-        WalRounds {
+        ServerFigures {
             fdatasync: histogram(Self::FDATASYNC),
             round: histogram(Self::ROUND),
             quic: Self::QUIC.map(counter),
         }
     }
 
-    fn between(before: &WalRounds, after: &WalRounds) -> WalRounds {
-        WalRounds {
+    fn between(before: &ServerFigures, after: &ServerFigures) -> ServerFigures {
+        ServerFigures {
             fdatasync: counter_differences(&before.fdatasync, &after.fdatasync),
             round: counter_differences(&before.round, &after.round),
             quic: std::array::from_fn(|i| after.quic[i].saturating_sub(before.quic[i])),
@@ -844,8 +844,8 @@ impl WalRounds {
             "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}\n\
              server QUIC in the measured window (its /metrics counters): {sent} packets sent, {lost} declared lost, \
              {congestion} congestion events",
-            WalRounds::quantiles(&self.fdatasync),
-            WalRounds::quantiles(&self.round)
+            ServerFigures::quantiles(&self.fdatasync),
+            ServerFigures::quantiles(&self.round)
         )
     }
 }
@@ -1040,8 +1040,8 @@ impl PhaseResult {
             }
             println!("{}", machine.stolen.line("the measured window"));
             machine.udp_drops.print();
-            if let Some(wal) = &machine.wal {
-                println!("{}", wal.line());
+            if let Some(server) = &machine.server {
+                println!("{}", server.line());
             }
         }
         if let Load::Rate(_) = self.load {
@@ -1092,20 +1092,20 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
         tokio::task::spawn_local(async move {
             let me = std::process::id();
             // The server's /metrics, off the driver's thread.
-            let wal = |admin: Option<String>| async move {
+            let figures = |admin: Option<String>| async move {
                 match admin {
                     None => anyhow::Ok(None),
-                    Some(admin) => Ok(Some(tokio::task::spawn_blocking(move || WalRounds::sample(&admin)).await??)),
+                    Some(admin) => Ok(Some(tokio::task::spawn_blocking(move || ServerFigures::sample(&admin)).await??)),
                 }
             };
             tokio::time::sleep_until(measure_from.into()).await;
-            let wal_before = wal(admin.clone()).await?;
+            let server_before = figures(admin.clone()).await?;
             let before = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?, UdpDrops::sample()?);
             let from = Instant::now();
             tokio::time::sleep_until(window.until.into()).await;
             let after = (ProcessCpu::sample(pid)?, ProcessCpu::sample(me)?, Stolen::sample()?, UdpDrops::sample()?);
             let window = from.elapsed();
-            let wal_after = wal(admin).await?;
+            let server_after = figures(admin).await?;
             anyhow::Ok(Machine {
                 cpu: [
                     ProcessCpu::between("server", pid, window, &before.0, &after.0),
@@ -1113,7 +1113,7 @@ async fn phase(cli: &Cli, tls: &Tls, load: Load, nonce: u64, phase: u64) -> anyh
                 ],
                 stolen: Stolen::between(window, &before.2, &after.2),
                 udp_drops: UdpDrops::between(&before.3, &after.3),
-                wal: wal_before.zip(wal_after).map(|(before, after)| WalRounds::between(&before, &after)),
+                server: server_before.zip(server_after).map(|(before, after)| ServerFigures::between(&before, &after)),
             })
         })
     });
@@ -1438,15 +1438,15 @@ mod tests {
                 fast + slow
             )
         };
-        let before = WalRounds::parse(&scrape(100, 0));
+        let before = ServerFigures::parse(&scrape(100, 0));
         assert_eq!(before.fdatasync, vec![(0.0005, 110), (0.0025, 110), (f64::INFINITY, 110)]);
         assert_eq!(before.round, vec![(0.001, 100), (f64::INFINITY, 100)]);
         // In the window: 90 fast and 10 slow (between 0.5 and 2.5 ms); shard 1 idle.
-        let window = WalRounds::between(&before, &WalRounds::parse(&scrape(190, 10)));
+        let window = ServerFigures::between(&before, &ServerFigures::parse(&scrape(190, 10)));
         assert_eq!(window.fdatasync, vec![(0.0005, 90), (0.0025, 100), (f64::INFINITY, 100)]);
-        assert_eq!(WalRounds::quantiles(&window.fdatasync), "100, p50 <= 500 us, p90 <= 500 us, p99 <= 2500 us");
+        assert_eq!(ServerFigures::quantiles(&window.fdatasync), "100, p50 <= 500 us, p90 <= 500 us, p99 <= 2500 us");
         // Rounds slower than the largest finite bound are said to be above it.
-        assert_eq!(WalRounds::quantiles(&window.round), "100, p50 <= 1000 us, p90 <= 1000 us, p99 > 1000 us");
+        assert_eq!(ServerFigures::quantiles(&window.round), "100, p50 <= 1000 us, p90 <= 1000 us, p99 > 1000 us");
         // QUIC counters, summed over shards, and their differences over the window.
         let quic = |sent: u64, lost: u64| {
             format!(
@@ -1456,13 +1456,13 @@ mod tests {
                  stockplane_quic_packets_lost_totally_else 99\n"
             )
         };
-        assert_eq!(WalRounds::parse(&quic(100, 1)).quic, [105, 1, 0]);
-        let window = WalRounds::between(&WalRounds::parse(&quic(100, 1)), &WalRounds::parse(&quic(150, 4)));
+        assert_eq!(ServerFigures::parse(&quic(100, 1)).quic, [105, 1, 0]);
+        let window = ServerFigures::between(&ServerFigures::parse(&quic(100, 1)), &ServerFigures::parse(&quic(150, 4)));
         assert_eq!(window.quic, [50, 3, 0]);
         assert!(window.line().ends_with("50 packets sent, 3 declared lost, 0 congestion events"), "{}", window.line());
         // A server without a log (`--durability none`) has none.
-        let empty = WalRounds::parse("stockplane_requests_total 5\n");
-        assert_eq!(empty, WalRounds { fdatasync: vec![], round: vec![], quic: [0; 3] });
-        assert_eq!(WalRounds::quantiles(&empty.fdatasync), "none");
+        let empty = ServerFigures::parse("stockplane_requests_total 5\n");
+        assert_eq!(empty, ServerFigures { fdatasync: vec![], round: vec![], quic: [0; 3] });
+        assert_eq!(ServerFigures::quantiles(&empty.fdatasync), "none");
     }
 }
