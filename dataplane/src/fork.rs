@@ -388,8 +388,9 @@ mod tests {
         fs::remove_dir_all(&data).unwrap();
     }
 
-    /// A copy holds none of the server's descriptors: with a listening socket open in
-    /// the server, the copy's only descriptors beside 0, 1 and 2 are its snapshot file's.
+    /// A copy holds none of the server's descriptors: with a listening socket and the
+    /// FIFO's reading end open in the server, the copy's only descriptors beside 0, 1 and
+    /// 2 are its snapshot file's, open for writing.
     /// (The file is a FIFO with a one-page buffer, so the copy stays blocked writing it,
     /// with its descriptors to be read, until it is killed.)
     #[test]
@@ -409,33 +410,42 @@ mod tests {
         let server_socket =
             fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&listener))).unwrap();
         let pid = fork_writer(&shard, &fifo, &cpus(), DiskShare::ALL).unwrap();
-        let descriptors = || -> Vec<(String, PathBuf)> {
+        // The copy's descriptors: number, what it names, and whether it is open for writing
+        // (`/proc/<pid>/fdinfo`: its flags in octal).
+        let descriptors = || -> Vec<(String, PathBuf, bool)> {
             fs::read_dir(format!("/proc/{pid}/fd"))
                 .unwrap()
                 .filter_map(|entry| {
                     let entry = entry.ok()?;
-                    Some((entry.file_name().to_string_lossy().into_owned(), fs::read_link(entry.path()).ok()?))
+                    let fd = entry.file_name().to_string_lossy().into_owned();
+                    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+                    let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?.trim();
+                    let writing = i32::from_str_radix(flags, 8).ok()? & libc::O_ACCMODE == libc::O_WRONLY;
+                    Some((fd, fs::read_link(entry.path()).ok()?, writing))
                 })
                 .collect()
         };
-        // Until the copy has its file open; from then on its descriptors stay as they are
-        // (it blocks on the full pipe), so a listing begun after that one shows them all
-        // (one begun earlier may mix entries from before and after its closing them).
+        // Until the copy has opened its file for writing (before, it may still hold this
+        // process's reading end, inherited); from then on its descriptors stay as they are
+        // (it blocks on the full pipe), so a listing begun after that one shows them all.
+        let writes_fifo = |held: &[(String, PathBuf, bool)]| held.iter().any(|(_, target, w)| *w && *target == fifo);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !descriptors().iter().any(|(_, target)| *target == fifo) {
+        while !writes_fifo(&descriptors()) {
             assert!(Instant::now() < deadline, "the copy did not open its file: {:?}", descriptors());
             std::thread::yield_now();
         }
         let held = descriptors();
-        assert!(held.iter().any(|(_, target)| *target == fifo), "{held:?}");
+        assert!(writes_fifo(&held), "{held:?}");
         // SAFETY: kill and waitpid act on our own child, which has not been waited for.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
             libc::waitpid(pid, std::ptr::null_mut(), 0);
         }
-        assert!(!held.iter().any(|(_, target)| *target == server_socket), "the copy holds the listener: {held:?}");
-        let others: Vec<_> =
-            held.iter().filter(|(fd, target)| !["0", "1", "2"].contains(&fd.as_str()) && *target != fifo).collect();
+        assert!(!held.iter().any(|(_, target, _)| *target == server_socket), "the copy holds the listener: {held:?}");
+        let others: Vec<_> = held
+            .iter()
+            .filter(|(fd, target, writing)| !(["0", "1", "2"].contains(&fd.as_str()) || *writing && *target == fifo))
+            .collect();
         assert!(others.is_empty(), "the copy holds the server's descriptors: {others:?}");
         drop((reader, listener));
         fs::remove_dir_all(&data).unwrap();
