@@ -1104,9 +1104,10 @@ impl WalWriter {
     /// Hands the next segment to the preparer, kept to the log's pace (`Some`: the end of
     /// the records in the open segment) or as fast as the disk goes.
     fn start_preparing(&self, pace: Option<Arc<AtomicU64>>) -> NextSegment {
-        match self.preparer.jobs.send((self.sequence + 1, pace)) {
-            Ok(()) => NextSegment::Zeroing,
-            Err(_) => NextSegment::Failed(anyhow::anyhow!("the WAL segment preparer stopped")),
+        if self.preparer.send(self.sequence + 1, pace) {
+            NextSegment::Zeroing
+        } else {
+            NextSegment::Failed(anyhow::anyhow!("the WAL segment preparer stopped"))
         }
     }
 
@@ -1236,13 +1237,16 @@ impl WalWriter {
 /// on the CPUs no shard is pinned to, at the normal scheduling policy (the writer waits for
 /// it when the log reaches the end of a segment first). It stops when the writer is dropped.
 struct Preparer {
-    /// The segments to prepare, each with its pace (`prepare_segment`).
-    jobs: std::sync::mpsc::Sender<(u64, Option<Arc<AtomicU64>>)>,
+    /// The segments to prepare, each with its pace (`prepare_segment`); `None` once
+    /// dropped.
+    jobs: Option<std::sync::mpsc::Sender<(u64, Option<Arc<AtomicU64>>)>>,
     /// Each preparation's outcome, in order (a panic disconnects it).
     outcomes: std::sync::mpsc::Receiver<anyhow::Result<()>>,
-    /// Set when the writer is dropped: a preparation waiting for the log to catch up
-    /// stops (a stop, or a failed core); recovery puts what it wrote back with the spares.
+    /// Set when the writer is dropped: a preparation under way stops at its next chunk
+    /// (a stop, or a failed core); recovery puts what it wrote back with the spares.
     abandoned: Arc<AtomicBool>,
+    /// The thread, joined on drop.
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Preparer {
@@ -1251,7 +1255,7 @@ impl Preparer {
         let (done, outcomes) = std::sync::mpsc::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
         let stop = abandoned.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("wal-prep-{shard}"))
             .spawn(move || {
                 if let Err(error) = crate::server::move_to_cpus(&background) {
@@ -1265,14 +1269,28 @@ impl Preparer {
                 }
             })
             .context("start the WAL segment preparer")?;
-        Ok(Preparer { jobs, outcomes, abandoned })
+        Ok(Preparer { jobs: Some(jobs), outcomes, abandoned, thread: Some(thread) })
+    }
+
+    /// Asks for segment `sequence`, kept to `pace` (`prepare_segment`).
+    fn send(&self, sequence: u64, pace: Option<Arc<AtomicU64>>) -> bool {
+        self.jobs.as_ref().is_some_and(|jobs| jobs.send((sequence, pace)).is_ok())
     }
 }
 
 impl Drop for Preparer {
+    /// Stops the preparation under way and waits for the thread: once a writer is gone,
+    /// nothing of it touches the log's directory (a recovery right after, in the same
+    /// process, once found a `wal-<n>.tmp` renamed under it).
     fn drop(&mut self) {
-        // Dropping `jobs` (after this) ends the thread's loop.
         self.abandoned.store(true, Ordering::Relaxed);
+        // Without a sender the thread's loop ends.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("the WAL segment preparer panicked");
+            }
+        }
     }
 }
 
@@ -1324,8 +1342,8 @@ fn fitting_records(bytes: &[u8], room: usize) -> usize {
 /// written"). `pace`: keep no further than `PREPARE_LEAD_DIVISOR`'s share of a segment
 /// ahead of the end of the records in the open segment, one `PACED_IO_CHUNK` at a time
 /// (`None`: as fast as the disk goes, `FULL_IO_CHUNK` at a time). Stops with an error
-/// once `abandoned` is set, leaving `wal-<n>.tmp` for recovery to put back with the
-/// spares.
+/// before its next chunk once `abandoned` is set, leaving `wal-<n>.tmp` for recovery to
+/// put back with the spares.
 fn prepare_segment(
     dir: &Path,
     sequence: u64,
@@ -1354,13 +1372,18 @@ fn prepare_segment(
     // O_DIRECT takes block-aligned memory.
     let mut zeros = AlignedVec::<{ BLOCK as usize }>::with_capacity(chunk);
     zeros.resize(chunk, 0);
+    let stopped = || -> anyhow::Result<()> {
+        if abandoned.load(Ordering::Relaxed) {
+            bail!("the log stopped while {} was being prepared", temp.display());
+        }
+        Ok(())
+    };
     zero_and_sync(&file, &temp, &zeros, 0, segment_bytes, |at| {
+        stopped()?;
         if let Some(log_end) = pace {
             while at >= log_end.load(Ordering::Relaxed) + lead {
-                if abandoned.load(Ordering::Relaxed) {
-                    bail!("the log stopped while {} was being prepared", temp.display());
-                }
                 std::thread::sleep(PACED_ZERO_GAP);
+                stopped()?;
             }
         }
         Ok(())
@@ -1554,6 +1577,9 @@ pub(crate) mod tests {
             .join()
             .unwrap();
         let (last, placed) = placed;
+        // The dropped writer waited for its preparer: nothing of it renames files under
+        // the recovery below.
+        assert!(thread_cpus_named("wal-prep-7").is_none(), "the preparer outlived its writer");
         assert!(last >= 4, "the log spans several segments: {last}");
         assert_eq!(members(&placed.expect("the preparer thread ran")), [first]);
         let (shard, start) = recover(&data, &config(), NOW, SEGMENT, false).unwrap();
