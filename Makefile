@@ -29,6 +29,8 @@ CPU_CHOICE := $(shell benches/cpus.sh . 2>/dev/null || echo "0 1 (defaults)")
 SERVER_CPU ?= $(word 1,$(CPU_CHOICE))
 DRIVER_CPU ?= $(word 2,$(CPU_CHOICE))
 E2E_SECONDS ?= 10
+# bench-disk's back-to-back fdatasync rounds (benches/src/bin/fsync.rs --seconds).
+DISK_SECONDS ?= 10
 JITTER_SECONDS ?= 10
 E2E_WARMUP ?= 2
 E2E_SKUS ?= 100000
@@ -154,8 +156,8 @@ bench-e2e: check-toolchain
 	  $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) --cpus $(SERVER_CPU),$(DRIVER_CPU) && echo && \
 	  echo "both CPUs while the disk works as the WAL does (64 KiB O_DIRECT writes into a zero-filled file, each followed by fdatasync, back to back, from a thread on the server CPU): does the disk's I/O take CPU time from both?" && \
 	  $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) --cpus $(SERVER_CPU),$(DRIVER_CPU) --disk target && echo && \
-	  echo "=== the disk: fdatasync latency (the WAL's own write pattern)" && \
-	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target && echo && \
+	  echo "=== the disk: fdatasync latency (the WAL's own write pattern), then $(E2E_SECONDS) s of back-to-back rounds as group commit under load" && \
+	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target --seconds $(E2E_SECONDS) && echo && \
 	  echo "=== calibration: the same driver against a null server (QUIC and framing on quinn, no engine): saturate, then open loop at $(NULL_RATE) requests/s" && \
 	  benches/null.sh $(BIN_DIR) && echo && \
 	  echo "=== durability none: the server without its disk" && \
@@ -186,13 +188,14 @@ bench-mesh: check-toolchain
 	  $(BIN_DIR)/mesh --seconds $(MESH_SECONDS) 2>&1 | tee $$report; status=$$?; \
 	echo "report: $$report"; exit $$status
 
-# The disk's own fdatasync latency (overwrite and append) and the recovery time of one shard
+# The disk's own fdatasync latency (overwrite, append, O_DSYNC, then DISK_SECONDS of back-to-back
+# rounds: each round, and what a random arrival waits) and the recovery time of one shard
 # with 10,000,000 SKUs and 1,000,000 live holds from its log (page cache dropped when root).
 bench-disk: check-toolchain
 	$(CARGO) build --release -p stockplane-benches --bin fsync --bin recovery
 	@mkdir -p $(REPORT_DIR)
 	@set -o pipefail; report=$(REPORT_DIR)/disk-$$(date -u +%Y%m%dT%H%M%SZ).txt; \
-	{ STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) $(BIN_DIR)/fsync --dir target && echo && \
+	{ STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) $(BIN_DIR)/fsync --dir target --seconds $(DISK_SECONDS) && echo && \
 	  STOCKPLANE_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) taskset -c $(BENCH_CORE) $(BIN_DIR)/recovery --dir target; } \
 	  2>&1 | tee $$report; status=$$?; echo "report: $$report"; exit $$status
 
