@@ -835,17 +835,40 @@ impl ServerFigures {
         format!("{total}, p50 {}, p90 {}, p99 {}", bound(0.50), bound(0.90), bound(0.99))
     }
 
+    /// How many rounds took over 2.5 ms and over 10 ms, and the time those over 2.5 ms took
+    /// at the least (each at its bucket's lower bound). A stall of the disk is one round
+    /// among thousands, under the rounds' p99, but every request that arrives during it
+    /// waits for it: what a window's requests see is the stalls' time, not their share.
+    fn stalls(buckets: &[(f64, u64)]) -> String {
+        const SLOW: f64 = 0.0025;
+        const STALLED: f64 = 0.01;
+        let total = buckets.last().map_or(0, |&(_, count)| count);
+        let over = |seconds: f64| buckets.iter().find(|&&(bound, _)| bound == seconds).map(|&(_, count)| total - count);
+        let at_least: f64 = buckets
+            .windows(2)
+            .filter(|pair| pair[0].0 >= SLOW)
+            .map(|pair| pair[1].1.saturating_sub(pair[0].1) as f64 * pair[0].0)
+            .sum();
+        match (over(SLOW), over(STALLED)) {
+            (Some(slow), Some(stalled)) => {
+                format!("over 2.5 ms {slow} (at least {:.1} ms in all), over 10 ms {stalled}", at_least * 1e3)
+            }
+            _ => "no 2.5 and 10 ms buckets".into(),
+        }
+    }
+
     /// The WAL's line, then the QUIC one: on loopback a packet the server declares lost
     /// was dropped on the way (a full socket buffer) or never left, and each loss shrinks
     /// that connection's congestion window and pacing rate.
     fn line(&self) -> String {
         let [sent, lost, congestion] = self.quic;
         format!(
-            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}\n\
+            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}; {}\n\
              server QUIC in the measured window (its /metrics counters): {sent} packets sent, {lost} declared lost, \
              {congestion} congestion events",
             ServerFigures::quantiles(&self.fdatasync),
-            ServerFigures::quantiles(&self.round)
+            ServerFigures::quantiles(&self.round),
+            ServerFigures::stalls(&self.round)
         )
     }
 }
@@ -1416,6 +1439,15 @@ mod tests {
     /// The WAL's histograms are summed over shards by bucket bound, other metrics and
     /// other histograms are ignored, a window is the difference of two scrapes, and each
     /// quantile is named by the bound of the bucket it falls in.
+    #[test]
+    fn stalls_count_the_rounds_over_two_and_a_half_and_ten_ms_and_their_least_time() {
+        // 1,000 rounds: 990 under 1 ms, 6 of 2.5 to 5 ms, 3 of 10 to 25 ms, 1 over 25 ms.
+        let buckets = vec![(0.001, 990), (0.0025, 990), (0.005, 996), (0.01, 996), (0.025, 999), (f64::INFINITY, 1000)];
+        assert_eq!(ServerFigures::stalls(&buckets), "over 2.5 ms 10 (at least 70.0 ms in all), over 10 ms 4");
+        assert_eq!(ServerFigures::stalls(&[(0.001, 5), (f64::INFINITY, 5)]), "no 2.5 and 10 ms buckets");
+        assert_eq!(ServerFigures::stalls(&[]), "no 2.5 and 10 ms buckets");
+    }
+
     #[test]
     fn wal_rounds_are_bucket_differences_summed_over_shards() {
         let scrape = |fast: u64, slow: u64| {
