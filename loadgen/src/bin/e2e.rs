@@ -863,12 +863,17 @@ impl ServerFigures {
     fn line(&self) -> String {
         let [sent, lost, congestion] = self.quic;
         format!(
-            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}; {}\n\
+            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}{}\n\
              server QUIC in the measured window (its /metrics counters): {sent} packets sent, {lost} declared lost, \
              {congestion} congestion events",
             ServerFigures::quantiles(&self.fdatasync),
             ServerFigures::quantiles(&self.round),
-            ServerFigures::stalls(&self.round)
+            // Without rounds (`--durability none`), nothing to say of their stalls.
+            if self.round.last().is_some_and(|&(_, count)| count > 0) {
+                format!("; {}", ServerFigures::stalls(&self.round))
+            } else {
+                String::new()
+            }
         )
     }
 }
@@ -1496,5 +1501,14 @@ mod tests {
         let empty = ServerFigures::parse("stockplane_requests_total 5\n");
         assert_eq!(empty, ServerFigures { fdatasync: vec![], round: vec![], quic: [0; 3] });
         assert_eq!(ServerFigures::quantiles(&empty.fdatasync), "none");
+        // ... and no stalls to count; a window with rounds counts them.
+        assert!(empty.line().starts_with("server WAL in the measured window (its /metrics histograms): fdatasyncs none; rounds, taken to durable none\n"), "{}", empty.line());
+        let slow =
+            ServerFigures { fdatasync: vec![], round: vec![(0.0025, 9), (0.01, 9), (f64::INFINITY, 10)], quic: [0; 3] };
+        assert!(
+            slow.line().contains("p99 > 10000 us; over 2.5 ms 1 (at least 10.0 ms in all), over 10 ms 1\n"),
+            "{}",
+            slow.line()
+        );
     }
 }
