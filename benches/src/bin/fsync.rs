@@ -17,10 +17,14 @@
 //! measured window, where 2,000 rounds see a fifth of a second); what a request arriving
 //! at a uniformly random moment would wait with this disk under an ideal group commit (the
 //! end of the round after the one running when it arrives, which does not cover it); and
-//! the end of the running round, a floor for any server if a stall of the disk holds every
-//! flush. A stall is one slow round among thousands, but every request that arrives
-//! during it waits for it: the last two weigh each round by its length, as a server's
-//! requests do.
+//! the end of the running round, a floor for any server that syncs from the same CPU. A
+//! slow round is one among thousands, but every request that arrives during it waits for
+//! it: the last two weigh each round by its length, as a server's requests do.
+//!
+//! Where the probe runs matters: on a disk with one interrupt (a virtio disk), each write
+//! and flush is finished by kernel workers on the interrupt's CPU, which wait behind
+//! whatever runs there, up to a scheduler tick (`docs/wal.md`, "What sets the half-load
+//! tail under `sync`"). Run it on the CPU the shard will use.
 //!
 //! `cargo run --release -p stockplane-benches --bin fsync -- --dir target --syncs 2000 [--write-bytes 4096] [--gap-us 0] [--seconds 10]`
 
@@ -156,10 +160,7 @@ async fn group_commit(dir: &std::path::Path, seconds: Duration, write_bytes: usi
         "  a request arriving at a random moment, until the round after the running one is durable (group commit), us: {}",
         quantiles(&waits)
     );
-    println!(
-        "  the same arrivals, until the running round is durable (a floor for any server on this disk), us: {}",
-        quantiles(&floor)
-    );
+    println!("  the same arrivals, until the running round is durable (a floor for any server syncing from this CPU), us: {}", quantiles(&floor));
     Ok(())
 }
 
@@ -197,9 +198,10 @@ fn quantiles(samples: &[f64]) -> String {
 /// What arrivals every `step` µs from the first round's start to the last round's start
 /// wait, given back-to-back `rounds` (start, end). One arriving while round k runs (from
 /// its start to the next one's) is covered by round k + 1, so under group commit it waits
-/// until that round ends (the first of the two vectors). No server can answer it before
-/// round k ends either, if a stall holds every flush the disk has: the second vector,
-/// until the running round ends, is a floor for any way of syncing.
+/// until that round ends (the first of the two vectors). A server syncing from the same
+/// CPU cannot answer it before round k ends either, since what slows a round slows every
+/// flush issued beside it: the second vector, until the running round ends, is a floor
+/// for any way of syncing from there.
 fn arrival_waits(rounds: &[(f64, f64)], step: f64) -> (Vec<f64>, Vec<f64>) {
     let (mut next, mut running) = (Vec::new(), Vec::new());
     let Some(first) = rounds.first() else { return (next, running) };
