@@ -158,6 +158,8 @@ bench-e2e: check-toolchain
 	  $(BIN_DIR)/jitter --seconds $(JITTER_SECONDS) --cpus $(SERVER_CPU),$(DRIVER_CPU) --disk target && echo && \
 	  echo "=== the disk: fdatasync latency (the WAL's own write pattern), then $(E2E_SECONDS) s of back-to-back rounds as group commit under load" && \
 	  taskset -c $(SERVER_CPU) $(BIN_DIR)/fsync --dir target --seconds $(E2E_SECONDS) && echo && \
+	  echo "the same probe from the driver's CPU, leaving the disk's interrupt CPU to the kernel's workers that finish each write and flush (docs/wal.md)" && \
+	  taskset -c $(DRIVER_CPU) $(BIN_DIR)/fsync --dir target --seconds $(E2E_SECONDS) && echo && \
 	  echo "=== calibration: the same driver against a null server (QUIC and framing on quinn, no engine): saturate, then open loop at $(NULL_RATE) requests/s" && \
 	  benches/null.sh $(BIN_DIR) && echo && \
 	  echo "=== durability none: the server without its disk" && \
