@@ -836,9 +836,9 @@ impl ServerFigures {
     }
 
     /// How many rounds took over 2.5 ms and over 10 ms, and the time those over 2.5 ms took
-    /// at the least (each at its bucket's lower bound). A stall of the disk is one round
-    /// among thousands, under the rounds' p99, but every request that arrives during it
-    /// waits for it: what a window's requests see is the stalls' time, not their share.
+    /// at the least (each at its bucket's lower bound). A slow round is one among
+    /// thousands, under the rounds' p99, but every request that arrives during it waits
+    /// for it: what a window's requests see is the slow rounds' time, not their share.
     fn stalls(buckets: &[(f64, u64)]) -> String {
         const SLOW: f64 = 0.0025;
         const STALLED: f64 = 0.01;
@@ -1441,9 +1441,6 @@ mod tests {
         });
     }
 
-    /// The WAL's histograms are summed over shards by bucket bound, other metrics and
-    /// other histograms are ignored, a window is the difference of two scrapes, and each
-    /// quantile is named by the bound of the bucket it falls in.
     #[test]
     fn stalls_count_the_rounds_over_two_and_a_half_and_ten_ms_and_their_least_time() {
         // 1,000 rounds: 990 under 1 ms, 6 of 2.5 to 5 ms, 3 of 10 to 25 ms, 1 over 25 ms.
@@ -1453,6 +1450,9 @@ mod tests {
         assert_eq!(ServerFigures::stalls(&[]), "no 2.5 and 10 ms buckets");
     }
 
+    /// The WAL's histograms are summed over shards by bucket bound, other metrics and
+    /// other histograms are ignored, a window is the difference of two scrapes, and each
+    /// quantile is named by the bound of the bucket it falls in.
     #[test]
     fn wal_rounds_are_bucket_differences_summed_over_shards() {
         let scrape = |fast: u64, slow: u64| {
