@@ -62,6 +62,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// net.core.rmem_max / wmem_max).
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// A frame sent this much after its intended time counts as a late send.
+/// The width of a `--timeline` bin.
+const TIMELINE_BIN: Duration = Duration::from_millis(10);
 const LATE_SEND: Duration = Duration::from_micros(50);
 
 /// The end-to-end benchmark driver: reserve+commit load on a running data plane.
@@ -149,6 +151,12 @@ struct Cli {
     /// latency the driver measured. Only with `--server-pid`.
     #[arg(long, requires = "server_pid")]
     server_admin: Option<String>,
+    /// Open loop: also write the measured window's latency over time to this file, a line
+    /// per 10 ms of intended send times (`TIMELINE_BIN`): its start (ms into the window),
+    /// the requests, those that took over 1 ms, and the slowest (us). A tail set by a few
+    /// stalls shows as a few bad bins; one spread evenly, as many.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
 }
 
 /// What the driver runs.
@@ -219,7 +227,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let nonce = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     match cli.mode {
         Mode::Saturate => Ok(phase(&cli, &tls, Load::Saturate, nonce, 0).await?.print(&cli)),
-        Mode::Rate => Ok(phase(&cli, &tls, Load::Rate(cli.rate.unwrap_or(1.0)), nonce, 0).await?.print(&cli)),
+        Mode::Rate => {
+            let open = phase(&cli, &tls, Load::Rate(cli.rate.unwrap_or(1.0)), nonce, 0).await?;
+            write_timeline(&cli, &open.stats)?;
+            Ok(open.print(&cli))
+        }
         Mode::Half => {
             let saturated = phase(&cli, &tls, Load::Saturate, nonce, 0).await?;
             let clean = saturated.print(&cli);
@@ -235,9 +247,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 bail!("the saturation phase answered nothing");
             }
             let open = phase(&cli, &tls, Load::Rate(rate), nonce, 1).await?;
+            write_timeline(&cli, &open.stats)?;
             Ok(open.print(&cli) && clean)
         }
     }
+}
+
+/// Writes an open-loop phase's timeline to `--timeline`, when given.
+fn write_timeline(cli: &Cli, stats: &Stats) -> anyhow::Result<()> {
+    if let Some(path) = &cli.timeline {
+        std::fs::write(path, stats.timeline_text()).with_context(|| format!("write {}", path.display()))?;
+        println!("timeline: {} bins of {} ms in {}", stats.timeline.len(), TIMELINE_BIN.as_millis(), path.display());
+    }
+    Ok(())
 }
 
 /// The TLS material of the two roles.
@@ -507,6 +529,16 @@ struct Stats {
     late_sends: u64,
     lag_max: Duration,
     frames_sent: u64,
+    /// Rate mode: the measured requests by `TIMELINE_BIN` of their intended send time.
+    timeline: Vec<TimelineBin>,
+}
+
+/// The requests of one `--timeline` bin.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct TimelineBin {
+    requests: u64,
+    over_1ms: u64,
+    slowest_us: u64,
 }
 
 impl Stats {
@@ -525,7 +557,30 @@ impl Stats {
             late_sends: 0,
             lag_max: Duration::ZERO,
             frames_sent: 0,
+            timeline: Vec::new(),
         }
+    }
+
+    /// Counts a request sent (as intended) `into` the measured window that took `latency`.
+    fn timeline_record(&mut self, into: Duration, latency: Duration) {
+        let index = (into.as_nanos() / TIMELINE_BIN.as_nanos()) as usize;
+        if self.timeline.len() <= index {
+            self.timeline.resize(index + 1, TimelineBin::default());
+        }
+        let bin = &mut self.timeline[index];
+        bin.requests += 1;
+        bin.over_1ms += u64::from(latency > Duration::from_millis(1));
+        bin.slowest_us = bin.slowest_us.max(latency.as_micros() as u64);
+    }
+
+    /// The `--timeline` file's text: a header, then a line per bin.
+    fn timeline_text(&self) -> String {
+        let mut text = String::from("# ms into the measured window, requests, over 1 ms, slowest us\n");
+        for (i, bin) in self.timeline.iter().enumerate() {
+            let ms = i as u128 * TIMELINE_BIN.as_millis();
+            text.push_str(&format!("{ms} {} {} {}\n", bin.requests, bin.over_1ms, bin.slowest_us));
+        }
+        text
     }
 
     fn merge(&mut self, other: &Stats) {
@@ -544,6 +599,14 @@ impl Stats {
         self.late_sends += other.late_sends;
         self.lag_max = self.lag_max.max(other.lag_max);
         self.frames_sent += other.frames_sent;
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline.resize(other.timeline.len(), TimelineBin::default());
+        }
+        for (bin, theirs) in self.timeline.iter_mut().zip(&other.timeline) {
+            bin.requests += theirs.requests;
+            bin.over_1ms += theirs.over_1ms;
+            bin.slowest_us = bin.slowest_us.max(theirs.slowest_us);
+        }
     }
 }
 
@@ -644,6 +707,8 @@ impl Lane {
             }
             let measured = self.window.contains(at);
             if matches!(self.load, Load::Rate(_)) && measured {
+                let latency = now.saturating_duration_since(at);
+                self.stats.timeline_record(at.saturating_duration_since(self.window.measure_from), latency);
                 self.stats.latency_ns.saturating_record(now.saturating_duration_since(at).as_nanos() as u64);
                 self.stats.from_send_ns.saturating_record(now.saturating_duration_since(sent).as_nanos() as u64);
             }
@@ -1439,6 +1504,31 @@ mod tests {
             }
             timer.sleep(Duration::ZERO).await.expect("a zero wait returns");
         });
+    }
+
+    #[test]
+    fn the_timeline_bins_requests_by_intended_send_time_and_merges_lanes() {
+        let mut lane = Stats::new();
+        lane.timeline_record(Duration::from_millis(3), Duration::from_micros(200));
+        lane.timeline_record(Duration::from_millis(9), Duration::from_micros(1_500));
+        lane.timeline_record(Duration::from_millis(25), Duration::from_micros(900));
+        let mut other = Stats::new();
+        other.timeline_record(Duration::from_millis(1), Duration::from_millis(7));
+        let mut all = Stats::new();
+        all.merge(&other);
+        all.merge(&lane);
+        assert_eq!(
+            all.timeline,
+            vec![
+                TimelineBin { requests: 3, over_1ms: 2, slowest_us: 7_000 },
+                TimelineBin::default(),
+                TimelineBin { requests: 1, over_1ms: 0, slowest_us: 900 },
+            ]
+        );
+        assert_eq!(
+            all.timeline_text(),
+            "# ms into the measured window, requests, over 1 ms, slowest us\n0 3 2 7000\n10 0 0 0\n20 1 0 900\n"
+        );
     }
 
     #[test]
