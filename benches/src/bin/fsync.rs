@@ -108,15 +108,7 @@ const ARRIVAL_STEP_US: f64 = 1.0;
 /// uniformly random arrival would wait for (see the module's documentation).
 async fn group_commit(dir: &std::path::Path, seconds: Duration, write_bytes: usize) -> anyhow::Result<()> {
     let path = dir.join(format!("fsync-group-{}.tmp", std::process::id()));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .dma_open(&path)
-        .await
-        .map_err(std::io::Error::from)
-        .with_context(|| format!("create {}", path.display()))?;
+    let file = create_scratch(&path, 0).await?;
     let bytes = GROUP_COMMIT_FILE_BYTES.max(write_bytes);
     zero_fill(&file, bytes).await?;
     // Each round's start and end, in µs from the first.
@@ -162,6 +154,20 @@ async fn group_commit(dir: &std::path::Path, seconds: Duration, write_bytes: usi
     );
     println!("  the same arrivals, until the running round is durable (a floor for any server syncing from this CPU), us: {}", quantiles(&floor));
     Ok(())
+}
+
+/// Creates (or empties) the scratch file `path` for direct I/O, with the open `flags`.
+async fn create_scratch(path: &std::path::Path, flags: libc::c_int) -> anyhow::Result<glommio::io::DmaFile> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(flags)
+        .dma_open(path)
+        .await
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("create {}", path.display()))
 }
 
 /// Writes `bytes` of zeros from the start of `file` and syncs them, so that later writes
@@ -225,16 +231,7 @@ async fn measure(dir: &std::path::Path, syncs: usize, write_bytes: usize, gap: D
     ];
     for (name, preallocate, dsync) in cases {
         let path = dir.join(format!("fsync-bench-{}.tmp", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
-            .dma_open(&path)
-            .await
-            .map_err(std::io::Error::from)
-            .with_context(|| format!("create {}", path.display()))?;
+        let file = create_scratch(&path, if dsync { libc::O_DSYNC } else { 0 }).await?;
         if preallocate {
             zero_fill(&file, syncs * write_bytes).await?;
         }

@@ -706,15 +706,15 @@ impl Lane {
                 }
             }
             let measured = self.window.contains(at);
+            let latency = now.saturating_duration_since(at);
             if matches!(self.load, Load::Rate(_)) && measured {
-                let latency = now.saturating_duration_since(at);
                 self.stats.timeline_record(at.saturating_duration_since(self.window.measure_from), latency);
-                self.stats.latency_ns.saturating_record(now.saturating_duration_since(at).as_nanos() as u64);
+                self.stats.latency_ns.saturating_record(latency.as_nanos() as u64);
                 self.stats.from_send_ns.saturating_record(now.saturating_duration_since(sent).as_nanos() as u64);
             }
             if done {
                 if matches!(self.load, Load::Saturate) && measured {
-                    self.stats.latency_ns.saturating_record(now.saturating_duration_since(at).as_nanos() as u64);
+                    self.stats.latency_ns.saturating_record(latency.as_nanos() as u64);
                 }
                 if in_window {
                     self.stats.frames += 1;
