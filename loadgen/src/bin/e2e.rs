@@ -62,9 +62,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// net.core.rmem_max / wmem_max).
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// A frame sent this much after its intended time counts as a late send.
+const LATE_SEND: Duration = Duration::from_micros(50);
 /// The width of a `--timeline` bin.
 const TIMELINE_BIN: Duration = Duration::from_millis(10);
-const LATE_SEND: Duration = Duration::from_micros(50);
 
 /// The end-to-end benchmark driver: reserve+commit load on a running data plane.
 #[derive(Debug, Clone, Parser)]
@@ -563,7 +563,9 @@ impl Stats {
 
     /// Counts a request sent (as intended) `into` the measured window that took `latency`.
     fn timeline_record(&mut self, into: Duration, latency: Duration) {
-        let index = (into.as_nanos() / TIMELINE_BIN.as_nanos()) as usize;
+        // In u64 (a window of 584 years): this runs for every answer, and a u128 division
+        // is a call into the runtime.
+        let index = (into.as_nanos() as u64 / TIMELINE_BIN.as_nanos() as u64) as usize;
         if self.timeline.len() <= index {
             self.timeline.resize(index + 1, TimelineBin::default());
         }
