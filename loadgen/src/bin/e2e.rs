@@ -816,6 +816,7 @@ struct Machine {
 /// QUIC packet counters.
 #[derive(Debug, PartialEq)]
 struct ServerFigures {
+    write: Vec<(f64, u64)>,
     fdatasync: Vec<(f64, u64)>,
     round: Vec<(f64, u64)>,
     /// The QUIC counters, summed over shards, in the order of `ServerFigures::QUIC`: packets
@@ -824,8 +825,12 @@ struct ServerFigures {
 }
 
 impl ServerFigures {
+    const WRITE: &'static str = "stockplane_wal_write_seconds_bucket";
     const FDATASYNC: &'static str = "stockplane_wal_fdatasync_seconds_bucket";
     const ROUND: &'static str = "stockplane_wal_sync_seconds_bucket";
+    /// A slow round (or write, or fdatasync), and a stalled one, in seconds.
+    const SLOW: f64 = 0.0025;
+    const STALLED: f64 = 0.01;
     const QUIC: [&'static str; 3] = [
         "stockplane_quic_packets_sent_total",
         "stockplane_quic_packets_lost_total",
@@ -848,7 +853,7 @@ impl ServerFigures {
         Ok(ServerFigures::parse(body))
     }
 
-    /// The two histograms in a Prometheus text exposition (absent: empty).
+    /// The three histograms in a Prometheus text exposition (absent: empty).
     fn parse(text: &str) -> ServerFigures {
         let histogram = |name: &str| {
             let mut buckets: Vec<(f64, u64)> = Vec::new();
@@ -872,6 +877,7 @@ impl ServerFigures {
                 .sum::<f64>() as u64
         };
         ServerFigures {
+            write: histogram(Self::WRITE),
             fdatasync: histogram(Self::FDATASYNC),
             round: histogram(Self::ROUND),
             quic: Self::QUIC.map(counter),
@@ -880,6 +886,7 @@ impl ServerFigures {
 
     fn between(before: &ServerFigures, after: &ServerFigures) -> ServerFigures {
         ServerFigures {
+            write: counter_differences(&before.write, &after.write),
             fdatasync: counter_differences(&before.fdatasync, &after.fdatasync),
             round: counter_differences(&before.round, &after.round),
             quic: std::array::from_fn(|i| after.quic[i].saturating_sub(before.quic[i])),
@@ -902,25 +909,40 @@ impl ServerFigures {
         format!("{total}, p50 {}, p90 {}, p99 {}", bound(0.50), bound(0.90), bound(0.99))
     }
 
+    /// How many took over 2.5 ms and over 10 ms (`None` without buckets at those bounds).
+    fn over_slow(buckets: &[(f64, u64)]) -> Option<(u64, u64)> {
+        let total = buckets.last().map_or(0, |&(_, count)| count);
+        let over = |seconds: f64| buckets.iter().find(|&&(bound, _)| bound == seconds).map(|&(_, count)| total - count);
+        Some((over(Self::SLOW)?, over(Self::STALLED)?))
+    }
+
     /// How many rounds took over 2.5 ms and over 10 ms, and the time those over 2.5 ms took
     /// at the least (each at its bucket's lower bound). A slow round is one among
     /// thousands, under the rounds' p99, but every request that arrives during it waits
     /// for it: what a window's requests see is the slow rounds' time, not their share.
     fn stalls(buckets: &[(f64, u64)]) -> String {
-        const SLOW: f64 = 0.0025;
-        const STALLED: f64 = 0.01;
-        let total = buckets.last().map_or(0, |&(_, count)| count);
-        let over = |seconds: f64| buckets.iter().find(|&&(bound, _)| bound == seconds).map(|&(_, count)| total - count);
         let at_least: f64 = buckets
             .windows(2)
-            .filter(|pair| pair[0].0 >= SLOW)
+            .filter(|pair| pair[0].0 >= Self::SLOW)
             .map(|pair| pair[1].1.saturating_sub(pair[0].1) as f64 * pair[0].0)
             .sum();
-        match (over(SLOW), over(STALLED)) {
-            (Some(slow), Some(stalled)) => {
+        match Self::over_slow(buckets) {
+            Some((slow, stalled)) => {
                 format!("over 2.5 ms {slow} (at least {:.1} ms in all), over 10 ms {stalled}", at_least * 1e3)
             }
-            _ => "no 2.5 and 10 ms buckets".into(),
+            None => "no 2.5 and 10 ms buckets".into(),
+        }
+    }
+
+    /// A round's write or its fdatasync alone: its quantiles, then how many took over 2.5
+    /// and over 10 ms, so that a window's slow rounds show which of the two was slow.
+    fn step(buckets: &[(f64, u64)]) -> String {
+        let quantiles = Self::quantiles(buckets);
+        match Self::over_slow(buckets) {
+            Some((slow, stalled)) if buckets.last().is_some_and(|&(_, count)| count > 0) => {
+                format!("{quantiles}, over 2.5 ms {slow}, over 10 ms {stalled}")
+            }
+            _ => quantiles,
         }
     }
 
@@ -930,10 +952,12 @@ impl ServerFigures {
     fn line(&self) -> String {
         let [sent, lost, congestion] = self.quic;
         format!(
-            "server WAL in the measured window (its /metrics histograms): fdatasyncs {}; rounds, taken to durable {}{}\n\
+            "server WAL in the measured window (its /metrics histograms): writes {}; fdatasyncs {}; rounds, taken to \
+             durable {}{}\n\
              server QUIC in the measured window (its /metrics counters): {sent} packets sent, {lost} declared lost, \
              {congestion} congestion events",
-            ServerFigures::quantiles(&self.fdatasync),
+            ServerFigures::step(&self.write),
+            ServerFigures::step(&self.fdatasync),
             ServerFigures::quantiles(&self.round),
             // Without rounds (`--durability none`), nothing to say of their stalls.
             if self.round.last().is_some_and(|&(_, count)| count > 0) {
@@ -1542,9 +1566,9 @@ mod tests {
         assert_eq!(ServerFigures::stalls(&[]), "no 2.5 and 10 ms buckets");
     }
 
-    /// The WAL's histograms are summed over shards by bucket bound, other metrics and
-    /// other histograms are ignored, a window is the difference of two scrapes, and each
-    /// quantile is named by the bound of the bucket it falls in.
+    /// The WAL's histograms are summed over shards by bucket bound, other metrics are
+    /// ignored, a window is the difference of two scrapes, and each quantile is named by
+    /// the bound of the bucket it falls in.
     #[test]
     fn wal_rounds_are_bucket_differences_summed_over_shards() {
         let scrape = |fast: u64, slow: u64| {
@@ -1559,20 +1583,25 @@ mod tests {
                  stockplane_wal_fdatasync_seconds_sum{{shard=\"0\"}} 1.5\n\
                  stockplane_wal_fdatasync_seconds_count{{shard=\"0\"}} {}\n\
                  stockplane_wal_write_seconds_bucket{{shard=\"0\",le=\"0.0005\"}} 999\n\
+                 stockplane_wal_write_seconds_bucket{{shard=\"0\",le=\"+Inf\"}} {}\n\
                  stockplane_wal_sync_seconds_bucket{{shard=\"0\",le=\"0.001\"}} {fast}\n\
                  stockplane_wal_sync_seconds_bucket{{shard=\"0\",le=\"+Inf\"}} {}\n",
                 fast + slow,
                 fast + slow,
                 fast + slow,
+                999 + slow,
                 fast + slow
             )
         };
         let before = ServerFigures::parse(&scrape(100, 0));
         assert_eq!(before.fdatasync, vec![(0.0005, 110), (0.0025, 110), (f64::INFINITY, 110)]);
         assert_eq!(before.round, vec![(0.001, 100), (f64::INFINITY, 100)]);
+        assert_eq!(before.write, vec![(0.0005, 999), (f64::INFINITY, 999)]);
         // In the window: 90 fast and 10 slow (between 0.5 and 2.5 ms); shard 1 idle.
         let window = ServerFigures::between(&before, &ServerFigures::parse(&scrape(190, 10)));
         assert_eq!(window.fdatasync, vec![(0.0005, 90), (0.0025, 100), (f64::INFINITY, 100)]);
+        // The 10 slow writes of the window are above the last finite bound.
+        assert_eq!(window.write, vec![(0.0005, 0), (f64::INFINITY, 10)]);
         assert_eq!(ServerFigures::quantiles(&window.fdatasync), "100, p50 <= 500 us, p90 <= 500 us, p99 <= 2500 us");
         // Rounds slower than the largest finite bound are said to be above it.
         assert_eq!(ServerFigures::quantiles(&window.round), "100, p50 <= 1000 us, p90 <= 1000 us, p99 > 1000 us");
@@ -1591,12 +1620,27 @@ mod tests {
         assert!(window.line().ends_with("50 packets sent, 3 declared lost, 0 congestion events"), "{}", window.line());
         // A server without a log (`--durability none`) has none.
         let empty = ServerFigures::parse("stockplane_requests_total 5\n");
-        assert_eq!(empty, ServerFigures { fdatasync: vec![], round: vec![], quic: [0; 3] });
+        assert_eq!(empty, ServerFigures { write: vec![], fdatasync: vec![], round: vec![], quic: [0; 3] });
         assert_eq!(ServerFigures::quantiles(&empty.fdatasync), "none");
         // ... and no stalls to count; a window with rounds counts them.
-        assert!(empty.line().starts_with("server WAL in the measured window (its /metrics histograms): fdatasyncs none; rounds, taken to durable none\n"), "{}", empty.line());
-        let slow =
-            ServerFigures { fdatasync: vec![], round: vec![(0.0025, 9), (0.01, 9), (f64::INFINITY, 10)], quic: [0; 3] };
+        assert!(empty.line().starts_with("server WAL in the measured window (its /metrics histograms): writes none; fdatasyncs none; rounds, taken to durable none\n"), "{}", empty.line());
+        // Writes and fdatasyncs count theirs after their quantiles, so that a slow round
+        // shows which of the two was slow; without those buckets, only the quantiles.
+        let slow = ServerFigures {
+            write: vec![(0.0025, 8), (0.01, 10), (f64::INFINITY, 10)],
+            fdatasync: vec![(0.0005, 9), (f64::INFINITY, 10)],
+            round: vec![(0.0025, 9), (0.01, 9), (f64::INFINITY, 10)],
+            quic: [0; 3],
+        };
+        assert!(
+            slow.line().starts_with(
+                "server WAL in the measured window (its /metrics histograms): writes 10, p50 <= 2500 us, p90 <= \
+                 10000 us, p99 <= 10000 us, over 2.5 ms 2, over 10 ms 0; fdatasyncs 10, p50 <= 500 us, p90 <= 500 \
+                 us, p99 > 500 us; rounds, taken to durable 10,"
+            ),
+            "{}",
+            slow.line()
+        );
         assert!(
             slow.line().contains("p99 > 10000 us; over 2.5 ms 1 (at least 10.0 ms in all), over 10 ms 1\n"),
             "{}",
