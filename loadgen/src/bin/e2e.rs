@@ -146,7 +146,7 @@ struct Cli {
     #[arg(long)]
     server_pid: Option<u32>,
     /// The server's admin address (`host:port`): each phase then reports how long the
-    /// server's WAL `fdatasync`s and rounds took in the measured window (the bucket
+    /// server's WAL writes, `fdatasync`s and rounds took in the measured window (the bucket
     /// counts of its `/metrics` histograms, sampled at the window's two ends), beside the
     /// latency the driver measured. Only with `--server-pid`.
     #[arg(long, requires = "server_pid")]
@@ -811,9 +811,9 @@ struct Machine {
 
 /// The server's figures over a window, from the difference of two scrapes of its
 /// `/metrics`: the bucket counts (cumulative, by upper bound in seconds, summed over
-/// shards) of `stockplane_wal_fdatasync_seconds` (the `fdatasync` alone) and
-/// `stockplane_wal_sync_seconds` (a round, from taking its records to durable), and its
-/// QUIC packet counters.
+/// shards) of `stockplane_wal_write_seconds` and `stockplane_wal_fdatasync_seconds` (a
+/// round's write and its `fdatasync` alone) and `stockplane_wal_sync_seconds` (a round,
+/// from taking its records to durable), and its QUIC packet counters.
 #[derive(Debug, PartialEq)]
 struct ServerFigures {
     write: Vec<(f64, u64)>,
