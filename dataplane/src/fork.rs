@@ -16,13 +16,14 @@
 //! does not already hold, and a snapshot never covers what is not durable: the file is
 //! renamed into place only once the writer's durable position reaches it.
 //!
-//! The copy runs at `SCHED_IDLE` on the background CPUs, dies with the core's thread
-//! (`PR_SET_PDEATHSIG`: a crash or a stop leaves no writer behind, and a restart removes
-//! its temporary file), and touches nothing of the server's but the shard's state: no
-//! lock, no log line (an error goes to standard error with one `write`), no I/O ring. A
-//! snapshot that fails leaves the log whole; the next due one is tried after another
-//! `every` closed segments. After a WAL failure the durable position stops, so a copy's
-//! file waits unpublished until the server stops (a restart removes it).
+//! The copy runs at `SCHED_IDLE` and the idle I/O class on the background CPUs, dies
+//! with the core's thread (`PR_SET_PDEATHSIG`: a crash or a stop leaves no writer behind,
+//! and a restart removes its temporary file), and touches nothing of the server's but the
+//! shard's state: no lock, no log line (an error goes to standard error with one
+//! `write`), no I/O ring. A snapshot that fails leaves the log whole; the next due one is
+//! tried after another `every` closed segments. After a WAL failure the durable position
+//! stops, so a copy's file waits unpublished until the server stops (a restart removes
+//! it).
 //!
 //! Not the default: on the 2-vCPU benchmark guest it took the snapshot thread's CPU from
 //! 12 to 25% to 0.2%, but did not lower the half-load tail (`docs/wal.md`, "Why not the
@@ -167,7 +168,7 @@ pub fn channel(
 /// Writes `shard`'s state as a snapshot file to `path` from a forked copy of the process,
 /// as a serving core does, and waits for the copy: returns how long the fork paused the
 /// caller and how long the copy took from the fork to its exit (for benchmarks; the copy
-/// runs on the caller's CPUs, at `SCHED_IDLE`).
+/// runs on the caller's CPUs, at `SCHED_IDLE` and the idle I/O class).
 pub fn write_by_fork(shard: &Shard, path: &Path) -> anyhow::Result<(Duration, Duration)> {
     let cpus = crate::server::thread_cpus()?;
     let started = Instant::now();
@@ -287,6 +288,7 @@ fn child(shard: &Shard, temp: &Path, parent: libc::pid_t, cpus: &libc::cpu_set_t
     unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint) };
     // Off the serving core's CPU, behind everything else (failures only slow the copy).
     let _ = crate::server::lower_to_idle();
+    let _ = crate::server::lower_io_to_idle();
     let _ = crate::server::move_to_cpus(cpus);
     // SAFETY: this process is the fork's copy and never returns to the code that owns
     // `shard`: the bitwise copy read here is the only one used again in this process, and

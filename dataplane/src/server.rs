@@ -511,7 +511,8 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 }
 
 /// Runs `work` on a thread of its own at the idle scheduling policy (`SCHED_IDLE`: it
-/// gets a CPU only when nothing else wants it, so a shard preempts it at once), on
+/// gets a CPU only when nothing else wants it, so a shard preempts it at once) and the idle
+/// I/O class ([`lower_io_to_idle`]: its reads and writes wait for the log's), on
 /// `cpus` ([`background_cpus`]) rather than only its shard's (a snapshot takes
 /// seconds of CPU; kept on the shard's core it took that core's idle moments and caches:
 /// one run at half load measured a sync p99 of 198 ms there, 57.5 ms free to move). Not
@@ -527,6 +528,9 @@ fn spawn_idle_thread(
             if let Err(error) = lower_to_idle() {
                 warn!(%error, "could not lower a background thread to SCHED_IDLE");
             }
+            if let Err(error) = lower_io_to_idle() {
+                warn!(%error, "could not lower a background thread's disk I/O to the idle class");
+            }
             if let Err(error) = move_to_cpus(&cpus) {
                 warn!(%error, "could not move a background thread off the shards' CPUs");
             }
@@ -541,6 +545,32 @@ pub(crate) fn lower_to_idle() -> std::io::Result<()> {
     // SAFETY: sched_setscheduler reads `param` and changes only the calling thread's
     // policy (pid 0); it has no other effect on memory.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves the calling thread's disk I/O to the idle class (`IOPRIO_CLASS_IDLE`): a disk
+/// scheduler that honours classes (mq-deadline, BFQ) sends its reads and writes to the disk
+/// only while no request of a higher class waits, so they do not queue ahead of the log's
+/// writes. mq-deadline still sends one that has waited `prio_aging_expire` (10 s by
+/// default). Cache flushes bypass the scheduler, whoever asks for them. Measured in
+/// `docs/wal.md` ("The snapshot's I/O at the idle class").
+pub(crate) fn lower_io_to_idle() -> std::io::Result<()> {
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+    const IOPRIO_CLASS_SHIFT: u32 = 13;
+    // SAFETY: ioprio_set takes plain integers and changes only the calling thread's I/O
+    // priority (who 0: this thread); it touches no memory of ours.
+    let set = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_int,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
+    if set != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -952,6 +982,33 @@ pub(crate) mod tests {
         assert_eq!(members(&background_cpus(&cpus(&[0, 1]), [0, 1])), [0, 1]);
         // A shard pinned outside the process's CPUs changes nothing.
         assert_eq!(members(&background_cpus(&cpus(&[2, 3]), [0])), [2, 3]);
+    }
+
+    /// The calling thread's I/O priority class (`ioprio_get`; 3 is `IOPRIO_CLASS_IDLE`).
+    fn io_class() -> libc::c_long {
+        // SAFETY: ioprio_get takes plain integers and reads this thread's I/O priority.
+        let priority = unsafe { libc::syscall(libc::SYS_ioprio_get, 1 as libc::c_int, 0 as libc::c_int) };
+        assert!(priority >= 0, "ioprio_get: {}", std::io::Error::last_os_error());
+        priority >> 13
+    }
+
+    /// The snapshot thread runs at the idle policy and the idle I/O class; the thread that
+    /// started it keeps its own.
+    #[test]
+    fn a_background_thread_is_idle_for_the_cpu_and_the_disk() {
+        let (sender, received) = std::sync::mpsc::channel();
+        let before = io_class();
+        spawn_idle_thread("idle-check".into(), thread_cpus().expect("read the CPUs"), move || {
+            // SAFETY: sched_getscheduler reads the calling thread's policy.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            sender.send((policy, io_class())).expect("the test waits");
+        })
+        .expect("start the thread")
+        .join()
+        .expect("the thread ran");
+        assert_eq!(received.recv().expect("the thread answered"), (libc::SCHED_IDLE, 3));
+        assert_eq!(io_class(), before);
+        assert_ne!(before, 3);
     }
 
     #[test]
