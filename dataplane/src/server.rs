@@ -550,6 +550,12 @@ pub(crate) fn lower_to_idle() -> std::io::Result<()> {
     Ok(())
 }
 
+/// `ioprio_set`'s and `ioprio_get`'s target: a thread (`who` 0: the calling one).
+const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+/// The idle I/O class, and where a priority keeps its class (`linux/ioprio.h`).
+const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+const IOPRIO_CLASS_SHIFT: u32 = 13;
+
 /// Moves the calling thread's disk I/O to the idle class (`IOPRIO_CLASS_IDLE`): a disk
 /// scheduler that honours classes (mq-deadline, BFQ) sends its reads and writes to the disk
 /// only while no request of a higher class waits, so they do not queue ahead of the log's
@@ -557,9 +563,6 @@ pub(crate) fn lower_to_idle() -> std::io::Result<()> {
 /// default). Cache flushes bypass the scheduler, whoever asks for them. Measured in
 /// `docs/wal.md` ("The snapshot's I/O at the idle class").
 pub(crate) fn lower_io_to_idle() -> std::io::Result<()> {
-    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
-    const IOPRIO_CLASS_IDLE: libc::c_int = 3;
-    const IOPRIO_CLASS_SHIFT: u32 = 13;
     // SAFETY: ioprio_set takes plain integers and changes only the calling thread's I/O
     // priority (who 0: this thread); it touches no memory of ours.
     let set = unsafe {
@@ -984,12 +987,12 @@ pub(crate) mod tests {
         assert_eq!(members(&background_cpus(&cpus(&[2, 3]), [0])), [2, 3]);
     }
 
-    /// The calling thread's I/O priority class (`ioprio_get`; 3 is `IOPRIO_CLASS_IDLE`).
+    /// The calling thread's I/O priority class (`ioprio_get`).
     fn io_class() -> libc::c_long {
         // SAFETY: ioprio_get takes plain integers and reads this thread's I/O priority.
-        let priority = unsafe { libc::syscall(libc::SYS_ioprio_get, 1 as libc::c_int, 0 as libc::c_int) };
+        let priority = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0 as libc::c_int) };
         assert!(priority >= 0, "ioprio_get: {}", std::io::Error::last_os_error());
-        priority >> 13
+        priority >> IOPRIO_CLASS_SHIFT
     }
 
     /// The snapshot thread runs at the idle policy and the idle I/O class; the thread that
@@ -1006,9 +1009,10 @@ pub(crate) mod tests {
         .expect("start the thread")
         .join()
         .expect("the thread ran");
-        assert_eq!(received.recv().expect("the thread answered"), (libc::SCHED_IDLE, 3));
+        let idle = libc::c_long::from(IOPRIO_CLASS_IDLE);
+        assert_eq!(received.recv().expect("the thread answered"), (libc::SCHED_IDLE, idle));
         assert_eq!(io_class(), before);
-        assert_ne!(before, 3);
+        assert_ne!(before, idle);
     }
 
     #[test]
