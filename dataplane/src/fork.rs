@@ -288,7 +288,6 @@ fn child(shard: &Shard, temp: &Path, parent: libc::pid_t, cpus: &libc::cpu_set_t
     unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint) };
     // Off the serving core's CPU, behind everything else (failures only slow the copy).
     let _ = crate::server::lower_to_idle();
-    let _ = crate::server::lower_io_to_idle();
     let _ = crate::server::move_to_cpus(cpus);
     // SAFETY: this process is the fork's copy and never returns to the code that owns
     // `shard`: the bitwise copy read here is the only one used again in this process, and

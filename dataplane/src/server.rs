@@ -512,7 +512,7 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 
 /// Runs `work` on a thread of its own at the idle scheduling policy (`SCHED_IDLE`: it
 /// gets a CPU only when nothing else wants it, so a shard preempts it at once) and the idle
-/// I/O class ([`lower_io_to_idle`]: its reads and writes wait for the log's), on
+/// I/O class ([`lower_to_idle`]: its reads and writes wait for the log's), on
 /// `cpus` ([`background_cpus`]) rather than only its shard's (a snapshot takes
 /// seconds of CPU; kept on the shard's core it took that core's idle moments and caches:
 /// one run at half load measured a sync p99 of 198 ms there, 57.5 ms free to move). Not
@@ -526,10 +526,7 @@ fn spawn_idle_thread(
         .name(name)
         .spawn(move || {
             if let Err(error) = lower_to_idle() {
-                warn!(%error, "could not lower a background thread to SCHED_IDLE");
-            }
-            if let Err(error) = lower_io_to_idle() {
-                warn!(%error, "could not lower a background thread's disk I/O to the idle class");
+                warn!(%error, "could not lower a background thread to the idle policy and I/O class");
             }
             if let Err(error) = move_to_cpus(&cpus) {
                 warn!(%error, "could not move a background thread off the shards' CPUs");
@@ -539,15 +536,22 @@ fn spawn_idle_thread(
         .context("start a background thread")
 }
 
-/// Moves the calling thread to the idle scheduling policy (`SCHED_IDLE`).
+/// Moves the calling thread behind everything else: to the idle scheduling policy
+/// (`SCHED_IDLE`) and the idle I/O class ([`lower_io_to_idle`]). Both are tried; the
+/// first failure is returned, naming which.
 pub(crate) fn lower_to_idle() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler reads `param` and changes only the calling thread's
     // policy (pid 0); it has no other effect on memory.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    let policy = if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        let error = std::io::Error::last_os_error();
+        Err(std::io::Error::new(error.kind(), format!("SCHED_IDLE: {error}")))
+    } else {
+        Ok(())
+    };
+    let io =
+        lower_io_to_idle().map_err(|error| std::io::Error::new(error.kind(), format!("the idle I/O class: {error}")));
+    policy.and(io)
 }
 
 /// `ioprio_set`'s and `ioprio_get`'s target: a thread (`who` 0: the calling one).
@@ -562,7 +566,7 @@ const IOPRIO_CLASS_SHIFT: u32 = 13;
 /// writes. mq-deadline still sends one that has waited `prio_aging_expire` (10 s by
 /// default). Cache flushes bypass the scheduler, whoever asks for them. Measured in
 /// `docs/wal.md` ("The snapshot's I/O at the idle class").
-pub(crate) fn lower_io_to_idle() -> std::io::Result<()> {
+fn lower_io_to_idle() -> std::io::Result<()> {
     // SAFETY: ioprio_set takes plain integers and changes only the calling thread's I/O
     // priority (who 0: this thread); it touches no memory of ours.
     let set = unsafe {

@@ -577,10 +577,12 @@ impl Stats {
 
     /// The `--timeline` file's text: a header, then a line per bin.
     fn timeline_text(&self) -> String {
+        use std::fmt::Write;
         let mut text = String::from("# ms into the measured window, requests, over 1 ms, slowest us\n");
         for (i, bin) in self.timeline.iter().enumerate() {
             let ms = i as u128 * TIMELINE_BIN.as_millis();
-            text.push_str(&format!("{ms} {} {} {}\n", bin.requests, bin.over_1ms, bin.slowest_us));
+            // Writing into a String cannot fail.
+            let _ = writeln!(text, "{ms} {} {} {}", bin.requests, bin.over_1ms, bin.slowest_us);
         }
         text
     }
@@ -893,9 +895,14 @@ impl ServerFigures {
         }
     }
 
+    /// How many a histogram counted in all (its last bucket, cumulative; 0 when empty).
+    fn total(buckets: &[(f64, u64)]) -> u64 {
+        buckets.last().map_or(0, |&(_, count)| count)
+    }
+
     /// `N, p50 <= .. us, p90 <= .. us, p99 <= .. us` (each quantile's bucket bound).
     fn quantiles(buckets: &[(f64, u64)]) -> String {
-        let total = buckets.last().map_or(0, |&(_, count)| count);
+        let total = Self::total(buckets);
         if total == 0 {
             return "none".into();
         }
@@ -911,7 +918,7 @@ impl ServerFigures {
 
     /// How many took over 2.5 ms and over 10 ms (`None` without buckets at those bounds).
     fn over_slow(buckets: &[(f64, u64)]) -> Option<(u64, u64)> {
-        let total = buckets.last().map_or(0, |&(_, count)| count);
+        let total = Self::total(buckets);
         let over = |seconds: f64| buckets.iter().find(|&&(bound, _)| bound == seconds).map(|&(_, count)| total - count);
         Some((over(Self::SLOW)?, over(Self::STALLED)?))
     }
@@ -939,7 +946,7 @@ impl ServerFigures {
     fn step(buckets: &[(f64, u64)]) -> String {
         let quantiles = Self::quantiles(buckets);
         match Self::over_slow(buckets) {
-            Some((slow, stalled)) if buckets.last().is_some_and(|&(_, count)| count > 0) => {
+            Some((slow, stalled)) if Self::total(buckets) > 0 => {
                 format!("{quantiles}, over 2.5 ms {slow}, over 10 ms {stalled}")
             }
             _ => quantiles,
@@ -960,7 +967,7 @@ impl ServerFigures {
             ServerFigures::step(&self.fdatasync),
             ServerFigures::quantiles(&self.round),
             // Without rounds (`--durability none`), nothing to say of their stalls.
-            if self.round.last().is_some_and(|&(_, count)| count > 0) {
+            if Self::total(&self.round) > 0 {
                 format!("; {}", ServerFigures::stalls(&self.round))
             } else {
                 String::new()
